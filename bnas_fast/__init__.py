@@ -1,0 +1,17 @@
+"""bnas_fast: fused kernels for Bayesian and one-shot neural architecture search.
+
+    import bnas_fast
+    out = bnas_fast.mix([y0, y1, y2], weights)      # out[b] = sum_k weights[b, k] * y_k[b]
+    op = bnas_fast.nn.MixedOp([conv3x3, conv5x5, pool])
+
+Submodules: ``functional`` (every op as a function), ``nn`` (modules), ``sampling`` (path-dropout
+masks, per-example architectures), ``reference`` (the pure-PyTorch specification of every op).
+"""
+
+from bnas_fast import functional, nn, reference, sampling
+from bnas_fast._backend import backends
+from bnas_fast.functional import arch_weights, mix, mix_sparse
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "nn", "reference", "sampling", "backends", "mix", "mix_sparse", "arch_weights"]

@@ -1,0 +1,6 @@
+"""Public functional API: every op of bnas_fast as a plain function (also importable from bnas_fast)."""
+
+from bnas_fast.ops.mix import mix, mix_sparse
+from bnas_fast.sampling import arch_weights
+
+__all__ = ["mix", "mix_sparse", "arch_weights"]

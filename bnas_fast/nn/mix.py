@@ -1,0 +1,93 @@
+"""MixedOp: K candidate operations on one edge, each run only on the examples that use it."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bnas_fast.ops.mix import mix, mix_sparse
+
+__all__ = ["MixedOp"]
+
+
+class MixedOp(nn.Module):
+    """``out[b] = sum_k weights[b, k] * candidates[k](x)[b]`` with per-example weights.
+
+    With ``sparse=True`` (the default) candidate k runs only on the examples whose weight
+    ``weights[:, k]`` is non-zero, and the fused :func:`bnas_fast.mix_sparse` scatters and weights
+    the results in one pass: with half the paths dropped, forward and backward do about half the
+    candidates' work. When a candidate is used by every example it runs on ``x`` itself (no
+    gather); when it is used by none it does not run at all.
+
+    What sparse execution changes, knowingly:
+
+    * a zero weight is structural (a dropped path): its gradient is 0, because the candidate was
+      not evaluated on that example. Use ``sparse=False`` to differentiate through zero weights.
+    * a BatchNorm inside a candidate sees only the examples that run it, as in Bender et al.'s
+      ghost batches; in dense mode it also sees the examples whose output is discarded.
+    * choosing the examples reads ``weights`` (one host sync). Under ``torch.compile`` the module
+      takes the dense path, which has no data-dependent shapes, so ``fullgraph=True`` holds.
+
+    Args:
+        candidates: K modules mapping [B, *in] to [B, *out] (the same output shape for all).
+        sparse: run candidates only where they are used (see above).
+
+    Shapes:
+        x: [B, *in]; weights: [B, K] with the dtype and device of the candidates' outputs;
+        returns [B, *out].
+    """
+
+    def __init__(self, candidates: Sequence[nn.Module], sparse: bool = True):
+        super().__init__()
+        candidates = list(candidates)
+        if not candidates:
+            raise ValueError("MixedOp: candidates must hold at least one module")
+        for k, c in enumerate(candidates):
+            if not isinstance(c, nn.Module):
+                raise TypeError(f"MixedOp: candidates[{k}] must be an nn.Module, got {type(c).__name__}")
+        self.candidates = nn.ModuleList(candidates)
+        self.sparse = sparse
+
+    def extra_repr(self) -> str:
+        return f"num_candidates={len(self.candidates)}, sparse={self.sparse}"
+
+    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+        num_candidates = len(self.candidates)
+        if not isinstance(weights, Tensor) or weights.dim() != 2 or weights.shape[1] != num_candidates:
+            shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+            raise ValueError(f"MixedOp: weights must have shape [B, {num_candidates}], got {shape}")
+        if weights.shape[0] != x.shape[0]:
+            raise ValueError(f"MixedOp: weights has B = {weights.shape[0]} rows but x has batch {x.shape[0]}")
+        if not self.sparse or torch.compiler.is_compiling():
+            return mix([candidate(x) for candidate in self.candidates], weights)
+        return self._forward_sparse(x, weights)
+
+    def _forward_sparse(self, x: Tensor, weights: Tensor) -> Tensor:
+        batch = x.shape[0]
+        active = weights != 0
+        counts = active.sum(0).tolist()  # the one host sync: which candidates run on how many examples
+        if sum(counts) == 0:
+            # Every path dropped for every example: the output is zero. Run one candidate so the
+            # output has its shape and stays in the graph; rare with keep_at_least_one masks.
+            return mix([self.candidates[0](x)], weights[:, :1])
+        ys: List[Tensor] = []
+        indices: List[Tensor] = []
+        missing: List[int] = []
+        for k, candidate in enumerate(self.candidates):
+            if counts[k] == batch:
+                indices.append(torch.arange(batch, device=x.device))
+                ys.append(candidate(x))
+            elif counts[k] == 0:
+                indices.append(torch.empty(0, dtype=torch.int64, device=x.device))
+                ys.append(x)  # placeholder, replaced below once an output shape is known
+                missing.append(k)
+            else:
+                idx = active[:, k].nonzero().flatten()
+                indices.append(idx)
+                ys.append(candidate(x.index_select(0, idx)))
+        computed = next(y for k, y in enumerate(ys) if k not in missing)
+        for k in missing:
+            ys[k] = computed.new_empty((0,) + tuple(computed.shape[1:]))
+        return mix_sparse(ys, indices, weights)

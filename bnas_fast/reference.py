@@ -1,0 +1,154 @@
+"""Pure-PyTorch reference of every bnas_fast op.
+
+This module is the specification. It is written for clarity, not speed, and it is used four ways:
+
+* the spec: each docstring states the math and the shapes that the kernels implement;
+* the fallback: when the C++ extension is not built (or a backend is forced with
+  ``BNAS_FAST_BACKEND=reference``), the registered ops run these functions;
+* the test oracle: tests compare every kernel's forward and backward against these functions
+  (backward through autograd of the forward below, and the explicit backward formulas here);
+* the benchmark baseline: "eager" and "torch.compile" providers time these functions.
+
+Nothing here validates its arguments; the public functions in :mod:`bnas_fast.functional` do that
+once, before any backend runs.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "mix",
+    "mix_backward",
+    "mix_sparse",
+    "mix_sparse_backward",
+    "dense_to_sparse",
+    "arch_weights",
+]
+
+
+def _column(weights: Tensor, k: int, like: Tensor) -> Tensor:
+    """weights[:, k] shaped [B, 1, 1, ...] so that it broadcasts against a [B, *rest] tensor."""
+    return weights[:, k].reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Low-precision inputs are accumulated in float32, as the kernels do."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# mix: per-example weighted sum of K candidate outputs
+# ----------------------------------------------------------------------------------------------
+
+
+def mix(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """out[b] = sum_k weights[b, k] * ys[k][b].
+
+    Args:
+        ys: K tensors of identical shape [B, *rest] (the candidate operations' outputs).
+        weights: [B, K] per-example weights (binary masks, softmax weights, aggregation
+            coefficients).
+
+    Returns:
+        [B, *rest], the dtype of ``ys``. Low-precision inputs are summed in float32 and rounded once.
+    """
+    acc_dtype = _accumulation_dtype(ys[0].dtype)
+    out = torch.zeros(ys[0].shape, dtype=acc_dtype, device=ys[0].device)
+    for k, y in enumerate(ys):
+        out = out + _column(weights, k, y).to(acc_dtype) * y.to(acc_dtype)
+    return out.to(ys[0].dtype)
+
+
+def mix_backward(
+    grad_out: Tensor, ys: Sequence[Tensor], weights: Tensor, weights_requires_grad: bool
+) -> Tuple[List[Tensor], Tensor]:
+    """Gradients of :func:`mix`.
+
+    grad_ys[k][b] = weights[b, k] * grad_out[b]
+    grad_weights[b, k] = <grad_out[b], ys[k][b]>   (zeros when ``weights_requires_grad`` is False)
+
+    Shapes: grad_out [B, *rest]; returns K tensors [B, *rest] and [B, K].
+    """
+    acc_dtype = _accumulation_dtype(grad_out.dtype)
+    g = grad_out.to(acc_dtype)
+    grad_ys = [(_column(weights, k, y).to(acc_dtype) * g).to(y.dtype) for k, y in enumerate(ys)]
+    if weights_requires_grad:
+        flat = g.reshape(g.shape[0], -1)
+        grad_weights = torch.stack(
+            [(flat * y.to(acc_dtype).reshape(y.shape[0], -1)).sum(1) for y in ys], dim=1
+        ).to(weights.dtype)
+    else:
+        grad_weights = torch.zeros_like(weights)
+    return grad_ys, grad_weights
+
+
+# ----------------------------------------------------------------------------------------------
+# mix_sparse: candidate k computed only on the examples indices[k]
+# ----------------------------------------------------------------------------------------------
+
+
+def mix_sparse(ys: Sequence[Tensor], indices: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """out[b] = sum_k sum_{i : indices[k][i] = b} weights[b, k] * ys[k][i].
+
+    Candidate k was computed only on the examples ``indices[k]``; its rows are scattered to their
+    examples and weighted. Examples that no candidate covers get zeros.
+
+    Args:
+        ys: K tensors [n_k, *rest] (n_k may differ between candidates, and may be 0).
+        indices: K int64 tensors [n_k] of distinct example indices in [0, B).
+        weights: [B, K].
+
+    Returns:
+        [B, *rest].
+    """
+    batch = weights.shape[0]
+    acc_dtype = _accumulation_dtype(ys[0].dtype)
+    out = torch.zeros((batch,) + tuple(ys[0].shape[1:]), dtype=acc_dtype, device=weights.device)
+    for k, (y, idx) in enumerate(zip(ys, indices)):
+        w = weights[idx, k].reshape((-1,) + (1,) * (y.dim() - 1)).to(acc_dtype)
+        out = out.index_add(0, idx, w * y.to(acc_dtype))
+    return out.to(ys[0].dtype)
+
+
+def mix_sparse_backward(
+    grad_out: Tensor,
+    ys: Sequence[Tensor],
+    indices: Sequence[Tensor],
+    weights: Tensor,
+    weights_requires_grad: bool,
+) -> Tuple[List[Tensor], Tensor]:
+    """Gradients of :func:`mix_sparse`.
+
+    grad_ys[k][i] = weights[indices[k][i], k] * grad_out[indices[k][i]]
+    grad_weights[b, k] = <grad_out[b], ys[k][i]> where indices[k][i] = b, else 0.
+    """
+    acc_dtype = _accumulation_dtype(grad_out.dtype)
+    g = grad_out.to(acc_dtype)
+    grad_ys: List[Tensor] = []
+    grad_weights = torch.zeros(weights.shape, dtype=acc_dtype, device=weights.device)
+    for k, (y, idx) in enumerate(zip(ys, indices)):
+        g_rows = g.index_select(0, idx)
+        w = weights[idx, k].reshape((-1,) + (1,) * (y.dim() - 1)).to(acc_dtype)
+        grad_ys.append((w * g_rows).to(y.dtype))
+        if weights_requires_grad:
+            dots = (g_rows * y.to(acc_dtype)).reshape(y.shape[0], -1).sum(1)
+            grad_weights[:, k] = grad_weights[:, k].index_add(0, idx, dots)
+    return grad_ys, grad_weights.to(weights.dtype)
+
+
+def dense_to_sparse(ys: Sequence[Tensor], weights: Tensor, threshold: float = 0.0) -> Tuple[List[Tensor], List[Tensor]]:
+    """Rows of each dense candidate whose weight is non-zero, and their example indices.
+
+    A helper for tests and examples: ``mix_sparse(*dense_to_sparse(ys, w), w) == mix(ys, w)``.
+    """
+    indices = [torch.nonzero(weights[:, k].abs() > threshold).flatten() for k in range(len(ys))]
+    return [y.index_select(0, idx) for y, idx in zip(ys, indices)], indices
+
+
+def arch_weights(arch: Tensor, table: Tensor) -> Tensor:
+    """weights[b] = table[arch[b]]: per-example architecture index [B] into a [S, K] table -> [B, K]."""
+    return table.index_select(0, arch)

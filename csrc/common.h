@@ -1,0 +1,39 @@
+// Shared argument checks and helpers for the bnas_fast CPU kernels.
+//
+// Every user error is a TORCH_CHECK with a message that names the op and the argument; the Python
+// wrappers check the same things first with friendlier messages, these checks guard direct calls
+// of torch.ops.bnas_fast.*. All index arithmetic is int64_t.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
+
+#include <cmath>
+#include <vector>
+
+namespace bnas_fast {
+
+// float32 accumulation for bfloat16/float16, native for float32/float64.
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;
+
+inline void check_cpu_floating(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the C++ kernel, got ",
+              t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+// Rejects NaN and infinity in a small tensor (weights are [B, K]); reads every element once.
+template <typename scalar_t>
+void check_finite(const scalar_t* data, int64_t n, const char* op, const char* name) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(data[i]);
+    TORCH_CHECK_VALUE(std::isfinite(v), op, ": ", name, " contains a non-finite value (", v,
+                      ") at flat position ", i);
+  }
+}
+
+}  // namespace bnas_fast

@@ -1,0 +1,317 @@
+// CPU kernels for masked per-example operation mixing.
+//
+//   dense:  out[b] = sum_k w[b, k] * y_k[b]                         y_k: [B, M]
+//   sparse: out[b] = sum_k w[b, k] * y_k[row_k(b)]                   y_k: [n_k, M]
+//           where row_k(b) is the i with indices_k[i] = b, or none.
+//
+// Both forms run one kernel over a table rows[k][b] (the identity for the dense form). Work is
+// split into tiles of kTile elements of one example, so that any batch size (B = 1 included) keeps
+// both cores busy, and the per-tile partial dot products for grad_w are reduced in a fixed order:
+// results do not depend on the thread count.
+//
+// Memory traffic is the whole cost of this op, so the kernels read each candidate row at most once
+// per pass and never read a row whose weight is zero (unless grad_w is wanted, which needs it).
+#include "common.h"
+
+#include <torch/library.h>
+
+namespace bnas_fast {
+namespace {
+
+// 4096 elements: a float32 output tile (16 KiB) stays in L1 while K candidate tiles stream past.
+constexpr int64_t kTile = 4096;
+
+template <typename scalar_t>
+struct MixArgs {
+  std::vector<const scalar_t*> ys;  // K candidate bases, each [rows_k, M]
+  const int64_t* rows = nullptr;    // [K, B] row of candidate k for example b, -1 if none; null = identity
+  const scalar_t* weights = nullptr;  // [B, K]
+  int64_t batch = 0;
+  int64_t num_candidates = 0;
+  int64_t row_size = 0;  // M
+
+  int64_t row_of(int64_t k, int64_t b) const { return rows ? rows[k * batch + b] : b; }
+};
+
+// out[j] (+)= w * y[j] over one tile, accumulating in acc_t.
+template <typename acc_t, typename scalar_t>
+inline void axpy_tile(acc_t* __restrict acc, const scalar_t* __restrict y, acc_t w, int64_t n,
+                      bool first) {
+  if (first) {
+    for (int64_t j = 0; j < n; ++j) acc[j] = w * static_cast<acc_t>(y[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) acc[j] += w * static_cast<acc_t>(y[j]);
+  }
+}
+
+// <g, y> over one tile with 8 independent partial sums, so the compiler can vectorise the
+// reduction without -ffast-math and the summation order is fixed.
+template <typename acc_t, typename scalar_t>
+inline acc_t dot_tile(const scalar_t* __restrict g, const scalar_t* __restrict y, int64_t n) {
+  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int u = 0; u < 8; ++u) s[u] += static_cast<acc_t>(g[j + u]) * static_cast<acc_t>(y[j + u]);
+  }
+  acc_t total = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; j < n; ++j) total += static_cast<acc_t>(g[j]) * static_cast<acc_t>(y[j]);
+  return total;
+}
+
+template <typename scalar_t>
+void mix_forward_kernel(const MixArgs<scalar_t>& a, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t M = a.row_size;
+  const int64_t tiles_per_row = (M + kTile - 1) / kTile;
+  at::parallel_for(0, a.batch * tiles_per_row, 1, [&](int64_t begin, int64_t end) {
+    // Low-precision inputs accumulate in a float32 tile and are rounded once at the end.
+    std::vector<acc_t> scratch(std::is_same<acc_t, scalar_t>::value ? 0 : kTile);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / tiles_per_row;
+      const int64_t start = (tile % tiles_per_row) * kTile;
+      const int64_t n = std::min(kTile, M - start);
+      scalar_t* out_tile = out + b * M + start;
+      acc_t* acc;
+      if constexpr (std::is_same<acc_t, scalar_t>::value) {
+        acc = out_tile;
+      } else {
+        acc = scratch.data();
+      }
+      bool first = true;
+      for (int64_t k = 0; k < a.num_candidates; ++k) {
+        const acc_t w = static_cast<acc_t>(a.weights[b * a.num_candidates + k]);
+        const int64_t row = a.row_of(k, b);
+        if (w == acc_t(0) || row < 0) continue;  // the skipped read
+        axpy_tile(acc, a.ys[k] + row * M + start, w, n, first);
+        first = false;
+      }
+      if (first) {
+        std::fill(acc, acc + n, acc_t(0));
+      }
+      if constexpr (!std::is_same<acc_t, scalar_t>::value) {
+        for (int64_t j = 0; j < n; ++j) out_tile[j] = static_cast<scalar_t>(acc[j]);
+      }
+    }
+  });
+}
+
+// grad_ys[k][row_k(b)] = w[b, k] * g[b];  grad_w[b, k] = <g[b], y_k[row_k(b)]> if wanted.
+template <typename scalar_t>
+void mix_backward_kernel(const MixArgs<scalar_t>& a, const scalar_t* grad_out,
+                         const std::vector<scalar_t*>& grad_ys, scalar_t* grad_w,
+                         bool weights_requires_grad) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t M = a.row_size;
+  const int64_t K = a.num_candidates;
+  const int64_t tiles_per_row = (M + kTile - 1) / kTile;
+  const int64_t num_tiles = a.batch * tiles_per_row;
+  // Partial dot products per tile, reduced below in tile order (deterministic).
+  std::vector<acc_t> partial(weights_requires_grad ? num_tiles * K : 0, acc_t(0));
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / tiles_per_row;
+      const int64_t start = (tile % tiles_per_row) * kTile;
+      const int64_t n = std::min(kTile, M - start);
+      const scalar_t* g = grad_out + b * M + start;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t row = a.row_of(k, b);
+        if (row < 0) continue;
+        const acc_t w = static_cast<acc_t>(a.weights[b * K + k]);
+        scalar_t* gy = grad_ys[k] + row * M + start;
+        if (w == acc_t(0)) {
+          std::fill(gy, gy + n, scalar_t(0));
+        } else {
+          for (int64_t j = 0; j < n; ++j) gy[j] = static_cast<scalar_t>(w * static_cast<acc_t>(g[j]));
+        }
+        if (weights_requires_grad) {
+          partial[tile * K + k] = dot_tile<acc_t>(g, a.ys[k] + row * M + start, n);
+        }
+      }
+    }
+  });
+  if (weights_requires_grad) {
+    for (int64_t b = 0; b < a.batch; ++b) {
+      for (int64_t k = 0; k < K; ++k) {
+        acc_t sum = 0;
+        for (int64_t t = 0; t < tiles_per_row; ++t) sum += partial[(b * tiles_per_row + t) * K + k];
+        grad_w[b * K + k] = static_cast<scalar_t>(sum);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks shared by the four entry points.
+// ---------------------------------------------------------------------------------------------
+
+struct Checked {
+  std::vector<at::Tensor> ys;  // contiguous
+  at::Tensor weights;          // contiguous [B, K]
+  int64_t batch, num_candidates, row_size;
+  std::vector<int64_t> rest_shape;
+};
+
+// dense: every y_k is [B, *rest]; sparse: y_k is [n_k, *rest] with the same rest.
+Checked check_mix_args(const char* op, at::TensorList ys, const at::Tensor& weights, bool sparse) {
+  TORCH_CHECK_VALUE(!ys.empty(), op, ": ys must hold at least one candidate tensor");
+  check_cpu_floating(weights, op, "weights");
+  TORCH_CHECK_VALUE(weights.dim() == 2, op, ": weights must be [B, K], got shape ", weights.sizes());
+  const int64_t B = weights.size(0);
+  const int64_t K = weights.size(1);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(ys.size()) == K, op, ": weights has K = ", K,
+                    " columns but ys holds ", ys.size(), " candidates");
+  const auto& y0 = ys[0];
+  TORCH_CHECK_VALUE(y0.dim() >= 1, op, ": ys[0] must have a batch dimension");
+  std::vector<int64_t> rest(y0.sizes().begin() + 1, y0.sizes().end());
+  Checked c;
+  c.batch = B;
+  c.num_candidates = K;
+  c.rest_shape = rest;
+  c.row_size = 1;
+  for (auto s : rest) c.row_size *= s;
+  for (int64_t k = 0; k < K; ++k) {
+    const auto& y = ys[k];
+    check_cpu_floating(y, op, "ys[k]");
+    TORCH_CHECK_VALUE(y.scalar_type() == weights.scalar_type(), op, ": ys[", k, "] has dtype ",
+                      y.scalar_type(), " but weights has dtype ", weights.scalar_type());
+    TORCH_CHECK_VALUE(y.dim() == y0.dim() && std::equal(rest.begin(), rest.end(), y.sizes().begin() + 1),
+                      op, ": ys[", k, "] has shape ", y.sizes(), ", which disagrees with ys[0] ",
+                      y0.sizes(), " beyond the batch dimension");
+    if (!sparse) {
+      TORCH_CHECK_VALUE(y.size(0) == B, op, ": ys[", k, "] has batch ", y.size(0),
+                        " but weights has B = ", B);
+    }
+    c.ys.push_back(y.contiguous());
+  }
+  c.weights = weights.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.weights.scalar_type(), "check_finite", [&] {
+    check_finite(c.weights.data_ptr<scalar_t>(), c.weights.numel(), op, "weights");
+  });
+  return c;
+}
+
+// rows[k][b] = i where indices[k][i] = b, else -1. Every index is range-checked and each example
+// may appear at most once per candidate (the sparse form scatters, it does not accumulate).
+at::Tensor inverse_rows(const char* op, at::TensorList indices, const Checked& c) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(indices.size()) == c.num_candidates, op, ": indices holds ",
+                    indices.size(), " tensors but there are K = ", c.num_candidates, " candidates");
+  auto rows = at::full({c.num_candidates, c.batch}, -1, at::TensorOptions().dtype(at::kLong));
+  int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t k = 0; k < c.num_candidates; ++k) {
+    const auto& idx = indices[k];
+    TORCH_CHECK_VALUE(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.dim() == 1, op,
+                      ": indices[", k, "] must be a 1-D int64 CPU tensor, got ", idx.scalar_type(), " ",
+                      idx.sizes(), " on ", idx.device());
+    TORCH_CHECK_VALUE(idx.size(0) == c.ys[k].size(0), op, ": indices[", k, "] has ", idx.size(0),
+                      " entries but ys[", k, "] has ", c.ys[k].size(0), " rows");
+    const auto idx_c = idx.contiguous();
+    const int64_t* p = idx_c.data_ptr<int64_t>();
+    for (int64_t i = 0; i < idx_c.size(0); ++i) {
+      const int64_t b = p[i];
+      TORCH_CHECK_INDEX(b >= 0 && b < c.batch, op, ": indices[", k, "][", i, "] = ", b,
+                        " is out of range for a batch of B = ", c.batch);
+      TORCH_CHECK_VALUE(r[k * c.batch + b] < 0, op, ": indices[", k, "] lists example ", b,
+                        " twice (at positions ", r[k * c.batch + b], " and ", i, ")");
+      r[k * c.batch + b] = i;
+    }
+  }
+  return rows;
+}
+
+at::Tensor run_forward(const Checked& c, const int64_t* rows) {
+  std::vector<int64_t> out_shape{c.batch};
+  out_shape.insert(out_shape.end(), c.rest_shape.begin(), c.rest_shape.end());
+  auto out = at::empty(out_shape, c.weights.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "mix_forward", [&] {
+    MixArgs<scalar_t> a;
+    for (const auto& y : c.ys) a.ys.push_back(y.data_ptr<scalar_t>());
+    a.rows = rows;
+    a.weights = c.weights.data_ptr<scalar_t>();
+    a.batch = c.batch;
+    a.num_candidates = c.num_candidates;
+    a.row_size = c.row_size;
+    mix_forward_kernel(a, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> run_backward(const char* op, const at::Tensor& grad_out,
+                                                             const Checked& c, const int64_t* rows,
+                                                             bool weights_requires_grad) {
+  check_cpu_floating(grad_out, op, "grad_out");
+  TORCH_CHECK_VALUE(grad_out.scalar_type() == c.weights.scalar_type(), op, ": grad_out has dtype ",
+                    grad_out.scalar_type(), " but weights has ", c.weights.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.dim() == 1 + static_cast<int64_t>(c.rest_shape.size()) &&
+                        grad_out.size(0) == c.batch &&
+                        std::equal(c.rest_shape.begin(), c.rest_shape.end(), grad_out.sizes().begin() + 1),
+                    op, ": grad_out has shape ", grad_out.sizes(), ", expected the output shape");
+  const auto g = grad_out.contiguous();
+  std::vector<at::Tensor> grad_ys;
+  for (const auto& y : c.ys) grad_ys.push_back(at::empty_like(y));
+  auto grad_w = weights_requires_grad ? at::empty_like(c.weights) : at::zeros_like(c.weights);
+  if (c.row_size == 0 || c.batch == 0) {
+    for (auto& t : grad_ys) t.zero_();
+    if (weights_requires_grad) grad_w.zero_();
+    return {grad_ys, grad_w};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "mix_backward", [&] {
+    MixArgs<scalar_t> a;
+    for (const auto& y : c.ys) a.ys.push_back(y.data_ptr<scalar_t>());
+    a.rows = rows;
+    a.weights = c.weights.data_ptr<scalar_t>();
+    a.batch = c.batch;
+    a.num_candidates = c.num_candidates;
+    a.row_size = c.row_size;
+    std::vector<scalar_t*> gys;
+    for (auto& t : grad_ys) gys.push_back(t.data_ptr<scalar_t>());
+    mix_backward_kernel(a, g.data_ptr<scalar_t>(), gys, grad_w.data_ptr<scalar_t>(),
+                        weights_requires_grad);
+  });
+  return {grad_ys, grad_w};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points (schemas are defined once, in bnas_fast/ops/mix.py).
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor mix_cpu(at::TensorList ys, const at::Tensor& weights) {
+  const auto c = check_mix_args("mix", ys, weights, /*sparse=*/false);
+  return run_forward(c, nullptr);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> mix_backward_cpu(const at::Tensor& grad_out,
+                                                                 at::TensorList ys,
+                                                                 const at::Tensor& weights,
+                                                                 bool weights_requires_grad) {
+  const auto c = check_mix_args("mix_backward", ys, weights, /*sparse=*/false);
+  return run_backward("mix_backward", grad_out, c, nullptr, weights_requires_grad);
+}
+
+at::Tensor mix_sparse_cpu(at::TensorList ys, at::TensorList indices, const at::Tensor& weights) {
+  const auto c = check_mix_args("mix_sparse", ys, weights, /*sparse=*/true);
+  const auto rows = inverse_rows("mix_sparse", indices, c);
+  return run_forward(c, rows.data_ptr<int64_t>());
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> mix_sparse_backward_cpu(const at::Tensor& grad_out,
+                                                                        at::TensorList ys,
+                                                                        at::TensorList indices,
+                                                                        const at::Tensor& weights,
+                                                                        bool weights_requires_grad) {
+  const auto c = check_mix_args("mix_sparse_backward", ys, weights, /*sparse=*/true);
+  const auto rows = inverse_rows("mix_sparse_backward", indices, c);
+  return run_backward("mix_sparse_backward", grad_out, c, rows.data_ptr<int64_t>(),
+                      weights_requires_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnas_fast, CPU, m) {
+  m.impl("mix", &mix_cpu);
+  m.impl("mix_backward", &mix_backward_cpu);
+  m.impl("mix_sparse", &mix_sparse_cpu);
+  m.impl("mix_sparse_backward", &mix_sparse_backward_cpu);
+}
+
+}  // namespace bnas_fast
