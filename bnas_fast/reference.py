@@ -15,6 +15,7 @@ once, before any backend runs.
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -33,6 +34,11 @@ __all__ = [
 def _column(weights: Tensor, k: int, like: Tensor) -> Tensor:
     """weights[:, k] shaped [B, 1, 1, ...] so that it broadcasts against a [B, *rest] tensor."""
     return weights[:, k].reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _rows(t: Tensor) -> Tensor:
+    """[n, *rest] -> [n, prod(rest)]; unlike reshape(n, -1) this also works for n = 0."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,9 +83,9 @@ def mix_backward(
     g = grad_out.to(acc_dtype)
     grad_ys = [(_column(weights, k, y).to(acc_dtype) * g).to(y.dtype) for k, y in enumerate(ys)]
     if weights_requires_grad:
-        flat = g.reshape(g.shape[0], -1)
+        flat = _rows(g)
         grad_weights = torch.stack(
-            [(flat * y.to(acc_dtype).reshape(y.shape[0], -1)).sum(1) for y in ys], dim=1
+            [(flat * _rows(y.to(acc_dtype))).sum(1) for y in ys], dim=1
         ).to(weights.dtype)
     else:
         grad_weights = torch.zeros_like(weights)
@@ -135,7 +141,7 @@ def mix_sparse_backward(
         w = weights[idx, k].reshape((-1,) + (1,) * (y.dim() - 1)).to(acc_dtype)
         grad_ys.append((w * g_rows).to(y.dtype))
         if weights_requires_grad:
-            dots = (g_rows * y.to(acc_dtype)).reshape(y.shape[0], -1).sum(1)
+            dots = _rows(g_rows * y.to(acc_dtype)).sum(1)
             grad_weights[:, k] = grad_weights[:, k].index_add(0, idx, dots)
     return grad_ys, grad_weights.to(weights.dtype)
 

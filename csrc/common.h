@@ -30,7 +30,8 @@ inline void check_cpu_floating(const at::Tensor& t, const char* op, const char* 
 template <typename scalar_t>
 void check_finite(const scalar_t* data, int64_t n, const char* op, const char* name) {
   for (int64_t i = 0; i < n; ++i) {
-    const float v = static_cast<float>(data[i]);
+    // In the accumulation type: a float cast would turn finite float64 values above 3.4e38 into inf.
+    const acc_type<scalar_t> v = static_cast<acc_type<scalar_t>>(data[i]);
     TORCH_CHECK_VALUE(std::isfinite(v), op, ": ", name, " contains a non-finite value (", v,
                       ") at flat position ", i);
   }

@@ -93,7 +93,7 @@ def _mix_sparse_backward_formula(ctx, grad_out):
     grad_ys, grad_weights = torch.ops.bnas_fast.mix_sparse_backward(
         grad_out, ys, indices, weights, weights_requires_grad
     )
-    return grad_ys, None, grad_weights if weights_requires_grad else None
+    return grad_ys, [None] * k, grad_weights if weights_requires_grad else None
 
 
 torch.library.register_autograd("bnas_fast::mix", _mix_backward_formula, setup_context=_mix_setup_context)

@@ -1,0 +1,121 @@
+"""Benchmark harness shared by ``bnas-fast bench`` and the pytest-benchmark files in benchmarks/.
+
+A benchmark *case* builds its inputs once and returns one zero-argument callable per *provider*:
+
+* ``eager``: the pure-PyTorch reference from :mod:`bnas_fast.reference` (or the plain-PyTorch
+  module a user would write);
+* ``compile``: ``torch.compile`` of that same reference;
+* ``bnas_fast``: the fused op or module.
+
+Providers of a case are timed round-robin in one process (so drift and thermal state hit all of
+them alike) and reported as medians. Throughput is the op's minimal memory traffic divided by the
+median time, and is compared with the machine's copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+__all__ = ["Case", "Result", "time_providers", "copy_bandwidth_gbs", "format_table", "all_cases"]
+
+PROVIDERS = ("eager", "compile", "bnas_fast")
+
+
+@dataclass
+class Case:
+    """One benchmark: ``build()`` returns {provider: callable}; ``bytes_moved`` is the op's minimal
+    memory traffic (each input byte read once, each output byte written once), or 0 if not a
+    bandwidth-bound op."""
+
+    op: str
+    shape: str
+    mode: str  # "fwd" or "fwd+bwd"
+    build: Callable[[], Dict[str, Callable[[], object]]]
+    bytes_moved: int = 0
+    slow: bool = False  # excluded from --quick
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}[{self.shape}|{self.mode}]"
+
+
+@dataclass
+class Result:
+    case: Case
+    median_ms: Dict[str, float] = field(default_factory=dict)
+
+    def speedup(self, baseline: str) -> Optional[float]:
+        if baseline not in self.median_ms or "bnas_fast" not in self.median_ms:
+            return None
+        return self.median_ms[baseline] / self.median_ms["bnas_fast"]
+
+    def gbs(self) -> Optional[float]:
+        if not self.case.bytes_moved or "bnas_fast" not in self.median_ms:
+            return None
+        return self.case.bytes_moved / (self.median_ms["bnas_fast"] * 1e-3) / 1e9
+
+
+def time_providers(
+    providers: Dict[str, Callable[[], object]], repeat: int = 15, warmup: int = 2, max_seconds: float = 20.0
+) -> Dict[str, float]:
+    """Median wall time in ms of each provider, timed round-robin after ``warmup`` calls each.
+
+    Stops early (with at least 3 samples each) when a case would take more than ``max_seconds``.
+    """
+    for fn in providers.values():
+        for _ in range(warmup):
+            fn()
+    samples: Dict[str, List[float]] = {name: [] for name in providers}
+    start = time.perf_counter()
+    for i in range(repeat):
+        for name, fn in providers.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def copy_bandwidth_gbs(num_bytes: int = 256 * 2**20, repeat: int = 15) -> float:
+    """The machine's copy bandwidth: (bytes read + bytes written) / median time of ``dst.copy_(src)``
+    into a preallocated destination (no page faults), with the current torch thread count."""
+    src = torch.ones(num_bytes // 4)
+    dst = torch.empty_like(src)
+    ms = time_providers({"copy": lambda: dst.copy_(src)}, repeat=repeat)["copy"]
+    return 2 * num_bytes / (ms * 1e-3) / 1e9
+
+
+def format_table(results: List[Result], copy_gbs: float) -> str:
+    """Markdown table: op, shape, mode, medians, speed-ups, GB/s and % of copy bandwidth."""
+    header = (
+        "| op | shape | mode | eager ms | compile ms | bnas_fast ms | vs eager | vs compile | GB/s | % copy bw |"
+    )
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ms(r: Result, p: str) -> str:
+        return f"{r.median_ms[p]:.2f}" if p in r.median_ms else "-"
+
+    def ratio(x: Optional[float]) -> str:
+        return f"{x:.2f}x" if x is not None else "-"
+
+    for r in results:
+        gbs = r.gbs()
+        lines.append(
+            f"| {r.case.op} | {r.case.shape} | {r.case.mode} | {ms(r, 'eager')} | {ms(r, 'compile')} | "
+            f"{ms(r, 'bnas_fast')} | {ratio(r.speedup('eager'))} | {ratio(r.speedup('compile'))} | "
+            + (f"{gbs:.1f} | {100 * gbs / copy_gbs:.0f}% |" if gbs is not None else "- | - |")
+        )
+    return "\n".join(lines)
+
+
+def all_cases() -> List[Case]:
+    """Every registered benchmark case, one module per op."""
+    from bnas_fast.bench import mix
+
+    return mix.cases()

@@ -1,0 +1,133 @@
+"""The ``bnas-fast`` command.
+
+    bnas-fast bench [--quick] [--filter TEXT] [--malloc default|no-mmap|both] [--json FILE]
+    bnas-fast info
+
+``bench`` runs the benchmark suite (every case of bnas_fast.bench) with 2 threads and prints a
+table: medians of the eager reference, torch.compile of the reference and bnas_fast, the speed-ups,
+bnas_fast's throughput in GB/s and as a share of the machine's copy bandwidth measured in the same
+run. ``--malloc both`` (the default) runs the suite twice: once as is, once in a child process with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``, so that a speed-up is more than avoided
+page faults (glibc returns allocations of 32 MiB and more to the OS; large eager temporaries then
+pay page faults on every call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import List, Optional
+
+NO_MMAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+
+def _malloc_label() -> str:
+    return "no-mmap" if all(os.environ.get(k) == v for k, v in NO_MMAP_ENV.items()) else "default"
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import bnas_fast
+    from bnas_fast.bench import Result, all_cases, copy_bandwidth_gbs, format_table, time_providers
+
+    torch.set_num_threads(args.threads)
+    cases = [c for c in all_cases() if not (args.quick and c.slow)]
+    if args.filter:
+        cases = [c for c in cases if args.filter in c.name]
+    if not cases:
+        print(f"bnas-fast bench: no case matches --filter {args.filter!r}", file=sys.stderr)
+        return 2
+    copy_gbs = copy_bandwidth_gbs()
+    results: List[Result] = []
+    for case in tqdm(cases, desc=f"bench (malloc {_malloc_label()})", unit="case", file=sys.stderr):
+        providers = case.build()
+        results.append(Result(case, time_providers(providers, repeat=args.repeat)))
+        del providers
+    print(
+        f"\n## malloc: {_malloc_label()} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"backends {bnas_fast.backends()} | copy bandwidth {copy_gbs:.1f} GB/s | {platform.processor() or platform.machine()}\n"
+    )
+    print(format_table(results, copy_gbs))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(
+                {
+                    "malloc": _malloc_label(),
+                    "copy_gbs": copy_gbs,
+                    "threads": torch.get_num_threads(),
+                    "results": [
+                        {"op": r.case.op, "shape": r.case.shape, "mode": r.case.mode, "median_ms": r.median_ms,
+                         "bytes_moved": r.case.bytes_moved}
+                        for r in results
+                    ],
+                },
+                fh,
+                indent=2,
+            )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.malloc == "both":
+        code = _run_bench(args)
+        if code:
+            return code
+        child = [sys.executable, "-m", "bnas_fast.cli", "bench", "--malloc", "no-mmap", "--threads", str(args.threads),
+                 "--repeat", str(args.repeat)]
+        if args.quick:
+            child.append("--quick")
+        if args.filter:
+            child += ["--filter", args.filter]
+        if args.json:
+            root, ext = os.path.splitext(args.json)
+            child += ["--json", f"{root}.no-mmap{ext or '.json'}"]
+        sys.stdout.flush()
+        return subprocess.call(child, env={**os.environ, **NO_MMAP_ENV})
+    if args.malloc == "no-mmap" and _malloc_label() != "no-mmap":
+        # glibc reads these variables at start-up: re-run in a child that has them.
+        return subprocess.call([sys.executable, "-m", "bnas_fast.cli", *sys.argv[1:]], env={**os.environ, **NO_MMAP_ENV})
+    return _run_bench(args)
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    import bnas_fast
+    from bnas_fast import _backend
+
+    print(f"bnas_fast {bnas_fast.__version__}, torch {torch.__version__}")
+    print(f"backends: {bnas_fast.backends()}")
+    if _backend.C_EXTENSION_ERROR:
+        print(f"C++ extension not loaded: {_backend.C_EXTENSION_ERROR}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="bnas-fast", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="run the benchmark suite and print a table")
+    bench.add_argument("--quick", action="store_true", help="skip the cases marked slow (B=128)")
+    bench.add_argument("--filter", default="", help="only cases whose name contains this text")
+    bench.add_argument("--malloc", choices=["default", "no-mmap", "both"], default="both",
+                       help="glibc allocator settings to measure under (default: both, one after the other)")
+    bench.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    bench.add_argument("--repeat", type=int, default=15, help="timed calls per provider (median reported)")
+    bench.add_argument("--json", default="", help="also write the results to this JSON file")
+    bench.set_defaults(func=_bench)
+
+    info = sub.add_parser("info", help="print versions and which backend serves which device")
+    info.set_defaults(func=_info)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
