@@ -11,6 +11,7 @@
 #include <c10/util/SmallVector.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 namespace bnas_fast {

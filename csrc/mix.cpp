@@ -43,10 +43,12 @@ struct MixArgs {
 // at 0.6x the speed of torch.compile's fused loop: short per-candidate streams defeat prefetching.
 constexpr int64_t kBlock = 64;
 
-// Outputs this large are written with non-temporal (streaming) stores: they cannot stay in cache
-// anyway, and a streaming store skips the read-for-ownership that a normal store of a missing line
-// costs. The backward pass writes K gradient rows, so this removes about a third of its traffic.
-constexpr int64_t kStreamingBytes = int64_t(32) << 20;
+// Outputs of 4 MiB and more (beyond a core's L2) are written with non-temporal (streaming) stores:
+// a streaming store skips the read-for-ownership that a normal store of a missing line costs. The
+// backward pass writes K gradient rows, so this removes about a third of its traffic. Measured at
+// B=64, K=4, 64x32x32 with half the weights zero: forward 1.34x -> 1.60x torch.compile with 4 MiB
+// against a 32 MiB threshold. The cost: an output that a following op could have found in L3.
+constexpr int64_t kStreamingBytes = int64_t(4) << 20;
 
 inline bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63) == 0; }
 
@@ -277,7 +279,7 @@ Checked check_mix_args(const char* op, at::TensorList ys, const at::Tensor& weig
   for (auto s : rest) c.row_size *= s;
   for (int64_t k = 0; k < K; ++k) {
     const auto& y = ys[k];
-    check_cpu_floating(y, op, "ys[k]");
+    check_cpu_floating(y, op, ("ys[" + std::to_string(k) + "]").c_str());
     TORCH_CHECK_VALUE(y.scalar_type() == weights.scalar_type(), op, ": ys[", k, "] has dtype ",
                       y.scalar_type(), " but weights has dtype ", weights.scalar_type());
     TORCH_CHECK_VALUE(y.dim() == y0.dim() && std::equal(rest.begin(), rest.end(), y.sizes().begin() + 1),

@@ -1324,8 +1324,21 @@ def test_mixed_op_all_weights_zero_returns_zeros(sparse):
     out = op(x, w)
     assert out.shape == (6, 4, 5, 5) and out.dtype == torch.float64
     assert torch.count_nonzero(out) == 0
-    out.sum().backward()  # stays in the graph
-    assert torch.count_nonzero(x.grad) == 0
+    out.sum().backward()  # stays in the graph (through the weights)
+    assert w.grad is not None
+    assert x.grad is None or torch.count_nonzero(x.grad) == 0
+
+
+def test_mixed_op_all_weights_zero_moves_no_batchnorm_statistics():
+    torch.manual_seed(0)
+    candidates = [nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)) for _ in range(2)]
+    op = MixedOp(candidates).train()
+    before = [c[1].running_mean.clone() for c in candidates]
+    out = op(torch.randn(6, 3, 5, 5), torch.zeros(6, 2))
+    assert out.shape == (6, 4, 5, 5) and torch.count_nonzero(out) == 0
+    for c, mean in zip(candidates, before):
+        assert torch.equal(c[1].running_mean, mean)
+        assert c.training  # the shape probe restored the mode
 
 
 @pytest.mark.parametrize(

@@ -65,13 +65,24 @@ class MixedOp(nn.Module):
         return self._forward_sparse(x, weights)
 
     def _forward_sparse(self, x: Tensor, weights: Tensor) -> Tensor:
-        batch = x.shape[0]
+        batch, num_candidates = weights.shape
         active = weights != 0
         counts = active.sum(0).tolist()  # the one host sync: which candidates run on how many examples
         if sum(counts) == 0:
-            # Every path dropped for every example: the output is zero. Run one candidate so the
-            # output has its shape and stays in the graph; rare with keep_at_least_one masks.
-            return mix([self.candidates[0](x)], weights[:, :1])
+            # Every path dropped for every example: the output is zero. Its shape comes from one
+            # candidate probed on a single example in eval mode without autograd, so that no
+            # BatchNorm statistics move; the zeros stay connected to `weights` through mix_sparse.
+            probe = self.candidates[0]
+            was_training = probe.training
+            with torch.no_grad():
+                probe.eval()
+                try:
+                    rest = tuple(probe(x[:1]).shape[1:])
+                finally:
+                    probe.train(was_training)
+            empty = x.new_empty((0,) + rest, dtype=weights.dtype)
+            no_rows = torch.empty(0, dtype=torch.int64, device=x.device)
+            return mix_sparse([empty] * num_candidates, [no_rows] * num_candidates, weights)
         ys: List[Tensor] = []
         indices: List[Tensor] = []
         missing: List[int] = []
