@@ -329,7 +329,7 @@ at::Tensor inverse_rows(const char* op, at::TensorList indices, const Checked& c
 at::Tensor run_forward(const Checked& c, const int64_t* rows) {
   std::vector<int64_t> out_shape{c.batch};
   out_shape.insert(out_shape.end(), c.rest_shape.begin(), c.rest_shape.end());
-  auto out = at::empty(out_shape, c.weights.options());
+  auto out = empty_output(out_shape, c.weights.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "mix_forward", [&] {
     MixArgs<scalar_t> a;
@@ -356,7 +356,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> run_backward(const char* op, con
                     op, ": grad_out has shape ", grad_out.sizes(), ", expected the output shape");
   const auto g = grad_out.contiguous();
   std::vector<at::Tensor> grad_ys;
-  for (const auto& y : c.ys) grad_ys.push_back(at::empty_like(y));
+  for (const auto& y : c.ys) grad_ys.push_back(empty_output(y.sizes(), y.options()));
   auto grad_w = weights_requires_grad ? at::empty_like(c.weights) : at::zeros_like(c.weights);
   if (c.row_size == 0 || c.batch == 0) {
     for (auto& t : grad_ys) t.zero_();

@@ -1,0 +1,81 @@
+"""The installed package: which backends serve which device, and how the fallback behaves."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bnas_fast
+from bnas_fast import _backend
+
+
+def test_cpu_backend_is_the_cpp_extension():
+    # A silently failed build would let every parity test pass against the reference itself.
+    if _backend.forced_backend() == "reference":
+        pytest.skip("BNAS_FAST_BACKEND=reference forces the reference")
+    assert bnas_fast.backends()["cpu"] == "cpp", _backend.C_EXTENSION_ERROR
+
+
+def test_forced_reference_backend_runs_and_matches():
+    code = (
+        "import torch, bnas_fast\n"
+        "assert bnas_fast.backends() == {'cpu': 'reference', 'cuda': 'reference'}, bnas_fast.backends()\n"
+        "ys = [torch.randn(3, 4, dtype=torch.float64) for _ in range(2)]\n"
+        "w = torch.tensor([[1.0, 0.0], [0.5, 2.0], [0.0, 0.0]], dtype=torch.float64)\n"
+        "out = bnas_fast.mix(ys, w)\n"
+        "assert torch.allclose(out, w[:, :1] * ys[0] + w[:, 1:] * ys[1])\n"
+        "try:\n"
+        "    bnas_fast.mix(ys, torch.full((3, 2), float('nan'), dtype=torch.float64))\n"
+        "except ValueError as e:\n"
+        "    assert 'weights' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('NaN weights accepted')\n"
+    )
+    env = {**os.environ, "BNAS_FAST_BACKEND": "reference"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_unknown_forced_backend_is_a_clear_error():
+    env = {**os.environ, "BNAS_FAST_BACKEND": "cuda-please"}
+    result = subprocess.run([sys.executable, "-c", "import bnas_fast"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "BNAS_FAST_BACKEND" in result.stderr and "reference" in result.stderr
+
+
+def test_cli_info_and_bench_filter(capsys):
+    from bnas_fast.cli import main
+
+    assert main(["info"]) == 0
+    assert "backends" in capsys.readouterr().out
+    assert main(["bench", "--filter", "no such case", "--malloc", "default"]) == 2
+
+
+def test_public_api():
+    assert bnas_fast.mix is bnas_fast.functional.mix
+    assert bnas_fast.mix_sparse is bnas_fast.functional.mix_sparse
+    assert isinstance(bnas_fast.nn.MixedOp([torch.nn.Identity()]), torch.nn.Module)
+
+
+def test_bench_harness_table_and_throughput():
+    from bnas_fast.bench import Case, Result, format_table, time_providers
+
+    calls = {"eager": 0, "bnas_fast": 0}
+
+    def provider(name):
+        def fn():
+            calls[name] += 1
+
+        return fn
+
+    case = Case(op="toy", shape="n=1", mode="fwd", build=lambda: {n: provider(n) for n in calls}, bytes_moved=10**9)
+    medians = time_providers(case.build(), repeat=3, warmup=1)
+    assert calls == {"eager": 4, "bnas_fast": 4}  # warm-up plus round-robin repeats
+    result = Result(case, {"eager": 4.0, "bnas_fast": 2.0})
+    assert result.speedup("eager") == 2.0 and result.speedup("compile") is None
+    assert result.gbs() == pytest.approx(500.0)  # 1 GB in 2 ms
+    table = format_table([result], copy_gbs=1000.0)
+    assert "| toy | n=1 | fwd | 4.00 | - | 2.00 | 2.00x | - | 500.0 | 50% |" in table
+    assert set(medians) == {"eager", "bnas_fast"}
