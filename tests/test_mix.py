@@ -66,6 +66,10 @@ TOLERANCES = {
     # Same single bf16 rounding of a float32 dot product; atol covers float32 accumulation of up to
     # 5184 terms when they cancel.
     (torch.bfloat16, "reduction"): {"rtol": 2**-7, "atol": 1e-3},
+    # float16: the same single rounding of a float32 sum, with an 11-bit significand (2^-11
+    # relative), so one ulp of slack gives 2^-10; products of two float16 values are exact in float32.
+    (torch.float16, "elementwise"): {"rtol": 2**-10, "atol": 1e-4},
+    (torch.float16, "reduction"): {"rtol": 2**-10, "atol": 1e-3},
 }
 
 
@@ -90,7 +94,7 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, kind: str
 # ---------------------------------------------------------------------------------------------
 # The sample generator
 # ---------------------------------------------------------------------------------------------
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BATCHES = (1, 7, 123)
 RESTS = ((3,), (3, 1, 1), (3, 5, 7), (64, 9, 9))  # (64, 9, 9): 5184 > 4096 elements, 2 tiles per row
 NUM_CANDIDATES = (1, 3, 8)

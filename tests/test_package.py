@@ -79,3 +79,14 @@ def test_bench_harness_table_and_throughput():
     table = format_table([result], copy_gbs=1000.0)
     assert "| toy | n=1 | fwd | 4.00 | - | 2.00 | 2.00x | - | 500.0 | 50% |" in table
     assert set(medians) == {"eager", "bnas_fast"}
+
+
+def test_readme_python_example_runs():
+    # The README's usage example is the first ```python block; it must run as written.
+    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    with open(readme) as fh:
+        text = fh.read()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["y"].shape == (8, 4, 16, 16)
