@@ -19,7 +19,8 @@ class MixedOp(nn.Module):
     ``weights[:, k]`` is non-zero, and the fused :func:`bnas_fast.mix_sparse` scatters and weights
     the results in one pass: with half the paths dropped, forward and backward do about half the
     candidates' work. When a candidate is used by every example it runs on ``x`` itself (no
-    gather); when it is used by none it does not run at all.
+    gather); when it is used by none it does not run at all. (If no example uses any candidate, the
+    first is probed on one example in eval mode without autograd, only for the output shape.)
 
     What sparse execution changes, knowingly:
 
