@@ -28,6 +28,8 @@ __all__ = [
     "mix_sparse_backward",
     "dense_to_sparse",
     "arch_weights",
+    "depth_loglik",
+    "depth_loglik_backward",
 ]
 
 
@@ -158,3 +160,50 @@ def dense_to_sparse(ys: Sequence[Tensor], weights: Tensor, threshold: float = 0.
 def arch_weights(arch: Tensor, table: Tensor) -> Tensor:
     """weights[b] = table[arch[b]]: per-example architecture index [B] into a [S, K] table -> [B, K]."""
     return table.index_select(0, arch)
+
+
+# ----------------------------------------------------------------------------------------------
+# depth_loglik: expected log-likelihood over a categorical depth posterior (learnt-depth networks)
+# ----------------------------------------------------------------------------------------------
+
+
+def depth_loglik(logits: Tensor, targets: Tensor, log_q: Tensor) -> Tensor:
+    """out[b] = sum_i q_i * log_softmax(logits[i, b])[targets[b]],  q_i = exp(log_q[i]).
+
+    The expected log-likelihood term of the learnt-depth ELBO (eq. 2 of seed 000), per example,
+    computed exactly over every depth i in {0..D} from one forward pass.
+
+    Args:
+        logits: [D+1, B, C] the output block applied to every depth's activation.
+        targets: [B] int64 class indices in [0, C).
+        log_q: [D+1] log-probabilities of the depth posterior q(d).
+
+    Returns:
+        [B], the dtype of ``logits`` (float32 accumulation for low precision).
+    """
+    acc = _accumulation_dtype(logits.dtype)
+    lsm = torch.log_softmax(logits.to(acc), dim=-1)  # [D+1, B, C]
+    picked = lsm.gather(2, targets.view(1, -1, 1).expand(lsm.shape[0], -1, 1)).squeeze(2)  # [D+1, B]
+    return (log_q.to(acc).exp().unsqueeze(1) * picked).sum(0).to(logits.dtype)
+
+
+def depth_loglik_backward(
+    grad_out: Tensor, logits: Tensor, targets: Tensor, log_q: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """Gradients of :func:`depth_loglik`.
+
+    With p = softmax(logits[i, b]) and l[i, b] = log p[targets[b]]:
+        grad_logits[i, b, c] = grad_out[b] * q_i * (1[c = targets[b]] - p[c])
+        grad_log_q[i]        = q_i * sum_b grad_out[b] * l[i, b]        (q_i = exp(log_q[i]))
+
+    Shapes: grad_out [B]; returns [D+1, B, C] and [D+1].
+    """
+    acc = _accumulation_dtype(logits.dtype)
+    lsm = torch.log_softmax(logits.to(acc), dim=-1)
+    q = log_q.to(acc).exp()
+    g = grad_out.to(acc)
+    onehot = torch.zeros_like(lsm).scatter_(2, targets.view(1, -1, 1).expand(lsm.shape[0], -1, 1), 1.0)
+    grad_logits = (q.view(-1, 1, 1) * g.view(1, -1, 1)) * (onehot - lsm.exp())
+    picked = (lsm * onehot).sum(2)  # [D+1, B]
+    grad_log_q = q * (picked * g.view(1, -1)).sum(1)
+    return grad_logits.to(logits.dtype), grad_log_q.to(log_q.dtype)
