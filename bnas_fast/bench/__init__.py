@@ -21,7 +21,15 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["Case", "Result", "time_providers", "copy_bandwidth_gbs", "format_table", "all_cases"]
+__all__ = [
+    "Case",
+    "Result",
+    "time_providers",
+    "peak_memory_bytes",
+    "copy_bandwidth_gbs",
+    "format_table",
+    "all_cases",
+]
 
 PROVIDERS = ("eager", "compile", "bnas_fast")
 
@@ -82,6 +90,50 @@ def time_providers(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def peak_memory_bytes(fn: Callable[[], object], warmup: int = 1) -> int:
+    """Peak bytes allocated by one call of ``fn`` on CPU, above what was allocated when it started.
+
+    torch 2.13 has no CPU counterpart of ``torch.cuda.max_memory_allocated`` (``torch.cpu`` exposes
+    no memory statistics), so this records the call under ``torch.profiler.profile(profile_memory=
+    True)``: c10's CPU allocator then reports every allocation and free (``+nbytes`` / ``-nbytes``)
+    as a ``[memory]`` event. The events are sorted by time and summed; the peak is the largest prefix
+    sum (at least 0). It counts every tensor the call allocates through torch, in eager ops, in
+    autograd and in torch.compile's generated code (including the returned tensors, and the saved
+    activations that autograd frees), in every thread that reports to the profiler. Tensors that
+    existed before the call are not counted, and neither is their release during the call (the
+    profiler drops the free of a block it did not see allocated, with a c10 warning), so the result
+    is the peak of the bytes that the call itself holds at once. Memory that does not go
+    through torch's allocator (``std::vector`` scratch inside the C++ kernels: a few KiB per thread
+    here; Python objects) is not seen. The count is exact, not sampled, so repeat calls agree.
+
+    Rejected alternatives: ``resource.getrusage().ru_maxrss`` / ``VmHWM`` are process-lifetime
+    high-water marks of resident pages, shifted by glibc's caching of freed blocks; ``tracemalloc``
+    sees only Python's allocator.
+
+    ``warmup`` calls run first, unrecorded, so that torch.compile's first-call compilation and
+    one-off caches do not count.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result  # frees inside the recording: the peak already happened
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    ]
+    events.sort(key=lambda e: e.start_ns())
+    running, peak = 0, 0
+    for e in events:
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
 def copy_bandwidth_gbs(num_bytes: int = 256 * 2**20, repeat: int = 15) -> float:
     """The machine's copy bandwidth: (bytes read + bytes written) / median time of ``dst.copy_(src)``
     into a preallocated destination (no page faults), with the current torch thread count."""
@@ -116,6 +168,6 @@ def format_table(results: List[Result], copy_gbs: float) -> str:
 
 def all_cases() -> List[Case]:
     """Every registered benchmark case, one module per op."""
-    from bnas_fast.bench import mix
+    from bnas_fast.bench import depth_loglik, mix
 
-    return mix.cases()
+    return mix.cases() + depth_loglik.cases()

@@ -1,0 +1,40 @@
+"""pytest-benchmark suite for depth_loglik.
+
+The cases (shapes, inputs, baselines) come from bnas_fast.bench.depth_loglik, which `bnas-fast bench`
+runs too, so the two cannot drift. Run:
+
+    python -m pytest benchmarks/bench_depth_loglik.py --benchmark-only --benchmark-group-by=param:case
+
+Each case is timed once per provider (eager reference, torch.compile of the reference,
+bnas_fast), in one process, with 2 threads. The peak memory of each provider (one call, measured
+by bnas_fast.bench.peak_memory_bytes) is stored in the benchmark's extra_info.
+"""
+
+import pytest
+import torch
+
+from bnas_fast.bench import depth_loglik as depth_loglik_cases
+from bnas_fast.bench import peak_memory_bytes
+
+CASES = depth_loglik_cases.cases()
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("provider", ["eager", "compile", "bnas_fast"])
+def test_depth_loglik(benchmark, case, provider):
+    providers = case.build()
+    if provider not in providers:
+        pytest.skip(f"{case.name} has no {provider} provider")
+    fn = providers[provider]
+    fn()  # warm-up (compiles the torch.compile provider)
+    benchmark.extra_info["bytes_moved"] = case.bytes_moved
+    benchmark.extra_info["peak_memory_bytes"] = peak_memory_bytes(fn, warmup=0)
+    benchmark.pedantic(fn, rounds=7, iterations=1, warmup_rounds=1)
