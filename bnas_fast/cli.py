@@ -2,6 +2,7 @@
 
     bnas-fast bench [--quick] [--filter TEXT] [--malloc default|no-mmap|both] [--json FILE]
     bnas-fast info
+    bnas-fast run ldn [--seeds 0 1 2] [--max-depth D] [--out DIR] [--quick] ...   (run ldn --help)
 
 ``bench`` runs the benchmark suite (every case of bnas_fast.bench) with 2 threads and prints a
 table: medians of the eager reference, torch.compile of the reference and bnas_fast, the speed-ups,
@@ -124,6 +125,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     info = sub.add_parser("info", help="print versions and which backend serves which device")
     info.set_defaults(func=_info)
+
+    # `run <method>`: each method module owns its options (add_arguments) and its entry point (main).
+    from bnas_fast.methods import ldn
+
+    run = sub.add_parser("run", help="run a method's reference training loop (see `run ldn --help`)")
+    methods = run.add_subparsers(dest="method", metavar="method", required=True)
+    run_ldn = methods.add_parser("ldn", help="learnt-depth networks (seed 000): spirals or images")
+    ldn.add_arguments(run_ldn)
+    run_ldn.set_defaults(func=ldn.main)
 
     args = parser.parse_args(argv)
     return args.func(args)
