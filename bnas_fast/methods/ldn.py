@@ -74,7 +74,7 @@ class LDNConfig:
 
     Defaults, spirals (appendix B): D = 50, width 20, gamma 0.85, SGD lr 0.1 momentum 0.5, batch 512
     (full batch for 200 points), patience 500 iterations, ``max_epochs`` = 4000 as a time cap (an
-    epoch is one iteration in full batch; in our D = 20/35/50 runs early stopping ended 5 of 9 LDN
+    epoch is one iteration in full batch; in our D = 20/35/50 runs early stopping ended 4 of 9 LDN
     runs before the cap, while the deterministic baselines' training log-likelihood kept improving up
     to it), baselines at ``det_depths="auto"`` (6 depths spread geometrically over 1..D: 1, 2, 5, 10,
     23, 50 for D = 50). About 5 minutes on this 2-core machine, single-threaded.
