@@ -11,20 +11,11 @@ by bnas_fast.bench.peak_memory_bytes) is stored in the benchmark's extra_info.
 """
 
 import pytest
-import torch
 
 from bnas_fast.bench import depth_loglik as depth_loglik_cases
 from bnas_fast.bench import peak_memory_bytes
 
 CASES = depth_loglik_cases.cases()
-
-
-@pytest.fixture(autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -10,19 +10,10 @@ bnas_fast), in one process, with 2 threads.
 """
 
 import pytest
-import torch
 
 from bnas_fast.bench import mix as mix_cases
 
 CASES = mix_cases.cases()
-
-
-@pytest.fixture(autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 import bnas_fast
+from _tolerance import assert_within
 from bnas_fast import reference
 
 # ---------------------------------------------------------------------------------------------
@@ -78,18 +79,8 @@ TOLERANCES = {
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, kind: str, what: str = "") -> None:
-    """|actual - expected| <= atol + rtol * |expected| elementwise, with TOLERANCES[(dtype, kind)]."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    tol = TOLERANCES[(dtype, kind)]
-    a, e = actual.detach().double(), expected.detach().double()
-    excess = (a - e).abs() - (tol["atol"] + tol["rtol"] * e.abs())
-    bad = ~(excess <= 0)  # NaN counts as a mismatch
-    if bool(bad.any()):
-        i = int(torch.where(bad.flatten(), excess.flatten().nan_to_num(float("inf")), -float("inf")).argmax())
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {a.numel()} elements outside {tol}; worst at flat index {i}: "
-            f"got {a.flatten()[i].item()!r}, expected {e.flatten()[i].item()!r}"
-        )
+    """Elementwise closeness with TOLERANCES[(dtype, kind)] (see tests/_tolerance.py)."""
+    assert_within(actual, expected, TOLERANCES[(dtype, kind)], what)
 
 
 # ---------------------------------------------------------------------------------------------
