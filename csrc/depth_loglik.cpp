@@ -4,11 +4,16 @@
 //   grad_x[i,b,c]        = g_b * q_i * (1[c = y_b] - exp(x[i,b,c] - lse(x[i,b,:])))
 //   grad_log_q[i]        = q_i * sum_b g_b * (x[i,b,y_b] - lse(x[i,b,:]))
 //
-// x is [D+1, B, C]. The forward reads each row of C logits once (max and sum of exponentials in
-// one online pass) and never materialises a softmax; the backward recomputes the row's
-// log-sum-exp and writes its gradient. Depths with q_i = 0 are skipped (no read). Work is split
-// over examples in fixed chunks, and the per-chunk partial sums of grad_log_q are reduced in chunk
-// order, so results do not depend on the thread count.
+// x is [D+1, B, C]. The forward reads each row of C logits once and never materialises a softmax;
+// the backward recomputes the row's log-sum-exp and writes its gradient. Depths with q_i = 0 are
+// skipped (no read). Work is split over examples in fixed chunks, and the per-chunk partial sums of
+// grad_log_q are reduced in chunk order, so results do not depend on the thread count.
+//
+// Layout: a row of C = 10 logits is too short to vectorise along, and a per-row max, sum and log
+// are scalar work that cost more than the exponentials. So each chunk of kRows rows is first
+// transposed into scratch as [C][kRows]; every later step (max, exp, sum, log, gradient) is then
+// a loop over the kRows rows at a fixed trip count, one row per SIMD lane. Rows wider than
+// kNarrowClasses are long enough to vectorise along and are processed one at a time.
 #include "common.h"
 
 #include <algorithm>
@@ -21,14 +26,22 @@
 namespace bnas_fast {
 namespace {
 
-constexpr int64_t kExamplesPerChunk = 64;
+constexpr int64_t kRows = 64;  // rows (examples) per chunk: four 16-lane float vectors
+
 // exp(x) for float32 in plain arithmetic, so that the compiler vectorises it (std::exp stays a
 // scalar libm call without -ffast-math, and that call was 3x the cost of the whole op):
 // x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative error
-// <= 1.2e-7, about 1 ulp), 2^n assembled in the exponent bits.
+// <= 1.2e-7, about 1 ulp), 2^n assembled in the exponent bits. n is rounded by adding and
+// subtracting 1.5 * 2^23, which leaves n in the low mantissa bits: a float-to-int conversion (or
+// std::floor) may trap, and GCC then refuses to vectorise the loop unless -fno-trapping-math.
 inline float fast_exp(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);  // keeps 2^n a normal float; exp(-87) ~ 1.6e-38
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23, bit pattern 0x4b400000
+  const float shifted = x * 1.44269504088896341f + kRoundMagic;
+  const float n = shifted - kRoundMagic;  // round(x / ln2), exactly
+  int32_t n_int;
+  std::memcpy(&n_int, &shifted, sizeof(n_int));
+  n_int -= 0x4b400000;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for exactness
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -37,52 +50,164 @@ inline float fast_exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t bits = (n_int + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 inline double fast_exp(double x) { return std::exp(x); }  // float64 keeps libm's accuracy
 
-// Per-thread scratch for one chunk of rows (n <= kExamplesPerChunk rows of C logits, contiguous).
+// log(s) for a normal float32 s > 0 (here s = sum of exp(x - max) is in [1, C]), vectorisable
+// for the same reason as fast_exp: s = 2^e m with m in [sqrt(1/2), sqrt(2)), and
+// log m = 2 atanh(t) = 2 (t + t^3/3 + ... + t^9/9) with t = (m - 1) / (m + 1), |t| <= 0.172
+// (truncation error < 1e-9); e ln2 is added with ln2 split in two, as in fast_exp.
+inline float fast_log(float s) {
+  int32_t bits;
+  std::memcpy(&bits, &s, sizeof(bits));
+  const int32_t e = (bits - 0x3f3504f3) >> 23;  // 0x3f3504f3 is sqrt(1/2)
+  const int32_t mantissa_bits = bits - (e << 23);
+  float m;
+  std::memcpy(&m, &mantissa_bits, sizeof(m));
+  const float t = (m - 1.0f) / (m + 1.0f);
+  const float t2 = t * t;
+  float p = 1.0f / 9.0f;
+  p = p * t2 + 1.0f / 7.0f;
+  p = p * t2 + 1.0f / 5.0f;
+  p = p * t2 + 1.0f / 3.0f;
+  p = p * t2 + 1.0f;
+  const float fe = static_cast<float>(e);
+  return fe * 0.693359375f + (fe * -2.12194440e-4f + 2.0f * t * p);
+}
+inline double fast_log(double s) { return std::log(s); }
+
+// Rows of at most kNarrowClasses logits take the transposed layout (see the note at the top);
+// wider rows are long enough to vectorise along, and transposing them would stride through memory.
+constexpr int64_t kNarrowClasses = 64;
+constexpr int64_t kWideScratch = 16384;  // elements of exp(x - max) a wide chunk keeps (64 KiB in float32)
+
+// Rows per chunk: kRows for narrow rows; for wide rows as many as fit in kWideScratch (at least one).
+// It depends on C only, so the chunking, and the order of every sum, is fixed for a given shape.
+inline int64_t rows_per_chunk(int64_t C) {
+  return C <= kNarrowClasses ? kRows : std::min(kRows, std::max<int64_t>(1, kWideScratch / C));
+}
+
+// Per-thread scratch for one chunk of n <= rows_per_chunk(C) rows of C logits.
 template <typename acc_t>
 struct ChunkScratch {
-  std::vector<acc_t> shift, e;  // [n * C]: the row max expanded per element, and exp(x - max)
-  std::vector<acc_t> row_max, log_sum, sum;  // [n]: lse = row_max + log_sum, kept apart (see row_log_prob)
-  explicit ChunkScratch(int64_t C)
-      : shift(kExamplesPerChunk * C),
-        e(kExamplesPerChunk * C),
-        row_max(kExamplesPerChunk),
-        log_sum(kExamplesPerChunk),
-        sum(kExamplesPerChunk) {}
+  bool narrow;
+  // exp(x - row max) of the chunk: [C][kRows] (narrow, one row per SIMD lane) or [rows][C] (wide).
+  std::vector<acc_t> e;
+  acc_t x_target[kRows], row_max[kRows], log_sum[kRows], sum[kRows];
+  explicit ChunkScratch(int64_t C) : narrow(C <= kNarrowClasses), e(C * (narrow ? kRows : rows_per_chunk(C))) {}
+  acc_t exp_at(int64_t r, int64_t c, int64_t C) const { return narrow ? e[c * kRows + r] : e[r * C + c]; }
 };
 
-// Log-sum-exp of n contiguous rows of C logits. The exponentials run as one flat loop over the
-// n * C elements (vectorised; a row of C = 10 is too short to vectorise along), and stay in
-// sc.e for the backward, which then needs no second exponential. `check` becomes NaN when a logit
-// is NaN or infinite (v * 0 is NaN exactly then).
+// Narrow rows: the chunk is transposed into sc.e, rows n..kRows-1 are padded with zeros so that every
+// loop runs the full kRows lanes at a fixed trip count (their results are never used).
 template <typename scalar_t, typename acc_t>
-inline void chunk_logsumexp(const scalar_t* __restrict x, int64_t n, int64_t C, ChunkScratch<acc_t>& sc,
-                            acc_t& check) {
-  acc_t* __restrict shift = sc.shift.data();
+inline void narrow_logsumexp(const scalar_t* __restrict x, int64_t n, int64_t C, ChunkScratch<acc_t>& sc,
+                             acc_t& check) {
   acc_t* __restrict e = sc.e.data();
   for (int64_t r = 0; r < n; ++r) {
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t v = static_cast<acc_t>(x[r * C + c]);
-      check += v * acc_t(0);
-      m = v > m ? v : m;
-    }
-    for (int64_t c = 0; c < C; ++c) shift[r * C + c] = m;
+    for (int64_t c = 0; c < C; ++c) e[c * kRows + r] = static_cast<acc_t>(x[r * C + c]);
   }
-  const int64_t total = n * C;
-  for (int64_t j = 0; j < total; ++j) e[j] = fast_exp(static_cast<acc_t>(x[j]) - shift[j]);
+  if (n < kRows) {
+    for (int64_t c = 0; c < C; ++c) std::fill(e + c * kRows + n, e + (c + 1) * kRows, acc_t(0));
+  }
+  // `lane_check` is per lane: one running scalar would be a serial floating-point sum, which the
+  // compiler may not reorder, and it would keep the whole loop scalar.
+  acc_t m[kRows], s[kRows], lane_check[kRows];
+  for (int64_t r = 0; r < kRows; ++r) {
+    m[r] = -std::numeric_limits<acc_t>::infinity();
+    lane_check[r] = 0;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* __restrict col = e + c * kRows;
+    for (int64_t r = 0; r < kRows; ++r) {
+      lane_check[r] += col[r] * acc_t(0);
+      m[r] = col[r] > m[r] ? col[r] : m[r];
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) check += lane_check[r];
+  for (int64_t r = 0; r < kRows; ++r) s[r] = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t* __restrict col = e + c * kRows;
+    for (int64_t r = 0; r < kRows; ++r) {
+      col[r] = fast_exp(col[r] - m[r]);
+      s[r] += col[r];
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    sc.row_max[r] = m[r];
+    sc.sum[r] = s[r];
+    sc.log_sum[r] = fast_log(s[r]);
+  }
+}
+
+// One wide row of C logits into e[0..C): max and sum of exponentials in kLanes running partials
+// (vectorised along the row; summed in a fixed order, so deterministic).
+template <typename scalar_t, typename acc_t>
+inline void wide_row_logsumexp(const scalar_t* __restrict x, int64_t C, acc_t* __restrict e, acc_t& row_max,
+                               acc_t& row_sum, acc_t& check) {
+  constexpr int64_t kLanes = 16;
+  const int64_t full = C - C % kLanes;
+  acc_t lane_max[kLanes], lane_sum[kLanes], lane_check[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    lane_max[l] = -std::numeric_limits<acc_t>::infinity();
+    lane_sum[l] = 0;
+    lane_check[l] = 0;
+  }
+  // Full blocks of kLanes at a fixed trip count (vectorised), then the tail in lanes 0..C-full-1.
+  for (int64_t c0 = 0; c0 < full; c0 += kLanes) {
+    const scalar_t* __restrict xb = x + c0;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const acc_t v = static_cast<acc_t>(xb[l]);
+      lane_check[l] += v * acc_t(0);
+      lane_max[l] = v > lane_max[l] ? v : lane_max[l];
+    }
+  }
+  for (int64_t c = full; c < C; ++c) {
+    const acc_t v = static_cast<acc_t>(x[c]);
+    lane_check[c - full] += v * acc_t(0);
+    lane_max[c - full] = v > lane_max[c - full] ? v : lane_max[c - full];
+  }
+  acc_t m = lane_max[0];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    m = lane_max[l] > m ? lane_max[l] : m;
+    check += lane_check[l];
+  }
+  for (int64_t c0 = 0; c0 < full; c0 += kLanes) {
+    const scalar_t* __restrict xb = x + c0;
+    acc_t* __restrict eb = e + c0;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      eb[l] = fast_exp(static_cast<acc_t>(xb[l]) - m);
+      lane_sum[l] += eb[l];
+    }
+  }
+  for (int64_t c = full; c < C; ++c) {
+    e[c] = fast_exp(static_cast<acc_t>(x[c]) - m);
+    lane_sum[c - full] += e[c];
+  }
+  acc_t s = 0;
+  for (int64_t l = 0; l < kLanes; ++l) s += lane_sum[l];
+  row_max = m;
+  row_sum = s;
+}
+
+// Log-sum-exp of n contiguous rows of C logits (n <= rows_per_chunk(C)): fills sc.e with
+// exp(x - row max) and sc.row_max, sum, log_sum, and x_target[r] = x[r, y_r]. `check` becomes NaN
+// when a logit is NaN or infinite (v * 0 is NaN exactly then).
+template <typename scalar_t, typename acc_t>
+inline void chunk_logsumexp(const scalar_t* __restrict x, const int64_t* __restrict y, int64_t n, int64_t C,
+                            ChunkScratch<acc_t>& sc, acc_t& check) {
+  for (int64_t r = 0; r < n; ++r) sc.x_target[r] = static_cast<acc_t>(x[r * C + y[r]]);
+  if (sc.narrow) {
+    narrow_logsumexp(x, n, C, sc, check);
+    return;
+  }
   for (int64_t r = 0; r < n; ++r) {
-    acc_t s = 0;
-    for (int64_t c = 0; c < C; ++c) s += e[r * C + c];
-    sc.sum[r] = s;
-    sc.row_max[r] = shift[r * C];
-    sc.log_sum[r] = std::log(s);
+    wide_row_logsumexp(x + r * C, C, sc.e.data() + r * C, sc.row_max[r], sc.sum[r], check);
+    sc.log_sum[r] = fast_log(sc.sum[r]);
   }
 }
 
@@ -90,8 +215,8 @@ inline void chunk_logsumexp(const scalar_t* __restrict x, int64_t n, int64_t C, 
 // lse = max + log(sum) first would lose ulp(max) / 2 absolute (5e-4 at |logits| ~ 1e4 in float32,
 // all of log(sum) when |max| dwarfs it), as torch.log_softmax does not.
 template <typename acc_t>
-inline acc_t row_log_prob(acc_t x_y, const ChunkScratch<acc_t>& sc, int64_t r) {
-  return (x_y - sc.row_max[r]) - sc.log_sum[r];
+inline acc_t row_log_prob(const ChunkScratch<acc_t>& sc, int64_t r) {
+  return (sc.x_target[r] - sc.row_max[r]) - sc.log_sum[r];
 }
 
 struct Checked {
@@ -144,22 +269,20 @@ at::Tensor depth_loglik_cpu(const at::Tensor& logits_in, const at::Tensor& targe
     const int64_t* y = c.targets.data_ptr<int64_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t B = c.batch, C = c.classes;
-    const int64_t num_chunks = (B + kExamplesPerChunk - 1) / kExamplesPerChunk;
+    const int64_t rows = rows_per_chunk(C);
+    const int64_t num_chunks = (B + rows - 1) / rows;
     at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       ChunkScratch<acc_t> sc(C);
       acc_t check = 0;
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        const int64_t b0 = chunk * kExamplesPerChunk;
-        const int64_t n = std::min(B, b0 + kExamplesPerChunk) - b0;
-        acc_t total[kExamplesPerChunk] = {};
+        const int64_t b0 = chunk * rows;
+        const int64_t n = std::min(B, b0 + rows) - b0;
+        acc_t total[kRows] = {};
         for (int64_t i = 0; i < c.depths; ++i) {
           const acc_t q = std::exp(static_cast<acc_t>(lq[i]));
           if (q == acc_t(0)) continue;  // a depth without mass: its logits are not read
-          const scalar_t* base = x + (i * B + b0) * C;
-          chunk_logsumexp(base, n, C, sc, check);
-          for (int64_t r = 0; r < n; ++r) {
-            total[r] += q * row_log_prob(static_cast<acc_t>(base[r * C + y[b0 + r]]), sc, r);
-          }
+          chunk_logsumexp(x + (i * B + b0) * C, y + b0, n, C, sc, check);
+          for (int64_t r = 0; r < n; ++r) total[r] += q * row_log_prob(sc, r);
         }
         for (int64_t r = 0; r < n; ++r) o[b0 + r] = static_cast<scalar_t>(total[r]);
       }
@@ -192,42 +315,44 @@ std::tuple<at::Tensor, at::Tensor> depth_loglik_backward_cpu(const at::Tensor& g
     const int64_t* y = c.targets.data_ptr<int64_t>();
     scalar_t* gx = grad_logits.data_ptr<scalar_t>();
     const int64_t B = c.batch, C = c.classes, D1 = c.depths;
-    const int64_t num_chunks = (B + kExamplesPerChunk - 1) / kExamplesPerChunk;
+    const int64_t rows = rows_per_chunk(C);
+    const int64_t num_chunks = (B + rows - 1) / rows;
     std::vector<acc_t> q(D1);
     for (int64_t i = 0; i < D1; ++i) q[i] = std::exp(static_cast<acc_t>(lq[i]));
     // partial[chunk][i] = sum over the chunk's examples of g_b * log p_i(y_b)
     std::vector<acc_t> partial(num_chunks * D1, acc_t(0));
     at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       ChunkScratch<acc_t> sc(C);
-      std::vector<acc_t> grad_buf(kExamplesPerChunk * C);
       acc_t check = 0;  // the forward already rejected non-finite logits
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        const int64_t b0 = chunk * kExamplesPerChunk;
-        const int64_t n = std::min(B, b0 + kExamplesPerChunk) - b0;
+        const int64_t b0 = chunk * rows;
+        const int64_t n = std::min(B, b0 + rows) - b0;
         acc_t* part = partial.data() + chunk * D1;
         for (int64_t i = 0; i < D1; ++i) {
-          scalar_t* gbase = gx + (i * B + b0) * C;
+          scalar_t* __restrict gbase = gx + (i * B + b0) * C;
           if (q[i] == acc_t(0)) {
             std::fill(gbase, gbase + n * C, scalar_t(0));
             continue;
           }
-          const scalar_t* base = x + (i * B + b0) * C;
-          chunk_logsumexp(base, n, C, sc, check);
-          // grad[r, c] = g_r q_i (1[c = y_r] - e[r, c] / sum_r): reuse sc.shift as the per-element
-          // coefficient -g_r q_i / sum_r, then one flat vectorised multiply.
-          acc_t* __restrict coef = sc.shift.data();
+          chunk_logsumexp(x + (i * B + b0) * C, y + b0, n, C, sc, check);
+          // grad[r, c] = g_r q_i (1[c = y_r] - e[c][r] / sum_r) = coef_r e[c][r] (+ g_r q_i at c = y_r)
+          acc_t coef[kRows];
           for (int64_t r = 0; r < n; ++r) {
             const acc_t gb = static_cast<acc_t>(gp[b0 + r]);
-            const acc_t v = -gb * q[i] / sc.sum[r];
-            for (int64_t cc = 0; cc < C; ++cc) coef[r * C + cc] = v;
-            part[i] += gb * row_log_prob(static_cast<acc_t>(base[r * C + y[b0 + r]]), sc, r);
+            coef[r] = -gb * q[i] / sc.sum[r];
+            part[i] += gb * row_log_prob(sc, r);
           }
-          acc_t* __restrict buf = grad_buf.data();
           const acc_t* __restrict e = sc.e.data();
-          const int64_t total = n * C;
-          for (int64_t j = 0; j < total; ++j) buf[j] = coef[j] * e[j];
-          for (int64_t r = 0; r < n; ++r) buf[r * C + y[b0 + r]] += static_cast<acc_t>(gp[b0 + r]) * q[i];
-          for (int64_t j = 0; j < total; ++j) gbase[j] = static_cast<scalar_t>(buf[j]);
+          for (int64_t r = 0; r < n; ++r) {
+            scalar_t* __restrict grow = gbase + r * C;
+            if (sc.narrow) {
+              for (int64_t cc = 0; cc < C; ++cc) grow[cc] = static_cast<scalar_t>(coef[r] * e[cc * kRows + r]);
+            } else {
+              for (int64_t cc = 0; cc < C; ++cc) grow[cc] = static_cast<scalar_t>(coef[r] * e[r * C + cc]);
+            }
+            const int64_t t = y[b0 + r];
+            grow[t] = static_cast<scalar_t>(coef[r] * sc.exp_at(r, t, C) + static_cast<acc_t>(gp[b0 + r]) * q[i]);
+          }
         }
       }
     });

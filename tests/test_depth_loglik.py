@@ -87,8 +87,20 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, kind: str
 # The sample generator
 # ---------------------------------------------------------------------------------------------
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# (D+1, B, C). (4, 130, 5): three chunks of <= 64 examples, the last one partial.
-SHAPES = ((1, 1, 1), (2, 7, 3), (21, 123, 10), (51, 1, 10), (6, 5, 17), (4, 130, 5))
+# (D+1, B, C). (4, 130, 5): three chunks of <= 64 examples, the last one partial. C <= 64 takes the
+# kernel's transposed (narrow) layout, wider rows the row-wise one: (3, 70, 65) ends its rows with a
+# tail of one class after four 16-lane blocks; (2, 37, 1000) runs 16 rows per chunk, the last partial.
+SHAPES = (
+    (1, 1, 1),
+    (2, 7, 3),
+    (21, 123, 10),
+    (51, 1, 10),
+    (6, 5, 17),
+    (4, 130, 5),
+    (3, 70, 64),
+    (3, 70, 65),
+    (2, 37, 1000),
+)
 LOG_Q_KINDS = (
     "posterior",  # log_softmax of N(0, 1) logits: every depth has mass
     "zero_mass",  # the same with one depth at -inf (q = 0); with D+1 = 1 no depth has mass
@@ -129,7 +141,7 @@ class Case:
 
 
 def sample_inputs() -> list[Case]:
-    """Every dtype x shape (24 cases). The log_q kind, which inputs need a gradient and the layout
+    """Every dtype x shape (36 cases). The log_q kind, which inputs need a gradient and the layout
     of the logits vary with the indices of the dtype and shape (a Latin-square-like design), so each
     dtype meets every variant and every shape meets every layout."""
     cases = []
@@ -612,6 +624,16 @@ BAD_CALLS = {
         lambda: _f(_with(_x(b=130), (1, 129, 2), _NAN), _t(130), _lq()),
         ValueError,
         r"logits contains NaN",
+    ),
+    "nan_logits_wide_tail": (  # C = 70: a wide row (not transposed); class 66 is in the 16-lane tail
+        lambda: _f(_with(_x(c=70), (2, 3, 66), _NAN), _t(), _lq()),
+        ValueError,
+        r"logits contains NaN",
+    ),
+    "inf_logits_wide_block": (
+        lambda: _f(_with(_x(c=70), (0, 1, 17), _INF), _t(), _lq()),
+        ValueError,
+        r"logits contains NaN or inf",
     ),
     "op_nan_logits": (
         lambda: _op(_with(_x(), (1, 2, 0), _NAN), _t(), _lq()),
