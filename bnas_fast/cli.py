@@ -3,6 +3,7 @@
     bnas-fast bench [--quick] [--filter TEXT] [--malloc default|no-mmap|both] [--json FILE]
     bnas-fast info
     bnas-fast run ldn [--seeds 0 1 2] [--max-depth D] [--out DIR] [--quick] ...   (run ldn --help)
+    bnas-fast report ldn DIR [--json FILE]
 
 ``bench`` runs the benchmark suite (every case of bnas_fast.bench) with 2 threads and prints a
 table: medians of the eager reference, torch.compile of the reference and bnas_fast, the speed-ups,
@@ -134,6 +135,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_ldn = methods.add_parser("ldn", help="learnt-depth networks (seed 000): spirals or images")
     ldn.add_arguments(run_ldn)
     run_ldn.set_defaults(func=ldn.main)
+
+    report = sub.add_parser("report", help="tabulate a method's runs (see `report ldn --help`)")
+    reports = report.add_subparsers(dest="method", metavar="method", required=True)
+    report_ldn = reports.add_parser(
+        "ldn", help="learnt-depth runs under a directory, grouped by dataset and D, as a markdown table"
+    )
+    report_ldn.add_argument("root", help="the --out directory of `bnas-fast run ldn`")
+    report_ldn.add_argument("--json", default="", help="also write the table's data to this JSON file")
+    report_ldn.set_defaults(func=ldn.report_main)
 
     args = parser.parse_args(argv)
     return args.func(args)

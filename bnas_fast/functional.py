@@ -1,7 +1,8 @@
 """Public functional API: every op of bnas_fast as a plain function (also importable from bnas_fast)."""
 
+from bnas_fast.ops.arch_batch_norm import arch_batch_norm, channel_affine
 from bnas_fast.ops.depth_loglik import depth_loglik
 from bnas_fast.ops.mix import mix, mix_sparse
 from bnas_fast.sampling import arch_weights
 
-__all__ = ["mix", "mix_sparse", "arch_weights", "depth_loglik"]
+__all__ = ["mix", "mix_sparse", "arch_weights", "depth_loglik", "arch_batch_norm", "channel_affine"]

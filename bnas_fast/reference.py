@@ -30,6 +30,11 @@ __all__ = [
     "arch_weights",
     "depth_loglik",
     "depth_loglik_backward",
+    "arch_batch_norm",
+    "arch_batch_norm_backward",
+    "arch_batch_norm_eval",
+    "channel_affine",
+    "channel_affine_backward",
 ]
 
 
@@ -207,3 +212,127 @@ def depth_loglik_backward(
     picked = (lsm * onehot).sum(2)  # [D+1, B]
     grad_log_q = q * (picked * g.view(1, -1)).sum(1)
     return grad_logits.to(logits.dtype), grad_log_q.to(log_q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# arch_batch_norm: batch norm whose affine parameters depend on each example's architecture (NSA)
+# ----------------------------------------------------------------------------------------------
+
+
+def _group_view(t: Tensor, group_size: int) -> Tensor:
+    """[B, C, L] -> [G, g, C, L] with g = group_size examples per statistics group (B = G g)."""
+    return t.reshape(t.shape[0] // group_size, group_size, t.shape[1], t.shape[2])
+
+
+def arch_batch_norm(
+    x: Tensor, arch: Tensor, weight: Tensor, bias: Tensor, group_size: int, eps: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode architecture-conditional batch norm (NSA-id, seed 002; ghost batches, seed 004).
+
+    Examples are split into G = B / group_size consecutive groups (group_size = B: one group, the
+    whole batch, every architecture together). For group k, channel c, over its N = group_size * L
+    values (L = prod of the spatial sizes):
+
+        mean[k, c]   = sum x / N
+        invstd[k, c] = 1 / sqrt(var[k, c] + eps),   var = biased variance (divide by N)
+        y[b, c, l]   = (x[b, c, l] - mean[k(b), c]) * invstd[k(b), c] * weight[arch[b], c] + bias[arch[b], c]
+
+    Also returns the per-example statistics that running averages are made of (the running-stat
+    update itself is not part of the op): row_mean[b, c] = mean of x[b, c, :] over its L values and
+    row_m2[b, c] = sum over l of (x[b, c, l] - row_mean[b, c])^2.
+
+    Args:
+        x: [B, C, *] (any number of spatial dims, including none).
+        arch: [B] int64 in [0, S).
+        weight, bias: [S, C], the dtype of x.
+        group_size: examples per statistics group; divides B.
+        eps: added to the variance.
+
+    Returns:
+        y [B, C, *] in x's dtype; mean, invstd [G, C] and row_mean, row_m2 [B, C] in the
+        accumulation dtype (float32 for bfloat16/float16 inputs).
+    """
+    acc = _accumulation_dtype(x.dtype)
+    B, C = x.shape[0], x.shape[1]
+    xr = x.reshape(B, C, -1).to(acc)  # [B, C, L]
+    row_mean = xr.mean(2)
+    row_m2 = ((xr - row_mean.unsqueeze(2)) ** 2).sum(2)
+    xg = _group_view(xr, group_size)  # [G, g, C, L]
+    mean = xg.mean(dim=(1, 3))  # [G, C]
+    var = xg.var(dim=(1, 3), unbiased=False)
+    invstd = torch.rsqrt(var + eps)
+    xhat = (xg - mean[:, None, :, None]) * invstd[:, None, :, None]
+    scale = weight.to(acc)[arch].view(B, C, 1)
+    shift = bias.to(acc)[arch].view(B, C, 1)
+    y = xhat.reshape(B, C, -1) * scale + shift
+    return y.reshape(x.shape).to(x.dtype), mean, invstd, row_mean, row_m2
+
+
+def arch_batch_norm_backward(
+    grad_y: Tensor, x: Tensor, arch: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, group_size: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`arch_batch_norm`'s y to x, weight and bias.
+
+    With xhat = (x - mean) invstd, dxhat = grad_y * weight[arch[b], c], and means over a group's N values:
+
+        grad_x[b, c, l]  = invstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        grad_weight[s, c] = sum over examples b with arch[b] = s, and over l, of grad_y * xhat
+        grad_bias[s, c]   = sum over the same of grad_y
+
+    Shapes: grad_y and x [B, C, *]; mean, invstd [G, C]; returns [B, C, *], [S, C], [S, C].
+    """
+    acc = _accumulation_dtype(x.dtype)
+    B, C = x.shape[0], x.shape[1]
+    S = weight.shape[0]
+    xg = _group_view(x.reshape(B, C, -1).to(acc), group_size)
+    gg = _group_view(grad_y.reshape(B, C, -1).to(acc), group_size)
+    xhat = (xg - mean[:, None, :, None]) * invstd[:, None, :, None]
+    w = _group_view(weight.to(acc)[arch].view(B, C, 1), group_size)  # [G, g, C, 1]
+    dxhat = gg * w
+    grad_x = invstd[:, None, :, None] * (
+        dxhat - dxhat.mean(dim=(1, 3), keepdim=True) - xhat * (dxhat * xhat).mean(dim=(1, 3), keepdim=True)
+    )
+    per_example_w = (gg * xhat).sum(3).reshape(B, C)
+    per_example_b = gg.sum(3).reshape(B, C)
+    grad_weight = torch.zeros(S, C, dtype=acc, device=x.device).index_add_(0, arch, per_example_w)
+    grad_bias = torch.zeros(S, C, dtype=acc, device=x.device).index_add_(0, arch, per_example_b)
+    return grad_x.reshape(x.shape).to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+def arch_batch_norm_eval(
+    x: Tensor, arch: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor, eps: float
+) -> Tensor:
+    """Eval-mode architecture-conditional batch norm with running statistics, shared ([C]) or per
+    architecture ([S, C], row arch[b] for example b):
+
+        y[b, c, l] = (x[b, c, l] - rm[b, c]) / sqrt(rv[b, c] + eps) * weight[arch[b], c] + bias[arch[b], c]
+    """
+    acc = _accumulation_dtype(x.dtype)
+    B, C = x.shape[0], x.shape[1]
+    rm = (running_mean[arch] if running_mean.dim() == 2 else running_mean.expand(B, C)).to(acc)
+    rv = (running_var[arch] if running_var.dim() == 2 else running_var.expand(B, C)).to(acc)
+    scale = torch.rsqrt(rv + eps) * weight.to(acc)[arch]
+    shift = bias.to(acc)[arch] - rm * scale
+    y = x.reshape(B, C, -1).to(acc) * scale.unsqueeze(2) + shift.unsqueeze(2)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """y[b, c, l] = x[b, c, l] * scale[b, c] + shift[b, c]: one affine map per (example, channel).
+
+    The eval mode of :func:`arch_batch_norm_eval` as an op: scale and shift ([B, C], accumulation
+    dtype) come from the running statistics and the gathered affine parameters. x is [B, C, *].
+    """
+    acc = _accumulation_dtype(x.dtype)
+    B, C = x.shape[0], x.shape[1]
+    y = x.reshape(B, C, -1).to(acc) * scale.unsqueeze(2) + shift.unsqueeze(2)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def channel_affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """grad_x = grad_y * scale[b, c]; grad_scale[b, c] = sum_l grad_y x; grad_shift[b, c] = sum_l grad_y."""
+    acc = _accumulation_dtype(x.dtype)
+    B, C = x.shape[0], x.shape[1]
+    g = grad_y.reshape(B, C, -1).to(acc)
+    grad_x = (g * scale.unsqueeze(2)).reshape(x.shape).to(x.dtype)
+    return grad_x, (g * x.reshape(B, C, -1).to(acc)).sum(2), g.sum(2)

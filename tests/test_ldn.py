@@ -513,3 +513,47 @@ def test_cli_run_ldn_several_seeds(tmp_path, capsys):
     with open(tmp_path / "summary_spirals_D2.json") as fh:
         summary = json.load(fh)
     assert summary["seeds"] == [0, 1] and summary["ldn_pruned_95_test_ll"]["n"] == 2
+
+
+def test_report_groups_by_depth_and_reuses_baselines(tmp_path, capsys):
+    """Two seeds at D = 3 with baselines at depths 1 and 3, and the same seeds at D = 2 without
+    baselines: the D = 2 rows reuse the depth-1 baselines (trained with the same settings), never the
+    depth-3 ones, and the summary statistics are the ones computed by hand."""
+    runs = []
+    for seed in (7, 8):
+        runs.append(ldn.run(_tiny_config(tmp_path / f"spirals_D3_seed{seed}", seed=seed, plots=False)))
+        runs.append(
+            ldn.run(_tiny_config(tmp_path / f"spirals_D2_seed{seed}", seed=seed, max_depth=2, det_depths="none", plots=False))
+        )
+    loaded = ldn.load_runs(str(tmp_path))
+    assert len(loaded) == 4
+    result = ldn.report(loaded)
+    by_d = {g["max_depth"]: g for g in result["groups"]}
+    assert set(by_d) == {2, 3}
+    d3 = [r for r in runs if r["config"]["max_depth"] == 3]
+    d2 = [r for r in runs if r["config"]["max_depth"] == 2]
+    assert by_d[2]["baseline_depths"] == [1] and by_d[3]["baseline_depths"] == [1, 3]
+    # median depth of 1..2 is 1.5 -> the shallower of the nearest trained depths; of 1..3 it is 2 -> 1 or 3 tie -> 1
+    assert by_d[2]["median_depth"] == 1 and by_d[3]["median_depth"] == 1
+    depth1 = [next(b["test_ll"] for b in r["ddn"] if b["depth"] == 1) for r in d3]
+    assert by_d[2]["median_test_ll"]["mean"] == pytest.approx(sum(depth1) / 2)
+    pruned = [r["ldn"]["pruned_95"]["test_ll"] for r in d2]
+    mean = sum(pruned) / 2
+    se = abs(pruned[0] - pruned[1]) / 2  # stdev of two values / sqrt(2)
+    assert by_d[2]["pruned_test_ll"]["mean"] == pytest.approx(mean)
+    assert by_d[2]["pruned_test_ll"]["se"] == pytest.approx(se)
+    assert by_d[2]["beats_median"] == (mean >= sum(depth1) / 2)
+    best3 = max((1, 3), key=lambda d: sum(next(b["test_ll"] for b in r["ddn"] if b["depth"] == d) for r in d3))
+    assert by_d[3]["best_depth"] == best3
+    assert by_d[3]["d_opt_95"] == [r["d_opt"]["95"] for r in d3]
+    assert result["markdown"].count("\n| spirals |") == 2
+
+    from bnas_fast.cli import main
+
+    assert main(["report", "ldn", str(tmp_path), "--json", str(tmp_path / "table.json")]) == 0
+    assert "| spirals | 2 | 7 / 8 |" in capsys.readouterr().out
+    with open(tmp_path / "table.json") as fh:
+        assert [g["max_depth"] for g in json.load(fh)] == [2, 3]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        ldn.load_runs(str(tmp_path / "empty"))

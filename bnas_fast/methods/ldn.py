@@ -63,7 +63,7 @@ from bnas_fast.nn.depth import (
     resnet,
 )
 
-__all__ = ["LDNConfig", "run", "summarize", "parse_det_depths", "add_arguments", "main"]
+__all__ = ["LDNConfig", "run", "summarize", "load_runs", "report", "parse_det_depths", "add_arguments", "main"]
 
 DATASETS = ("spirals", "digits", "fashion")
 
@@ -714,6 +714,162 @@ def summarize(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
                 per_depth.setdefault(row["depth"], []).append(row["test_ll"])
         out["ddn_test_ll_by_depth"] = {str(d): _mean_se(v) for d, v in sorted(per_depth.items())}
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the study: runs at several D and seeds, in one table
+# ----------------------------------------------------------------------------------------------
+
+# Settings that decide how a baseline is trained: two runs that agree on these (and on the seed)
+# train identical baselines at a given depth, whatever their D.
+_BASELINE_KEYS = (
+    "dataset", "seed", "width", "lr", "momentum", "batch_size", "patience", "max_epochs", "lr_drop_epoch",
+    "lr_drop_to", "n_train", "n_test", "rotation", "noise", "threads",
+)
+
+
+def load_runs(root: str) -> List[Dict[str, Any]]:
+    """Every ``results.json`` one level below ``root`` (the layout ``bnas-fast run ldn --out root`` writes)."""
+    runs = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "results.json")
+        if os.path.isfile(path):
+            with open(path) as fh:
+                runs.append(json.load(fh))
+    if not runs:
+        raise FileNotFoundError(f"ldn.load_runs: no */results.json under {root!r}")
+    return runs
+
+
+def _baselines_for(run: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The run's own baselines of depth <= D, completed with those of any run trained with the same
+    baseline settings (``_BASELINE_KEYS``): baselines do not depend on D, so a study trains them once,
+    in its deepest run, and the shallower runs reuse them (``--det-depths none``)."""
+    D = run["config"]["max_depth"]
+    key = tuple(run["config"].get(k) for k in _BASELINE_KEYS)
+    by_depth = {r["depth"]: r for r in run["ddn"] if r["depth"] <= D}
+    for other in runs:
+        if tuple(other["config"].get(k) for k in _BASELINE_KEYS) == key:
+            for r in other["ddn"]:
+                if r["depth"] <= D:
+                    by_depth.setdefault(r["depth"], r)
+    return [by_depth[d] for d in sorted(by_depth)]
+
+
+def report(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Group runs by (dataset, D) and compare, over seeds, the pruned LDN with the baselines.
+
+    Per group: d_opt of each seed (95% rule and expected depth); mean ± standard error over seeds of
+    the pruned LDN's test log-likelihood, accuracy and ECE and of the full marginal's ECE; the best
+    baseline (the depth with the best mean test log-likelihood over seeds, and separately the best
+    mean accuracy); the median-depth baseline (the trained depth nearest (1 + D) / 2); the deepest
+    baseline's ECE; each seed's pruning speed-up; and the two checks of the issue:
+    ``beats_median`` (pruned mean >= median-depth mean) and ``within_se_of_best`` (pruned mean >= best
+    mean - the larger of the two standard errors). Returns ``{"groups": [...], "markdown": str}``.
+    """
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["config"]["dataset"], r["config"]["max_depth"]), []).append(r)
+    rows = []
+    for (dataset, D), members in sorted(groups.items()):
+        members = sorted(members, key=lambda r: r["config"]["seed"])
+        row: Dict[str, Any] = {
+            "dataset": dataset,
+            "max_depth": D,
+            "seeds": [r["config"]["seed"] for r in members],
+            "d_opt_95": [r["d_opt"]["95"] for r in members],
+            "d_opt_expected": [r["d_opt"]["expected"] for r in members],
+            "stopped_early": [r["training"]["stopped_early"] for r in members],
+            "pruned_test_ll": _mean_se(r["ldn"]["pruned_95"]["test_ll"] for r in members),
+            "pruned_accuracy": _mean_se(r["ldn"]["pruned_95"]["accuracy"] for r in members),
+            "pruned_ece": _mean_se(r["ldn"]["pruned_95"]["ece"] for r in members),
+            "full_ece": _mean_se(r["ldn"]["full"]["ece"] for r in members),
+            "speedup": [r["timing"]["speedup"] for r in members],
+        }
+        baselines = [_baselines_for(r, runs) for r in members]
+        common = sorted(set.intersection(*({b["depth"] for b in bl} for bl in baselines)))
+        if common:
+            def over_seeds(depth: int, metric: str) -> Dict[str, float]:
+                return _mean_se(next(b[metric] for b in bl if b["depth"] == depth) for bl in baselines)
+
+            best = max(common, key=lambda d: over_seeds(d, "test_ll")["mean"])
+            best_acc = max(common, key=lambda d: over_seeds(d, "accuracy")["mean"])
+            median = min(common, key=lambda d: (abs(d - (1 + D) / 2), d))
+            row.update(
+                baseline_depths=common,
+                baseline_stopped_early=sum(
+                    b["training"]["stopped_early"] for bl in baselines for b in bl if b["depth"] in common
+                ),
+                best_depth=best,
+                best_test_ll=over_seeds(best, "test_ll"),
+                best_accuracy_depth=best_acc,
+                best_accuracy=over_seeds(best_acc, "accuracy"),
+                median_depth=median,
+                median_test_ll=over_seeds(median, "test_ll"),
+                deepest_depth=common[-1],
+                deepest_ece=over_seeds(common[-1], "ece"),
+            )
+            pruned, best_ll = row["pruned_test_ll"], row["best_test_ll"]
+            tolerance = max(v for v in (pruned["se"], best_ll["se"]) if not math.isnan(v)) if len(members) > 1 else 0.0
+            row["beats_median"] = pruned["mean"] >= row["median_test_ll"]["mean"]
+            row["within_se_of_best"] = pruned["mean"] >= best_ll["mean"] - tolerance
+        rows.append(row)
+    return {"groups": rows, "markdown": _report_markdown(rows)}
+
+
+def _report_markdown(rows: Sequence[Dict[str, Any]]) -> str:
+    def pm(v: Dict[str, float], digits: int = 3) -> str:
+        return f"{v['mean']:.{digits}f}" + ("" if math.isnan(v["se"]) else f" ± {v['se']:.{digits}f}")
+
+    def slash(values, fmt="{}") -> str:
+        return " / ".join(fmt.format(v) for v in values)
+
+    lines = [
+        "| data | D | seeds | d_opt 95% | d_opt E[d] | pruned test LL | median-depth baseline (d) "
+        "| best baseline (d) | >= median | within 1 SE of best | pruned acc | best baseline acc (d) "
+        "| ECE pruned / full / deepest baseline | pruning speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "best_depth" in r:
+            baseline_cells = [
+                f"{pm(r['median_test_ll'])} ({r['median_depth']})",
+                f"{pm(r['best_test_ll'])} ({r['best_depth']})",
+                "yes" if r["beats_median"] else "no",
+                "yes" if r["within_se_of_best"] else "no",
+            ]
+            acc = f"{pm(r['best_accuracy'], 4)} ({r['best_accuracy_depth']})"
+            deepest = f"{r['deepest_ece']['mean']:.4f}"
+        else:
+            baseline_cells, acc, deepest = ["-"] * 4, "-", "-"
+        lines.append(
+            "| " + " | ".join(
+                [
+                    r["dataset"],
+                    str(r["max_depth"]),
+                    slash(r["seeds"]),
+                    slash(r["d_opt_95"]),
+                    slash(r["d_opt_expected"]),
+                    pm(r["pruned_test_ll"]),
+                    *baseline_cells,
+                    pm(r["pruned_accuracy"], 4),
+                    acc,
+                    f"{r['pruned_ece']['mean']:.4f} / {r['full_ece']['mean']:.4f} / {deepest}",
+                    slash(r["speedup"], "{:.1f}x"),
+                ]
+            ) + " |"
+        )
+    return "\n".join(lines)
+
+
+def report_main(args: argparse.Namespace) -> int:
+    """``bnas-fast report ldn DIR``: print the study table of every run under DIR (and save it as JSON)."""
+    result = report(load_runs(args.root))
+    print(result["markdown"])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result["groups"], fh, indent=2)
+    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 """Registered ops: schema, fake kernel, autograd and backend registration, one file per op."""
 
+from bnas_fast.ops.arch_batch_norm import arch_batch_norm, channel_affine
 from bnas_fast.ops.depth_loglik import depth_loglik
 from bnas_fast.ops.mix import mix, mix_sparse
 
-__all__ = ["mix", "mix_sparse", "depth_loglik"]
+__all__ = ["mix", "mix_sparse", "depth_loglik", "arch_batch_norm", "channel_affine"]

@@ -1,0 +1,365 @@
+"""Architecture-conditional batch norm: ``torch.ops.bnas_fast.arch_batch_norm`` and ``channel_affine``.
+
+Networks with stochastic architectures (seed 002) run a different architecture per example and give
+each architecture its own BatchNorm affine parameters, while the batch statistics are taken over the
+whole batch (every architecture together, as NSA-i needs) or, optionally, over groups of examples
+(the ghost batches of seed 004, section 3.2). In training mode, for group k and channel c,
+
+    y[b, c, :] = (x[b, c, :] - mean[k(b), c]) / sqrt(var[k(b), c] + eps) * weight[arch[b], c] + bias[arch[b], c]
+
+Two ops:
+
+* ``arch_batch_norm(x, arch, weight, bias, group_size, eps) -> (y, mean, invstd, row_mean, row_m2)``:
+  training mode, fused forward (two passes over x) and backward (two passes over grad_y and x), the
+  statistics of every (example, channel) returned so that running averages (shared or per
+  architecture) cost no extra pass over x;
+* ``channel_affine(x, scale, shift) -> y``: y[b, c, :] = x[b, c, :] scale[b, c] + shift[b, c], the eval
+  mode once the running statistics and affine parameters are folded into [B, C] tensors (autograd
+  carries gradients through that folding to weight and bias).
+
+:func:`arch_batch_norm` below is the public function, with the semantics of
+``torch.nn.functional.batch_norm`` (running statistics updated in place in training mode).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bnas_fast import _backend, _checks, reference
+from bnas_fast.ops._library import LIB
+
+__all__ = ["arch_batch_norm", "channel_affine"]
+
+LIB.define(
+    "arch_batch_norm(Tensor x, Tensor arch, Tensor weight, Tensor bias, int group_size, float eps)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "arch_batch_norm_backward(Tensor grad_y, Tensor x, Tensor arch, Tensor weight, Tensor mean, Tensor invstd,"
+    " int group_size) -> (Tensor, Tensor, Tensor)"
+)
+LIB.define("channel_affine(Tensor x, Tensor scale, Tensor shift) -> Tensor")
+LIB.define("channel_affine_backward(Tensor grad_y, Tensor x, Tensor scale) -> (Tensor, Tensor, Tensor)")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@torch.library.register_fake("bnas_fast::arch_batch_norm")
+def _arch_batch_norm_fake(x, arch, weight, bias, group_size, eps):
+    B, C = x.shape[0], x.shape[1]
+    acc = _acc_dtype(x.dtype)
+    G = B // group_size
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((G, C), dtype=acc),
+        x.new_empty((G, C), dtype=acc),
+        x.new_empty((B, C), dtype=acc),
+        x.new_empty((B, C), dtype=acc),
+    )
+
+
+@torch.library.register_fake("bnas_fast::arch_batch_norm_backward")
+def _arch_batch_norm_backward_fake(grad_y, x, arch, weight, mean, invstd, group_size):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
+
+
+@torch.library.register_fake("bnas_fast::channel_affine")
+def _channel_affine_fake(x, scale, shift):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("bnas_fast::channel_affine_backward")
+def _channel_affine_backward_fake(grad_y, x, scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale), torch.empty_like(scale)
+
+
+def _bn_setup_context(ctx, inputs, output):
+    x, arch, weight, bias, group_size, eps = inputs
+    y, mean, invstd, row_mean, row_m2 = output
+    ctx.mark_non_differentiable(mean, invstd, row_mean, row_m2)
+    ctx.save_for_backward(x, arch, weight, mean, invstd)
+    ctx.group_size = group_size
+
+
+def _bn_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_row_mean, _grad_row_m2):
+    x, arch, weight, mean, invstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = torch.ops.bnas_fast.arch_batch_norm_backward(
+        grad_y, x, arch, weight, mean, invstd, ctx.group_size
+    )
+    return (
+        grad_x if ctx.needs_input_grad[0] else None,
+        None,
+        grad_weight if ctx.needs_input_grad[2] else None,
+        grad_bias if ctx.needs_input_grad[3] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("bnas_fast::arch_batch_norm", _bn_backward, setup_context=_bn_setup_context)
+
+
+def _affine_setup_context(ctx, inputs, output):
+    x, scale, shift = inputs
+    ctx.save_for_backward(x, scale)
+
+
+def _affine_backward(ctx, grad_y):
+    x, scale = ctx.saved_tensors
+    grad_x, grad_scale, grad_shift = torch.ops.bnas_fast.channel_affine_backward(grad_y, x, scale)
+    return (
+        grad_x if ctx.needs_input_grad[0] else None,
+        grad_scale if ctx.needs_input_grad[1] else None,
+        grad_shift if ctx.needs_input_grad[2] else None,
+    )
+
+
+torch.library.register_autograd("bnas_fast::channel_affine", _affine_backward, setup_context=_affine_setup_context)
+
+
+def _reference_bn(x, arch, weight, bias, group_size, eps):
+    _checks.check_index_range("arch", arch, weight.shape[0], "arch_batch_norm", what="S architectures")
+    return reference.arch_batch_norm(x, arch, weight, bias, group_size, eps)
+
+
+def _triton_bn(x, arch, weight, bias, group_size, eps):
+    from bnas_fast.triton import arch_batch_norm as triton_bn
+
+    _checks.check_index_range("arch", arch, weight.shape[0], "arch_batch_norm", what="S architectures")
+    return triton_bn.arch_batch_norm(x, arch, weight, bias, group_size, eps)
+
+
+def _triton_bn_backward(grad_y, x, arch, weight, mean, invstd, group_size):
+    from bnas_fast.triton import arch_batch_norm as triton_bn
+
+    return triton_bn.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, group_size)
+
+
+def _triton_affine(x, scale, shift):
+    from bnas_fast.triton import arch_batch_norm as triton_bn
+
+    return triton_bn.channel_affine(x, scale, shift)
+
+
+def _triton_affine_backward(grad_y, x, scale):
+    from bnas_fast.triton import arch_batch_norm as triton_bn
+
+    return triton_bn.channel_affine_backward(grad_y, x, scale)
+
+
+_KERNELS = {
+    "reference": {
+        "arch_batch_norm": _reference_bn,
+        "arch_batch_norm_backward": reference.arch_batch_norm_backward,
+        "channel_affine": reference.channel_affine,
+        "channel_affine_backward": reference.channel_affine_backward,
+    },
+    "triton": {
+        "arch_batch_norm": _triton_bn,
+        "arch_batch_norm_backward": _triton_bn_backward,
+        "channel_affine": _triton_affine,
+        "channel_affine_backward": _triton_affine_backward,
+    },
+}
+for _device, _backend_name in _backend.backends().items():
+    if _backend_name in _KERNELS:  # "cpp" registered itself from C++
+        for _name, _fn in _KERNELS[_backend_name].items():
+            LIB.impl(_name, _fn, _device.upper())
+
+
+# ----------------------------------------------------------------------------------------------
+# the public function
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_running(name: str, value: Optional[Tensor], S: int, C: int, x: Tensor, op: str) -> None:
+    if value is None:
+        return
+    _checks.check_tensor(name, value, op)
+    _checks.check_floating(name, value, op)
+    _checks.check_same_device(name, value, "x", x, op)
+    if tuple(value.shape) not in ((C,), (S, C)):
+        raise ValueError(
+            f"{op}: {name} must be [C] = [{C}] (shared) or [S, C] = [{S}, {C}] (per architecture), "
+            f"got {tuple(value.shape)}"
+        )
+
+
+@torch.no_grad()
+def _update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    arch: Tensor,
+    row_mean: Tensor,
+    row_m2: Tensor,
+    L: int,
+    momentum: float,
+    arch_momentum: Optional[Tensor],
+) -> None:
+    """running = (1 - momentum) running + momentum batch statistic, the variance unbiased (as
+    torch.nn.BatchNorm). Shared ([C]): over the whole batch. Per architecture ([S, C]): row s from the
+    examples with arch = s only; architectures absent from the batch (or with a single value per
+    channel) keep their statistics. ``arch_momentum`` [S] overrides the momentum per architecture
+    (the cumulative average: 1 / number of batches that architecture has been seen in)."""
+    B = row_mean.shape[0]
+    if running_mean.dim() == 1:
+        mean = row_mean.mean(0)
+        m2 = row_m2.sum(0) + L * ((row_mean - mean) ** 2).sum(0)
+        var = m2 / (B * L - 1)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(var.to(running_var.dtype), momentum)
+        return
+    S, C = running_mean.shape
+    count = torch.bincount(arch, minlength=S).to(row_mean.dtype)  # examples per architecture
+    present = count * L >= 2
+    safe = count.clamp(min=1).unsqueeze(1)
+    mean = torch.zeros(S, C, dtype=row_mean.dtype, device=row_mean.device).index_add_(0, arch, row_mean) / safe
+    spread = L * (row_mean - mean[arch]) ** 2
+    m2 = torch.zeros_like(mean).index_add_(0, arch, row_m2 + spread)
+    var = m2 / (safe * L - 1).clamp(min=1)
+    weight = arch_momentum if arch_momentum is not None else torch.full((S,), momentum, dtype=row_mean.dtype)
+    weight = torch.where(present, weight.to(row_mean.dtype), torch.zeros_like(weight, dtype=row_mean.dtype))
+    weight = weight.unsqueeze(1)
+    running_mean.add_((weight * (mean - running_mean.to(mean.dtype))).to(running_mean.dtype))
+    running_var.add_((weight * (var - running_var.to(var.dtype))).to(running_var.dtype))
+
+
+def arch_batch_norm(
+    x: Tensor,
+    arch: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    group_size: Optional[int] = None,
+    arch_momentum: Optional[Tensor] = None,
+) -> Tensor:
+    """Architecture-conditional batch norm, like ``torch.nn.functional.batch_norm`` with per-example
+    affine parameters ``weight[arch[b]]``, ``bias[arch[b]]``.
+
+    Args:
+        x: [B, C, *] floating (float32, float64, bfloat16, float16; low precision accumulates in float32).
+        arch: [B] int64 architecture index of each example, in [0, S).
+        weight, bias: [S, C] (dtype of x), or None for 1 and 0.
+        running_mean, running_var: None, [C] (shared by every architecture) or [S, C] (one pair per
+            architecture, updated from that architecture's examples only). Updated in place in
+            training mode; used instead of the batch statistics in eval mode (then required).
+        training: batch statistics (True) or running statistics (False).
+        momentum: weight of the new statistic in the running average (as in torch.nn.BatchNorm).
+        eps: added to the variance.
+        group_size: examples per statistics group (ghost batches; consecutive examples); None or B
+            for the whole batch. Must divide B. Running statistics are taken over the whole batch.
+        arch_momentum: optional [S] per-architecture momentum for [S, C] running statistics (the
+            cumulative average of ``ArchBatchNorm2d(momentum=None)``).
+
+    Returns:
+        y, the shape and dtype of x.
+    """
+    op = "arch_batch_norm"
+    _checks.check_tensor("x", x, op)
+    _checks.check_floating("x", x, op)
+    _checks.check_tensor("arch", arch, op)
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must have shape [B, C, *], got {tuple(x.shape)}")
+    B, C = x.shape[0], x.shape[1]
+    if arch.dtype != torch.int64 or arch.dim() != 1 or arch.shape[0] != B:
+        raise ValueError(f"{op}: arch must be a [B] = [{B}] int64 tensor, got {arch.dtype} {tuple(arch.shape)}")
+    _checks.check_same_device("arch", arch, "x", x, op)
+    S = None
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is None:
+            continue
+        _checks.check_tensor(name, value, op)
+        _checks.check_same_dtype(name, value, "x", x, op)
+        _checks.check_same_device(name, value, "x", x, op)
+        if value.dim() != 2 or value.shape[1] != C:
+            raise ValueError(f"{op}: {name} must have shape [S, C] with C = {C}, got {tuple(value.shape)}")
+        if S is not None and value.shape[0] != S:
+            raise ValueError(f"{op}: weight has S = {S} rows but bias has {value.shape[0]}")
+        S = value.shape[0]
+    for name, value in (("running_mean", running_mean), ("running_var", running_var)):
+        if value is not None and S is None and value.dim() == 2:
+            S = value.shape[0]
+    if S is None:
+        S = 1
+    _check_running("running_mean", running_mean, S, C, x, op)
+    _check_running("running_var", running_var, S, C, x, op)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    if running_mean is not None and running_mean.shape != running_var.shape:
+        raise ValueError(
+            f"{op}: running_mean {tuple(running_mean.shape)} and running_var {tuple(running_var.shape)} differ in shape"
+        )
+    if not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    if weight is None:
+        weight = x.new_ones((S, C))
+    if bias is None:
+        bias = x.new_zeros((S, C))
+    L = x[0, 0].numel() if B * C else 0
+
+    if not training:
+        if running_mean is None:
+            raise ValueError(f"{op}: eval mode (training=False) needs running_mean and running_var")
+        _checks.check_index_range("arch", arch, S, op, what="S architectures")
+        acc = _acc_dtype(x.dtype)
+        rm = (running_mean[arch] if running_mean.dim() == 2 else running_mean.expand(B, C)).to(acc)
+        rv = (running_var[arch] if running_var.dim() == 2 else running_var.expand(B, C)).to(acc)
+        scale = torch.rsqrt(rv + eps) * weight.to(acc)[arch]
+        shift = bias.to(acc)[arch] - rm * scale
+        return torch.ops.bnas_fast.channel_affine(x, scale, shift)
+
+    if group_size is None:
+        group_size = B
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or B % group_size:
+        raise ValueError(f"{op}: group_size must be an int >= 1 that divides the batch size B = {B}, got {group_size!r}")
+    if group_size == 1 and B > 1:
+        raise ValueError(
+            f"{op}: group_size = 1 puts one example per statistics group: that is instance norm, and with "
+            "no spatial extent the variance is undefined; use groups of 2 or more examples"
+        )
+    if group_size * L < 2:
+        raise ValueError(
+            f"{op}: expected more than 1 value per channel in each statistics group when training, got "
+            f"{group_size * L} (x of shape {tuple(x.shape)}, group_size = {group_size}); the variance is undefined"
+        )
+    if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+        raise ValueError(f"{op}: momentum must be a number in [0, 1], got {momentum!r}")
+    y, _mean, _invstd, row_mean, row_m2 = torch.ops.bnas_fast.arch_batch_norm(
+        x, arch, weight, bias, group_size, float(eps)
+    )
+    if running_mean is not None:
+        _update_running_stats(running_mean, running_var, arch, row_mean, row_m2, L, momentum, arch_momentum)
+    return y
+
+
+def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """y[b, c, :] = x[b, c, :] * scale[b, c] + shift[b, c].
+
+    Args:
+        x: [B, C, *] floating.
+        scale, shift: [B, C] in x's accumulation dtype (float32 for bfloat16/float16, else x's dtype).
+    """
+    op = "channel_affine"
+    _checks.check_tensor("x", x, op)
+    _checks.check_floating("x", x, op)
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must have shape [B, C, *], got {tuple(x.shape)}")
+    acc = _acc_dtype(x.dtype)
+    for name, value in (("scale", scale), ("shift", shift)):
+        _checks.check_tensor(name, value, op)
+        _checks.check_same_device(name, value, "x", x, op)
+        if tuple(value.shape) != (x.shape[0], x.shape[1]) or value.dtype != acc:
+            raise ValueError(
+                f"{op}: {name} must be [B, C] = [{x.shape[0]}, {x.shape[1]}] of dtype {acc}, got "
+                f"{value.dtype} {tuple(value.shape)}"
+            )
+    return torch.ops.bnas_fast.channel_affine(x, scale, shift)

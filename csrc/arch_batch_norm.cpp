@@ -1,0 +1,361 @@
+// CPU kernels for architecture-conditional batch norm (NSA-id, seed 002) with optional ghost-batch
+// statistics groups (seed 004), and the per-(example, channel) affine map of its eval mode.
+//
+// x is viewed as [B, C, L] (L = prod of the spatial sizes); a "row" is x[b, c, :], contiguous.
+// Training forward, two passes over x:
+//   1. per row: row_mean and row_m2 = sum (x - row_mean)^2 (two passes over the row while it is in cache;
+//      exact, unlike sum of squares minus squared sum);
+//   2. per (group k, channel c): mean = average of the group's row means (equal counts), M2 = sum of
+//      row_m2 + L sum (row_mean - mean)^2 (Chan et al.), invstd = 1 / sqrt(M2 / N + eps);
+//   3. per row: y = x * scale + shift with scale = invstd w[arch[b], c], shift = bias[arch[b], c] - mean scale.
+// Backward, two passes over (grad_y, x): per-row sums A = sum g and Bs = sum g (x - mean); per (k, c)
+// the two group means of the standard batch-norm backward; then grad_x = g a + x b + c0 per row.
+// Every reduction runs in a fixed order (rows in parallel, groups and architectures serially per
+// channel), so results do not depend on the thread count. Sums over a row keep kLanes partial sums
+// so that the compiler vectorises them (a single running float sum may not be reordered).
+#include "common.h"
+
+#include <torch/library.h>
+
+namespace bnas_fast {
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+// sum of f(v) over a row of L values, in kLanes partial sums added in a fixed order.
+template <typename scalar_t, typename acc_t, typename F>
+inline acc_t row_reduce(const scalar_t* __restrict x, int64_t L, F f) {
+  acc_t lanes[kLanes] = {};
+  const int64_t full = L - L % kLanes;
+  for (int64_t l0 = 0; l0 < full; l0 += kLanes) {
+    const scalar_t* __restrict xb = x + l0;
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += f(static_cast<acc_t>(xb[j]));
+  }
+  for (int64_t l = full; l < L; ++l) lanes[l - full] += f(static_cast<acc_t>(x[l]));
+  acc_t total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+// sum over a row of f(g, x), same scheme.
+template <typename scalar_t, typename acc_t, typename F>
+inline acc_t row_reduce2(const scalar_t* __restrict g, const scalar_t* __restrict x, int64_t L, F f) {
+  acc_t lanes[kLanes] = {};
+  const int64_t full = L - L % kLanes;
+  for (int64_t l0 = 0; l0 < full; l0 += kLanes) {
+    const scalar_t* __restrict gb = g + l0;
+    const scalar_t* __restrict xb = x + l0;
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += f(static_cast<acc_t>(gb[j]), static_cast<acc_t>(xb[j]));
+  }
+  for (int64_t l = full; l < L; ++l) lanes[l - full] += f(static_cast<acc_t>(g[l]), static_cast<acc_t>(x[l]));
+  acc_t total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+// Rows per parallel task: enough work (>= 32k elements) to amortise the scheduling.
+inline int64_t row_grain(int64_t L) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1)); }
+
+at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+struct Dims {
+  int64_t B, C, L, G, group_size, S;
+};
+
+// Checks shared by the training forward and backward; returns the dimensions.
+Dims check_common(const char* op, const at::Tensor& x, const at::Tensor& arch, const at::Tensor& weight,
+                  int64_t group_size) {
+  check_cpu_floating(x, op, "x");
+  check_cpu_floating(weight, op, "weight");
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be [B, C, *], got ", x.sizes());
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK_VALUE(arch.device().is_cpu() && arch.scalar_type() == at::kLong && arch.dim() == 1 &&
+                        arch.size(0) == B,
+                    op, ": arch must be a [B] = [", B, "] int64 CPU tensor, got ", arch.scalar_type(), " ",
+                    arch.sizes(), " on ", arch.device());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == C && weight.size(0) >= 1, op,
+                    ": weight must be [S, C] with C = ", C, ", got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight.scalar_type(),
+                    " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(group_size >= 1 && B % group_size == 0, op, ": group_size = ", group_size,
+                    " must be >= 1 and divide the batch size B = ", B);
+  const int64_t L = B * C == 0 ? 0 : x.numel() / (B * C);
+  const int64_t S = weight.size(0);
+  const auto a = arch.contiguous();
+  const int64_t* ap = a.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_INDEX(ap[b] >= 0 && ap[b] < S, op, ": arch[", b, "] = ", ap[b],
+                      " is out of range for S = ", S, " architectures (rows of weight)");
+  }
+  return {B, C, L, B / group_size, group_size, S};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> arch_batch_norm_cpu(
+    const at::Tensor& x_in, const at::Tensor& arch_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
+    int64_t group_size, double eps) {
+  const char* op = "arch_batch_norm";
+  const Dims d = check_common(op, x_in, arch_in, weight_in, group_size);
+  check_cpu_floating(bias_in, op, "bias");
+  TORCH_CHECK_VALUE(bias_in.sizes() == weight_in.sizes(), op, ": bias must be [S, C] = ", weight_in.sizes(),
+                    " like weight, got ", bias_in.sizes());
+  TORCH_CHECK_VALUE(bias_in.scalar_type() == x_in.scalar_type(), op, ": bias has dtype ", bias_in.scalar_type(),
+                    " but x has ", x_in.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK_VALUE(d.group_size * d.L >= 2, op, ": each statistics group has ", d.group_size * d.L,
+                    " value per channel (group_size = ", d.group_size, ", L = ", d.L,
+                    "); the batch variance needs at least 2");
+  const auto x = x_in.contiguous();
+  const auto arch = arch_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto bias = bias_in.contiguous();
+  const auto acc_options = x.options().dtype(acc_scalar_type(x.scalar_type()));
+  auto y = empty_output(x.sizes(), x.options());
+  auto mean = at::empty({d.G, d.C}, acc_options);
+  auto invstd = at::empty({d.G, d.C}, acc_options);
+  auto row_mean = at::empty({d.B, d.C}, acc_options);
+  auto row_m2 = at::empty({d.B, d.C}, acc_options);
+  const int64_t B = d.B, C = d.C, L = d.L, g = d.group_size;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "arch_batch_norm", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const int64_t* ap = arch.data_ptr<int64_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    acc_t* rm = row_mean.data_ptr<acc_t>();
+    acc_t* rm2 = row_m2.data_ptr<acc_t>();
+    acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* ip = invstd.data_ptr<acc_t>();
+    const acc_t inv_L = acc_t(1) / static_cast<acc_t>(L);
+    // 1. per-row mean and M2
+    at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = xp + r * L;
+        const acc_t m = row_reduce<scalar_t, acc_t>(row, L, [](acc_t v) { return v; }) * inv_L;
+        rm[r] = m;
+        rm2[r] = row_reduce<scalar_t, acc_t>(row, L, [m](acc_t v) { return (v - m) * (v - m); });
+      }
+    });
+    // 2. per (group, channel): Chan's combination of the group's rows (all of them have L values)
+    at::parallel_for(0, d.G * C, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t kc = begin; kc < end; ++kc) {
+        const int64_t k = kc / C, c = kc % C;
+        acc_t sum_means = 0;
+        for (int64_t b = k * g; b < (k + 1) * g; ++b) sum_means += rm[b * C + c];
+        const acc_t m = sum_means / static_cast<acc_t>(g);
+        acc_t m2 = 0;
+        for (int64_t b = k * g; b < (k + 1) * g; ++b) {
+          const acc_t delta = rm[b * C + c] - m;
+          m2 += rm2[b * C + c] + static_cast<acc_t>(L) * delta * delta;
+        }
+        const acc_t var = m2 / static_cast<acc_t>(g * L);
+        mp[kc] = m;
+        ip[kc] = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+      }
+    });
+    // 3. y = x * scale + shift per row
+    at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / C, c = r % C, kc = (b / g) * C + c, sc = ap[b] * C + c;
+        const acc_t scale = ip[kc] * static_cast<acc_t>(wp[sc]);
+        const acc_t shift = static_cast<acc_t>(bp[sc]) - mp[kc] * scale;
+        const scalar_t* __restrict row = xp + r * L;
+        scalar_t* __restrict out = yp + r * L;
+        for (int64_t l = 0; l < L; ++l) out[l] = static_cast<scalar_t>(static_cast<acc_t>(row[l]) * scale + shift);
+      }
+    });
+  });
+  return {y, mean, invstd, row_mean, row_m2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> arch_batch_norm_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& arch_in, const at::Tensor& weight_in,
+    const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t group_size) {
+  const char* op = "arch_batch_norm_backward";
+  const Dims d = check_common(op, x_in, arch_in, weight_in, group_size);
+  check_cpu_floating(grad_y_in, op, "grad_y");
+  TORCH_CHECK_VALUE(grad_y_in.sizes() == x_in.sizes() && grad_y_in.scalar_type() == x_in.scalar_type(), op,
+                    ": grad_y must match x (", x_in.sizes(), " ", x_in.scalar_type(), "), got ", grad_y_in.sizes(),
+                    " ", grad_y_in.scalar_type());
+  const auto acc = acc_scalar_type(x_in.scalar_type());
+  auto check_stat = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == acc && t.dim() == 2 && t.size(0) == d.G &&
+                          t.size(1) == d.C,
+                      op, ": ", name, " must be [G, C] = [", d.G, ", ", d.C, "] of dtype ", acc, ", got ",
+                      t.scalar_type(), " ", t.sizes());
+  };
+  check_stat("mean", mean_in);
+  check_stat("invstd", invstd_in);
+  const auto x = x_in.contiguous();
+  const auto gy = grad_y_in.contiguous();
+  const auto arch = arch_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto mean = mean_in.contiguous();
+  const auto invstd = invstd_in.contiguous();
+  const int64_t B = d.B, C = d.C, L = d.L, g = d.group_size, S = d.S;
+  const auto acc_options = x.options().dtype(acc);
+  auto grad_x = empty_output(x.sizes(), x.options());
+  auto sum_g = at::empty({B, C}, acc_options);       // A[b, c]  = sum_l g
+  auto sum_g_dx = at::empty({B, C}, acc_options);    // Bs[b, c] = sum_l g (x - mean)
+  auto coef = at::empty({d.G, C, 2}, acc_options);   // per (k, c): mean(dxhat), mean(dxhat xhat)
+  auto grad_weight_acc = at::zeros({S, C}, acc_options);
+  auto grad_bias_acc = at::zeros({S, C}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "arch_batch_norm_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = gy.data_ptr<scalar_t>();
+    const int64_t* ap = arch.data_ptr<int64_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const acc_t* mp = mean.data_ptr<acc_t>();
+    const acc_t* ip = invstd.data_ptr<acc_t>();
+    acc_t* A = sum_g.data_ptr<acc_t>();
+    acc_t* Bs = sum_g_dx.data_ptr<acc_t>();
+    acc_t* cp = coef.data_ptr<acc_t>();
+    acc_t* gw = grad_weight_acc.data_ptr<acc_t>();
+    acc_t* gb = grad_bias_acc.data_ptr<acc_t>();
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    // 1. per-row sums of g and g (x - mean)
+    at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / C, c = r % C;
+        const acc_t m = mp[(b / g) * C + c];
+        A[r] = row_reduce<scalar_t, acc_t>(gp + r * L, L, [](acc_t v) { return v; });
+        Bs[r] = row_reduce2<scalar_t, acc_t>(gp + r * L, xp + r * L, L,
+                                             [m](acc_t gv, acc_t xv) { return gv * (xv - m); });
+      }
+    });
+    // 2. per channel: the group means of dxhat = g w and of dxhat xhat, and the parameter gradients
+    //    (each channel owns its column of grad_weight / grad_bias; examples are added in order).
+    const acc_t inv_N = acc_t(1) / static_cast<acc_t>(g * L);
+    at::parallel_for(0, C, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t k = 0; k < d.G; ++k) {
+          const acc_t r = ip[k * C + c];
+          acc_t sa = 0, sb = 0;
+          for (int64_t b = k * g; b < (k + 1) * g; ++b) {
+            const int64_t s = ap[b];
+            const acc_t w = static_cast<acc_t>(wp[s * C + c]);
+            sa += w * A[b * C + c];
+            sb += w * Bs[b * C + c];
+            gw[s * C + c] += r * Bs[b * C + c];
+            gb[s * C + c] += A[b * C + c];
+          }
+          cp[(k * C + c) * 2] = sa * inv_N;
+          cp[(k * C + c) * 2 + 1] = r * sb * inv_N;
+        }
+      }
+    });
+    // 3. grad_x = r (g w - m1 - xhat m2) = g (r w) + x (-r^2 m2) + (mean r^2 m2 - r m1)
+    at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / C, c = r % C, kc = (b / g) * C + c;
+        const acc_t rs = ip[kc], m = mp[kc], m1 = cp[kc * 2], m2 = cp[kc * 2 + 1];
+        const acc_t a = rs * static_cast<acc_t>(wp[ap[b] * C + c]);
+        const acc_t bx = -rs * rs * m2;
+        const acc_t c0 = m * rs * rs * m2 - rs * m1;
+        const scalar_t* __restrict grow = gp + r * L;
+        const scalar_t* __restrict xrow = xp + r * L;
+        scalar_t* __restrict out = gxp + r * L;
+        for (int64_t l = 0; l < L; ++l) {
+          out[l] = static_cast<scalar_t>(static_cast<acc_t>(grow[l]) * a + static_cast<acc_t>(xrow[l]) * bx + c0);
+        }
+      }
+    });
+  });
+  return {grad_x, grad_weight_acc.to(weight.scalar_type()), grad_bias_acc.to(weight.scalar_type())};
+}
+
+// Eval mode: y[b, c, :] = x[b, c, :] * scale[b, c] + shift[b, c] (scale and shift are made from the
+// running statistics and the gathered affine parameters, [B, C] each, in Python).
+void check_affine(const char* op, const at::Tensor& x, const at::Tensor& scale) {
+  check_cpu_floating(x, op, "x");
+  check_cpu_floating(scale, op, "scale");
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be [B, C, *], got ", x.sizes());
+  TORCH_CHECK_VALUE(scale.dim() == 2 && scale.size(0) == x.size(0) && scale.size(1) == x.size(1), op,
+                    ": scale must be [B, C] = [", x.size(0), ", ", x.size(1), "], got ", scale.sizes());
+  TORCH_CHECK_VALUE(scale.scalar_type() == acc_scalar_type(x.scalar_type()), op, ": scale must have dtype ",
+                    acc_scalar_type(x.scalar_type()), " for x of dtype ", x.scalar_type(), ", got ",
+                    scale.scalar_type());
+}
+
+at::Tensor channel_affine_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& shift_in) {
+  const char* op = "channel_affine";
+  check_affine(op, x_in, scale_in);
+  TORCH_CHECK_VALUE(shift_in.sizes() == scale_in.sizes() && shift_in.scalar_type() == scale_in.scalar_type() &&
+                        shift_in.device().is_cpu(),
+                    op, ": shift must match scale (", scale_in.sizes(), " ", scale_in.scalar_type(), "), got ",
+                    shift_in.sizes(), " ", shift_in.scalar_type());
+  const auto x = x_in.contiguous();
+  const auto scale = scale_in.contiguous();
+  const auto shift = shift_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), L = B * C == 0 ? 0 : x.numel() / (B * C);
+  auto y = empty_output(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "channel_affine", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const acc_t* sp = scale.data_ptr<acc_t>();
+    const acc_t* hp = shift.data_ptr<acc_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const acc_t a = sp[r], h = hp[r];
+        const scalar_t* __restrict row = xp + r * L;
+        scalar_t* __restrict out = yp + r * L;
+        for (int64_t l = 0; l < L; ++l) out[l] = static_cast<scalar_t>(static_cast<acc_t>(row[l]) * a + h);
+      }
+    });
+  });
+  return y;
+}
+
+// grad_x = g scale; grad_scale[b, c] = sum_l g x; grad_shift[b, c] = sum_l g.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_backward_cpu(const at::Tensor& grad_y_in,
+                                                                           const at::Tensor& x_in,
+                                                                           const at::Tensor& scale_in) {
+  const char* op = "channel_affine_backward";
+  check_affine(op, x_in, scale_in);
+  check_cpu_floating(grad_y_in, op, "grad_y");
+  TORCH_CHECK_VALUE(grad_y_in.sizes() == x_in.sizes() && grad_y_in.scalar_type() == x_in.scalar_type(), op,
+                    ": grad_y must match x (", x_in.sizes(), " ", x_in.scalar_type(), "), got ", grad_y_in.sizes(),
+                    " ", grad_y_in.scalar_type());
+  const auto x = x_in.contiguous();
+  const auto gy = grad_y_in.contiguous();
+  const auto scale = scale_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), L = B * C == 0 ? 0 : x.numel() / (B * C);
+  auto grad_x = empty_output(x.sizes(), x.options());
+  auto grad_scale = at::empty({B, C}, scale.options());
+  auto grad_shift = at::empty({B, C}, scale.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "channel_affine_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = gy.data_ptr<scalar_t>();
+    const acc_t* sp = scale.data_ptr<acc_t>();
+    acc_t* gsp = grad_scale.data_ptr<acc_t>();
+    acc_t* ghp = grad_shift.data_ptr<acc_t>();
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* grow = gp + r * L;
+        gsp[r] = row_reduce2<scalar_t, acc_t>(grow, xp + r * L, L, [](acc_t gv, acc_t xv) { return gv * xv; });
+        ghp[r] = row_reduce<scalar_t, acc_t>(grow, L, [](acc_t v) { return v; });
+        const acc_t a = sp[r];
+        scalar_t* __restrict out = gxp + r * L;
+        for (int64_t l = 0; l < L; ++l) out[l] = static_cast<scalar_t>(static_cast<acc_t>(grow[l]) * a);
+      }
+    });
+  });
+  return {grad_x, grad_scale, grad_shift};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnas_fast, CPU, m) {
+  m.impl("arch_batch_norm", &arch_batch_norm_cpu);
+  m.impl("arch_batch_norm_backward", &arch_batch_norm_backward_cpu);
+  m.impl("channel_affine", &channel_affine_cpu);
+  m.impl("channel_affine_backward", &channel_affine_backward_cpu);
+}
+
+}  // namespace bnas_fast
