@@ -1,5 +1,6 @@
 """Drop-in modules built on the fused ops."""
 
+from bnas_fast.nn.arch_batch_norm import ArchBatchNorm1d, ArchBatchNorm2d
 from bnas_fast.nn.depth import (
     ConvBlocks,
     DepthPosterior,
@@ -13,6 +14,8 @@ from bnas_fast.nn.mix import MixedOp
 
 __all__ = [
     "MixedOp",
+    "ArchBatchNorm1d",
+    "ArchBatchNorm2d",
     "LearntDepthNet",
     "DepthPosterior",
     "ResNet",

@@ -309,7 +309,8 @@ def arch_batch_norm(
     if not training:
         if running_mean is None:
             raise ValueError(f"{op}: eval mode (training=False) needs running_mean and running_var")
-        _checks.check_index_range("arch", arch, S, op, what="S architectures")
+        if not torch.compiler.is_compiling():  # reads arch; under torch.compile the gather checks instead
+            _checks.check_index_range("arch", arch, S, op, what="S architectures")
         acc = _acc_dtype(x.dtype)
         rm = (running_mean[arch] if running_mean.dim() == 2 else running_mean.expand(B, C)).to(acc)
         rv = (running_var[arch] if running_var.dim() == 2 else running_var.expand(B, C)).to(acc)
@@ -318,7 +319,7 @@ def arch_batch_norm(
         return torch.ops.bnas_fast.channel_affine(x, scale, shift)
 
     if group_size is None:
-        group_size = B
+        group_size = max(B, 1)  # B = 0 then fails the values-per-channel check below, as torch does
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or B % group_size:
         raise ValueError(f"{op}: group_size must be an int >= 1 that divides the batch size B = {B}, got {group_size!r}")
     if group_size == 1 and B > 1:

@@ -1,0 +1,169 @@
+"""Architecture-conditional batch norm modules: drop-ins for ``nn.BatchNorm1d`` / ``nn.BatchNorm2d``.
+
+    bn = bnas_fast.nn.ArchBatchNorm2d(64, num_archs=5, running_stats="per_arch")
+    y = bn(x, arch)          # x [B, 64, H, W], arch [B] int64 in [0, 5)
+
+Each architecture s has its own affine parameters weight[s], bias[s] ([S, C]); the batch statistics
+are taken over the whole batch (every architecture together, as NSA-i of seed 002 needs) or over
+ghost batches of ``group_size`` consecutive examples (seed 004). Running statistics are either
+``"shared"`` (one [C] pair, as the NSA code does) or ``"per_arch"`` ([S, C], row s updated only from
+the examples of architecture s present in the batch), which attacks the train/eval disparity of
+section 3 of seed 002: an architecture evaluated in eval mode uses statistics of its own activations.
+
+With ``num_archs = 1`` the module matches ``nn.BatchNorm2d`` in both modes, and
+``load_state_dict`` accepts a BatchNorm state_dict: its [C] parameters and statistics are broadcast
+to every architecture.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from bnas_fast.ops.arch_batch_norm import arch_batch_norm
+
+__all__ = ["ArchBatchNorm1d", "ArchBatchNorm2d"]
+
+_RUNNING_STATS = ("shared", "per_arch")
+
+
+class _ArchBatchNorm(nn.Module):
+    _expected_dims: tuple = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        num_archs: int = 1,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        running_stats: str = "shared",
+        group_size: Optional[int] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        for key, value in (("num_features", num_features), ("num_archs", num_archs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {key} must be an int >= 1, got {value!r}")
+        if running_stats not in _RUNNING_STATS:
+            raise ValueError(f"{name}: running_stats must be one of {_RUNNING_STATS}, got {running_stats!r}")
+        if momentum is not None and not 0 <= momentum <= 1:
+            raise ValueError(f"{name}: momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
+        if not eps >= 0:
+            raise ValueError(f"{name}: eps must be >= 0, got {eps!r}")
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2):
+            raise ValueError(f"{name}: group_size must be None (the whole batch) or an int >= 2, got {group_size!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features, self.num_archs = num_features, num_archs
+        self.eps, self.momentum = eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        self.running_stats, self.group_size = running_stats, group_size
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_archs, num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_archs, num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            shape = (num_features,) if running_stats == "shared" else (num_archs, num_features)
+            self.register_buffer("running_mean", torch.zeros(shape, **factory))
+            self.register_buffer("running_var", torch.ones(shape, **factory))
+            # per_arch: batches in which each architecture was present (for momentum=None)
+            counts = () if running_stats == "shared" else (num_archs,)
+            self.register_buffer("num_batches_tracked", torch.zeros(counts, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_archs={self.num_archs}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"running_stats={self.running_stats!r}, group_size={self.group_size}"
+        )
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor, arch: Optional[Tensor] = None) -> Tensor:
+        """x: [B, C, *] (see the subclass), arch: [B] int64 in [0, num_archs); None means architecture 0
+        for every example (allowed with num_archs = 1 only, for nn.BatchNorm drop-in use)."""
+        name = type(self).__name__
+        if x.dim() not in self._expected_dims:
+            raise ValueError(f"{name}: expected a {' or '.join(f'{d}D' for d in self._expected_dims)} input, got {x.dim()}D")
+        if arch is None:
+            if self.num_archs != 1:
+                raise ValueError(f"{name}: arch is required when num_archs = {self.num_archs} > 1")
+            arch = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        use_batch_stats = self.training or not self.track_running_stats
+        momentum, arch_momentum = self.momentum if self.momentum is not None else 0.0, None
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                if self.running_stats == "shared":
+                    self.num_batches_tracked.add_(1)
+                    if self.momentum is None:
+                        momentum = 1.0 / float(self.num_batches_tracked)
+                else:
+                    present = torch.bincount(arch, minlength=self.num_archs)[: self.num_archs] > 0
+                    self.num_batches_tracked.add_(present.long())
+                    if self.momentum is None:
+                        arch_momentum = 1.0 / self.num_batches_tracked.clamp(min=1).to(torch.float64)
+        running = self.track_running_stats and (self.training or not use_batch_stats)
+        return arch_batch_norm(
+            x,
+            arch,
+            self.weight,
+            self.bias,
+            self.running_mean if running else None,
+            self.running_var if running else None,
+            training=use_batch_stats,
+            momentum=momentum,
+            eps=self.eps,
+            group_size=self.group_size,
+            arch_momentum=arch_momentum,
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A BatchNorm state_dict has [C] weight and bias (and [C] running statistics, a scalar
+        # num_batches_tracked): broadcast them to every architecture.
+        S, C = self.num_archs, self.num_features
+        for key in ("weight", "bias"):
+            value = state_dict.get(prefix + key)
+            if value is not None and self.affine and value.shape == (C,):
+                state_dict[prefix + key] = value.unsqueeze(0).expand(S, C).clone()
+        if self.track_running_stats and self.running_stats == "per_arch":
+            for key in ("running_mean", "running_var"):
+                value = state_dict.get(prefix + key)
+                if value is not None and value.shape == (C,):
+                    state_dict[prefix + key] = value.unsqueeze(0).expand(S, C).clone()
+            value = state_dict.get(prefix + "num_batches_tracked")
+            if value is not None and value.dim() == 0:
+                state_dict[prefix + "num_batches_tracked"] = value.expand(S).clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class ArchBatchNorm1d(_ArchBatchNorm):
+    """Architecture-conditional BatchNorm1d: x is [B, C] or [B, C, L] (module docstring)."""
+
+    _expected_dims = (2, 3)
+
+
+class ArchBatchNorm2d(_ArchBatchNorm):
+    """Architecture-conditional BatchNorm2d: x is [B, C, H, W] (module docstring)."""
+
+    _expected_dims = (4,)

@@ -1,0 +1,557 @@
+"""Tests of architecture-conditional batch norm (bnas_fast.arch_batch_norm, channel_affine, ArchBatchNorm*d).
+
+The ladder, as for every op:
+ 1. parity of the C++ kernels (forward and backward) with bnas_fast.reference, over dtypes, shapes,
+    statistics groups, numbers of architectures and memory layouts; the reference itself against
+    torch.nn.functional.batch_norm and against autograd of its own forward;
+ 2. float64 gradcheck of both hand-written backwards;
+ 3. torch.library.opcheck;
+ 4. torch.compile(fullgraph=True) of a small model built on the module;
+ 5. determinism across thread counts;
+ 6. the modules: drop-in parity with nn.BatchNorm1d/2d (train and eval, momentum and None), loading a
+    BatchNorm state_dict, per-architecture running statistics;
+ 7. bad input: a clear error naming the argument.
+The Triton kernels are tested under the interpreter in tests/test_arch_batch_norm_triton.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import bnas_fast
+from bnas_fast import reference
+from tests._tolerance import assert_within
+
+# |kernel - reference| <= atol + rtol |reference|. float32: both sides accumulate per row then per
+# group in float32 with different orders (lanes of 16 vs torch's pairwise sums), errors ~ sqrt(N) ulp
+# of values ~ 1 to 5 (normalised outputs, gradients). bfloat16/float16 round the output once.
+TOLERANCES = {
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
+    torch.float32: {"rtol": 1e-5, "atol": 2e-5},
+    torch.bfloat16: {"rtol": 2**-7, "atol": 2e-2},
+    torch.float16: {"rtol": 2**-10, "atol": 4e-3},
+}
+DTYPES = tuple(TOLERANCES)
+
+# (x shape, group_size, S): a 2-D input (L = 1), a 3-D input, odd 4-D shapes, ghost batches, S = 1,
+# many architectures (some absent from the batch), a row length that is not a multiple of 16.
+CASES = [
+    ((8, 5), 8, 3),
+    ((6, 4, 7), 3, 2),
+    ((10, 3, 5, 7), 10, 4),
+    ((12, 6, 4, 4), 4, 1),
+    ((9, 2, 3, 3), 3, 50),
+    ((4, 16, 17, 1), 2, 5),
+]
+
+
+def _case_id(case) -> str:
+    shape, group, S = case
+    return f"{'x'.join(map(str, shape))}-g{group}-S{S}"
+
+
+def make_inputs(shape, S, dtype, seed=0, layout="contiguous"):
+    gen = torch.Generator().manual_seed(seed)
+    B, C = shape[0], shape[1]
+    if layout == "channels_last" and len(shape) == 4:
+        x = (2 * torch.randn(shape, generator=gen) + 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = (2 * torch.randn((B, 2 * C) + tuple(shape[2:]), generator=gen) + 0.5).to(dtype)[:, ::2]
+    else:
+        x = (2 * torch.randn(shape, generator=gen) + 0.5).to(dtype)
+    arch = torch.randint(0, S, (B,), generator=gen)
+    weight = (1 + 0.5 * torch.randn(S, C, generator=gen)).to(dtype)
+    bias = (0.5 * torch.randn(S, C, generator=gen)).to(dtype)
+    grad_y = torch.randn(shape, generator=gen).to(dtype)
+    return x, arch, weight, bias, grad_y
+
+
+def test_cpu_backend_is_the_cpp_extension():
+    if bnas_fast._backend.forced_backend() == "reference":
+        pytest.skip("BNAS_FAST_BACKEND=reference forces the reference backend")
+    assert bnas_fast.backends()["cpu"] == "cpp"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Parity
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_matches_reference(case, dtype):
+    shape, group, S = case
+    layout = ("contiguous", "sliced", "channels_last")[CASES.index(case) % 3]
+    x, arch, weight, bias, _ = make_inputs(shape, S, dtype, layout=layout)
+    got = torch.ops.bnas_fast.arch_batch_norm(x, arch, weight, bias, group, 1e-5)
+    expected = reference.arch_batch_norm(x, arch, weight, bias, group, 1e-5)
+    tol = TOLERANCES[dtype]
+    for name, a, e in zip(("y", "mean", "invstd", "row_mean", "row_m2"), got, expected):
+        assert a.dtype == e.dtype, name
+        assert_within(a, e, tol if name == "y" else TOLERANCES.get(a.dtype, tol), name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_matches_reference_autograd(case, dtype):
+    """The op's autograd (C++ backward) against autograd through the reference forward (float64 oracle)."""
+    shape, group, S = case
+    x, arch, weight, bias, grad_y = make_inputs(shape, S, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y = torch.ops.bnas_fast.arch_batch_norm(leaves[0], arch, leaves[1], leaves[2], group, 1e-5)[0]
+    got = torch.autograd.grad(y, leaves, grad_y)
+    oracle = [t.double().requires_grad_() for t in (x, weight, bias)]
+    y_ref = reference.arch_batch_norm(oracle[0], arch, oracle[1], oracle[2], group, 1e-5)[0]
+    expected = torch.autograd.grad(y_ref, oracle, grad_y.double())
+    # Gradients are sums of up to N terms of size ~|grad_y|: loosen the absolute tolerance with N.
+    n = shape[0] * (x[0, 0].numel())
+    tol = dict(TOLERANCES[dtype])
+    tol["atol"] = tol["atol"] * max(1.0, n**0.5) if dtype != torch.float64 else 1e-9
+    for name, a, e in zip(("grad_x", "grad_weight", "grad_bias"), got, expected):
+        assert a.dtype == dtype, name
+        assert_within(a.double(), e, tol, name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_backward_op_matches_reference_backward(case):
+    shape, group, S = case
+    x, arch, weight, bias, grad_y = make_inputs(shape, S, torch.float64)
+    _, mean, invstd, _, _ = reference.arch_batch_norm(x, arch, weight, bias, group, 1e-5)
+    got = torch.ops.bnas_fast.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, group)
+    expected = reference.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, group)
+    for name, a, e in zip(("grad_x", "grad_weight", "grad_bias"), got, expected):
+        assert_within(a, e, TOLERANCES[torch.float64], name)
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=_case_id)
+def test_reference_backward_matches_its_autograd(case):
+    shape, group, S = case
+    x, arch, weight, bias, grad_y = make_inputs(shape, S, torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = reference.arch_batch_norm(leaves[0], arch, leaves[1], leaves[2], group, 1e-5)
+    expected = torch.autograd.grad(out[0], leaves, grad_y)
+    got = reference.arch_batch_norm_backward(grad_y, x, arch, weight, out[1].detach(), out[2].detach(), group)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (6, 4, 3), (6, 3, 4, 6)], ids=str)
+def test_reference_is_batch_norm_with_gathered_affine(shape):
+    x, arch, weight, bias, _ = make_inputs(shape, 3, torch.float64)
+    y = reference.arch_batch_norm(x, arch, weight, bias, shape[0], 1e-5)[0]
+    expand = (slice(None), slice(None)) + (None,) * (len(shape) - 2)
+    expected = F.batch_norm(x, None, None, None, None, True, 0.1, 1e-5) * weight[arch][expand] + bias[arch][expand]
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    # ghost batches: each group of 2 normalised on its own
+    groups = reference.arch_batch_norm(x, arch, weight, bias, 2, 1e-5)[0]
+    for k in range(0, shape[0], 2):
+        part = slice(k, k + 2)
+        expected = F.batch_norm(x[part], None, None, None, None, True, 0.1, 1e-5)
+        expected = expected * weight[arch[part]][expand] + bias[arch[part]][expand]
+        torch.testing.assert_close(groups[part], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_channel_affine_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 4, 7, generator=gen).to(dtype)
+    scale, shift = torch.randn(5, 3, generator=gen).to(dtype), torch.randn(5, 3, generator=gen).to(dtype)
+    g = torch.randn(5, 3, 4, 7, generator=gen).to(dtype)
+    assert_within(bnas_fast.channel_affine(x, scale, shift), reference.channel_affine(x, scale, shift), TOLERANCES[dtype])
+    got = torch.ops.bnas_fast.channel_affine_backward(g, x, scale)
+    for a, e in zip(got, reference.channel_affine_backward(g, x, scale)):
+        assert_within(a, e, {"rtol": TOLERANCES[dtype]["rtol"], "atol": 1e-4 if dtype == torch.float32 else 1e-10})
+
+
+def test_large_offset_keeps_variance_accurate():
+    """Rows at mean 1e4 with unit spread: a sum-of-squares formula would lose the variance in float32."""
+    gen = torch.Generator().manual_seed(4)
+    x = 1e4 + torch.randn(16, 3, 8, 8, generator=gen)
+    arch = torch.zeros(16, dtype=torch.long)
+    w, b = torch.ones(1, 3), torch.zeros(1, 3)
+    _, mean, invstd, _, _ = torch.ops.bnas_fast.arch_batch_norm(x, arch, w, b, 16, 1e-5)
+    var = x.double().var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(invstd[0].double(), torch.rsqrt(var + 1e-5), rtol=1e-4, atol=0)
+
+
+def test_empty_batch_is_rejected_in_training_but_channel_affine_is_fine():
+    x = torch.randn(0, 3, 4, 4)
+    with pytest.raises(ValueError, match="value per channel"):
+        bnas_fast.arch_batch_norm(x, torch.zeros(0, dtype=torch.long), torch.ones(1, 3), torch.zeros(1, 3))
+    assert bnas_fast.channel_affine(x, torch.ones(0, 3), torch.zeros(0, 3)).shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. gradcheck (float64)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [((6, 3, 5), 3, 4), ((4, 2), 4, 2), ((4, 2, 3, 2), 2, 1)], ids=_case_id)
+def test_arch_batch_norm_gradcheck(case):
+    shape, group, S = case
+    x, arch, weight, bias, _ = make_inputs(shape, S, torch.float64, seed=5)
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+
+    def fn(x, w, b):
+        return torch.ops.bnas_fast.arch_batch_norm(x, arch, w, b, group, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_channel_affine_gradcheck():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 2, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    scale = torch.randn(3, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    shift = torch.randn(3, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.bnas_fast.channel_affine, (x, scale, shift))
+
+
+def test_eval_mode_gradcheck_through_running_statistics_folding():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    arch = torch.tensor([0, 2, 1, 2, 0])
+    w = torch.randn(3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    rm, rv = torch.randn(3, 3, dtype=torch.float64, generator=gen), torch.rand(3, 3, dtype=torch.float64, generator=gen) + 0.5
+
+    def fn(x, w, b):
+        return bnas_fast.arch_batch_norm(x, arch, w, b, rm, rv, training=False)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    torch.testing.assert_close(fn(x, w, b), reference.arch_batch_norm_eval(x, arch, w, b, rm, rv, 1e-5))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. opcheck
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES[:4], ids=_case_id)
+def test_opcheck_arch_batch_norm(case):
+    shape, group, S = case
+    x, arch, weight, bias, grad_y = make_inputs(shape, S, torch.float32)
+    torch.library.opcheck(torch.ops.bnas_fast.arch_batch_norm.default, (x, arch, weight, bias, group, 1e-5))
+    args = (x.requires_grad_(), arch, weight.requires_grad_(), bias.requires_grad_(), group, 1e-5)
+    torch.library.opcheck(torch.ops.bnas_fast.arch_batch_norm.default, args)
+    _, mean, invstd, _, _ = reference.arch_batch_norm(x.detach(), arch, weight.detach(), bias.detach(), group, 1e-5)
+    torch.library.opcheck(
+        torch.ops.bnas_fast.arch_batch_norm_backward.default,
+        (grad_y, x.detach(), arch, weight.detach(), mean, invstd, group),
+    )
+
+
+def test_opcheck_channel_affine():
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    scale, shift = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.bnas_fast.channel_affine.default, (x, scale, shift))
+    torch.library.opcheck(
+        torch.ops.bnas_fast.channel_affine_backward.default, (torch.randn(4, 3, 5), x.detach(), scale.detach())
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. torch.compile
+# ---------------------------------------------------------------------------------------------
+class _TinyNSA(nn.Module):
+    """conv -> arch-conditional BN -> ReLU -> pool -> linear: enough to exercise train and eval."""
+
+    def __init__(self, num_archs: int, running_stats: str):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = bnas_fast.nn.ArchBatchNorm2d(4, num_archs, running_stats=running_stats)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, arch):
+        h = torch.relu(self.bn(self.conv(x), arch))
+        return self.head(h.mean((2, 3)))
+
+
+COMPILE_BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+@pytest.mark.parametrize("running_stats", ["shared", "per_arch"])
+def test_compile_fullgraph_matches_eager(backend, running_stats):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = _TinyNSA(3, running_stats)
+    compiled_model = _TinyNSA(3, running_stats)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(2):
+        x = torch.randn(6, 2, 5, 5, generator=gen)
+        arch = torch.randint(0, 3, (6,), generator=gen)
+        out_e, out_c = eager(x, arch), compiled(x, arch)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
+        grads_e = torch.autograd.grad(out_e.square().sum(), list(eager.parameters()))
+        grads_c = torch.autograd.grad(out_c.square().sum(), list(compiled_model.parameters()))
+        for a, b in zip(grads_c, grads_e):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled_model.bn.running_mean, eager.bn.running_mean)
+    torch.testing.assert_close(compiled_model.bn.running_var, eager.bn.running_var)
+    eager.eval()
+    compiled_model.eval()
+    torch.testing.assert_close(compiled(x, arch), eager(x, arch), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Determinism
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _num_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_deterministic_across_thread_counts():
+    x, arch, weight, bias, grad_y = make_inputs((64, 8, 9, 9), 7, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+
+    def run():
+        y = torch.ops.bnas_fast.arch_batch_norm(leaves[0], arch, leaves[1], leaves[2], 16, 1e-5)[0]
+        return [y.detach()] + list(torch.autograd.grad(y, leaves, grad_y))
+
+    first = run()
+    for threads in (1, 2):
+        with _num_threads(threads):
+            for a, b in zip(first, run()):
+                assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Modules
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize(
+    "ours, theirs, shape",
+    [
+        (bnas_fast.nn.ArchBatchNorm2d, nn.BatchNorm2d, (8, 5, 6, 6)),
+        (bnas_fast.nn.ArchBatchNorm1d, nn.BatchNorm1d, (8, 5)),
+        (bnas_fast.nn.ArchBatchNorm1d, nn.BatchNorm1d, (8, 5, 7)),
+    ],
+    ids=["2d", "1d", "1d-seq"],
+)
+def test_one_architecture_is_a_drop_in_for_batch_norm(ours, theirs, shape, momentum):
+    torch.manual_seed(0)
+    ref = theirs(5, momentum=momentum)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    mine = ours(5, momentum=momentum)
+    mine.load_state_dict(ref.state_dict())
+    assert mine.weight.shape == (1, 5)
+    for _ in range(3):
+        x = torch.randn(shape, requires_grad=True)
+        y_ref, y = ref(x), mine(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn(shape)
+        gx_ref, gw_ref = torch.autograd.grad(y_ref, [x, ref.weight], g)
+        gx, gw = torch.autograd.grad(y, [x, mine.weight], g)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gw[0], gw_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mine.running_mean, ref.running_mean)
+    torch.testing.assert_close(mine.running_var, ref.running_var)
+    assert int(mine.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+    ref.eval()
+    mine.eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(mine(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_without_running_stats_uses_batch_statistics_in_eval_too():
+    ref, mine = nn.BatchNorm2d(3, track_running_stats=False), bnas_fast.nn.ArchBatchNorm2d(3, track_running_stats=False)
+    ref.eval()
+    mine.eval()
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(mine(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert mine.running_mean is None
+
+
+def test_per_arch_running_statistics_use_only_their_examples():
+    torch.manual_seed(1)
+    bn = bnas_fast.nn.ArchBatchNorm2d(3, num_archs=4, running_stats="per_arch", momentum=0.5)
+    x = torch.randn(7, 3, 4, 4) * 2 + 1
+    arch = torch.tensor([0, 0, 1, 1, 1, 3, 3])  # architecture 2 is absent
+    bn(x, arch)
+    for s in (0, 1, 3):
+        xs = x[arch == s]
+        mean = xs.mean((0, 2, 3))
+        var = xs.transpose(0, 1).reshape(3, -1).var(1)  # unbiased, as nn.BatchNorm's running_var
+        torch.testing.assert_close(bn.running_mean[s], 0.5 * mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var[s], 0.5 + 0.5 * var, rtol=1e-5, atol=1e-6)
+    assert torch.equal(bn.running_mean[2], torch.zeros(3)) and torch.equal(bn.running_var[2], torch.ones(3))
+    assert bn.num_batches_tracked.tolist() == [1, 1, 0, 1]
+    # eval: each example normalised with its own architecture's statistics
+    bn.eval()
+    y = bn(x, arch)
+    rm, rv = bn.running_mean[arch][:, :, None, None], bn.running_var[arch][:, :, None, None]
+    expected = (x - rm) / torch.sqrt(rv + bn.eps) * bn.weight[arch][:, :, None, None] + bn.bias[arch][:, :, None, None]
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_per_arch_cumulative_average_counts_batches_per_architecture():
+    bn = bnas_fast.nn.ArchBatchNorm1d(2, num_archs=2, running_stats="per_arch", momentum=None)
+    batches = [torch.randn(6, 2) for _ in range(3)]
+    archs = [torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0] * 6), torch.tensor([0, 0, 1, 1, 0, 1])]
+    for x, a in zip(batches, archs):
+        bn(x, a)
+    # architecture 1 was in batches 0 and 2: its running mean is the plain average of those two batch means
+    means = [x[a == 1].mean(0) for x, a in zip(batches, archs) if bool((a == 1).any())]
+    torch.testing.assert_close(bn.running_mean[1], sum(means) / len(means), rtol=1e-5, atol=1e-6)
+    assert bn.num_batches_tracked.tolist() == [3, 2]
+
+
+def test_state_dict_broadcast_into_many_architectures_and_round_trip():
+    ref = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        ref.weight.copy_(torch.arange(4.0))
+        ref.running_mean.fill_(0.25)
+    bn = bnas_fast.nn.ArchBatchNorm2d(4, num_archs=3, running_stats="per_arch")
+    bn.load_state_dict(ref.state_dict())
+    assert torch.equal(bn.weight, torch.arange(4.0).expand(3, 4))
+    assert torch.equal(bn.running_mean, torch.full((3, 4), 0.25))
+    other = bnas_fast.nn.ArchBatchNorm2d(4, num_archs=3, running_stats="per_arch")
+    other.load_state_dict(bn.state_dict())
+    assert torch.equal(other.weight, bn.weight)
+
+
+def test_group_statistics_in_the_module():
+    bn = bnas_fast.nn.ArchBatchNorm2d(3, num_archs=2, group_size=4)
+    x, arch = torch.randn(8, 3, 5, 5), torch.tensor([0, 1] * 4)
+    y = bn(x, arch)
+    expected = torch.cat([F.batch_norm(x[k : k + 4], None, None, None, None, True) for k in (0, 4)])
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    # running statistics over the whole batch
+    torch.testing.assert_close(bn.running_mean, 0.1 * x.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_bench_cases_are_registered_and_agree():
+    from bnas_fast.bench import all_cases
+    from bnas_fast.bench import arch_batch_norm as cases_module
+
+    names = {c.name for c in all_cases()}
+    assert {c.name for c in cases_module.cases()} <= names
+    # the providers compute the same thing (on a small shape: the module's eager function vs the op)
+    x, arch, weight, bias, _ = make_inputs((6, 3, 4, 4), 5, torch.float32)
+    rm1, rv1, rm2, rv2 = torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    y1 = cases_module.eager_arch_batch_norm(x, arch, weight, bias, rm1, rv1)
+    y2 = bnas_fast.arch_batch_norm(x, arch, weight, bias, rm2, rv2)
+    torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rm2, rm1)
+    torch.testing.assert_close(rv2, rv1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Bad input
+# ---------------------------------------------------------------------------------------------
+_f = bnas_fast.arch_batch_norm
+_op = torch.ops.bnas_fast.arch_batch_norm
+
+
+def _x(b=4, c=3):
+    return torch.randn(b, c, 3, 3)
+
+
+def _a(b=4, s=2):
+    return torch.arange(b) % s
+
+
+def _w(s=2, c=3, dtype=torch.float32):
+    return torch.ones(s, c, dtype=dtype)
+
+
+BAD_CALLS = {
+    "arch_out_of_range": (lambda: _f(_x(), torch.tensor([0, 1, 2, 0]), _w(), _w()), IndexError, r"arch.*2.*out of range"),
+    "arch_negative": (lambda: _f(_x(), torch.tensor([0, -1, 1, 0]), _w(), _w()), IndexError, r"arch.*-1"),
+    "op_arch_out_of_range": (lambda: _op(_x(), torch.tensor([0, 1, 5, 0]), _w(), _w(), 4, 1e-5), IndexError, r"arch\[2\] = 5"),
+    "op_bwd_arch_out_of_range": (
+        lambda: torch.ops.bnas_fast.arch_batch_norm_backward(
+            _x(), _x(), torch.tensor([0, 1, 5, 0]), _w(), torch.zeros(1, 3), torch.ones(1, 3), 4
+        ),
+        IndexError,
+        r"arch\[2\] = 5",
+    ),
+    "eval_arch_out_of_range": (
+        lambda: _f(_x(), torch.tensor([0, 1, 2, 0]), _w(), _w(), torch.zeros(3), torch.ones(3), training=False),
+        IndexError,
+        r"arch",
+    ),
+    "arch_int32": (lambda: _f(_x(), _a().int(), _w(), _w()), ValueError, r"arch must be a \[B\] = \[4\] int64"),
+    "arch_wrong_length": (lambda: _f(_x(), _a(3), _w(), _w()), ValueError, r"arch must be a \[B\]"),
+    "arch_float": (lambda: _f(_x(), _a().float(), _w(), _w()), ValueError, r"arch.*int64"),
+    "weight_wrong_channels": (lambda: _f(_x(), _a(), _w(c=4), _w()), ValueError, r"weight must have shape \[S, C\] with C = 3"),
+    "weight_bias_disagree_on_S": (lambda: _f(_x(), _a(), _w(s=2), _w(s=3)), ValueError, r"weight has S = 2.*bias has 3"),
+    "weight_dtype": (lambda: _f(_x(), _a(), _w(dtype=torch.float64), _w()), TypeError, r"weight has dtype"),
+    "running_mean_wrong_shape": (
+        lambda: _f(_x(), _a(), _w(), _w(), torch.zeros(4), torch.ones(4)),
+        ValueError,
+        r"running_mean must be \[C\] = \[3\]",
+    ),
+    "running_stats_wrong_S": (
+        lambda: _f(_x(), _a(), _w(), _w(), torch.zeros(5, 3), torch.ones(5, 3)),
+        ValueError,
+        r"running_mean must be .*\[S, C\] = \[2, 3\]",
+    ),
+    "running_var_missing": (lambda: _f(_x(), _a(), _w(), _w(), torch.zeros(3), None), ValueError, r"running_mean and running_var"),
+    "eval_without_running_stats": (lambda: _f(_x(), _a(), _w(), _w(), training=False), ValueError, r"eval mode.*running_mean"),
+    "one_example_per_group": (lambda: _f(_x(), _a(), _w(), _w(), group_size=1), ValueError, r"group_size = 1.*one example per statistics group"),
+    "group_not_dividing": (lambda: _f(_x(), _a(), _w(), _w(), group_size=3), ValueError, r"group_size must .* divide"),
+    "single_value_per_channel": (lambda: _f(torch.randn(1, 3), _a(1), _w(), _w()), ValueError, r"more than 1 value per channel"),
+    "op_single_value_per_channel": (lambda: _op(torch.randn(1, 3), _a(1), _w(), _w(), 1, 1e-5), ValueError, r"at least 2"),
+    "negative_eps": (lambda: _f(_x(), _a(), _w(), _w(), eps=-1.0), ValueError, r"eps must be"),
+    "nan_eps": (lambda: _f(_x(), _a(), _w(), _w(), eps=float("nan")), ValueError, r"eps must be"),
+    "momentum_out_of_range": (
+        lambda: _f(_x(), _a(), _w(), _w(), torch.zeros(3), torch.ones(3), momentum=1.5),
+        ValueError,
+        r"momentum must be",
+    ),
+    "x_1d": (lambda: _f(torch.randn(4), _a(), _w(), _w()), ValueError, r"x must have shape \[B, C, \*\]"),
+    "x_int": (lambda: _f(torch.ones(4, 3, dtype=torch.long), _a(), _w(), _w()), TypeError, r"x must be a floating-point"),
+    "x_not_tensor": (lambda: _f([[1.0]], _a(1), _w(), _w()), TypeError, r"x must be a torch.Tensor"),
+    "affine_scale_wrong_shape": (
+        lambda: bnas_fast.channel_affine(_x(), torch.ones(4, 2), torch.zeros(4, 3)),
+        ValueError,
+        r"scale must be \[B, C\] = \[4, 3\]",
+    ),
+    "affine_shift_dtype": (
+        lambda: bnas_fast.channel_affine(_x(), torch.ones(4, 3), torch.zeros(4, 3, dtype=torch.float64)),
+        ValueError,
+        r"shift must be",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_arguments_raise_naming_the_argument(name):
+    call, exc_type, pattern = BAD_CALLS[name]
+    with pytest.raises(exc_type, match=pattern) as info:
+        call()
+    assert type(info.value) is exc_type
+    assert "arch_batch_norm" in str(info.value) or "channel_affine" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda: bnas_fast.nn.ArchBatchNorm2d(3, num_archs=0), r"num_archs must be an int >= 1"),
+        (lambda: bnas_fast.nn.ArchBatchNorm2d(3, running_stats="per_example"), r"running_stats must be one of"),
+        (lambda: bnas_fast.nn.ArchBatchNorm2d(3, momentum=-0.1), r"momentum must be in \[0, 1\]"),
+        (lambda: bnas_fast.nn.ArchBatchNorm2d(3, group_size=1), r"group_size must be None .* >= 2"),
+    ],
+)
+def test_module_bad_arguments(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
+def test_module_needs_arch_with_several_architectures_and_the_right_rank():
+    bn = bnas_fast.nn.ArchBatchNorm2d(3, num_archs=2)
+    with pytest.raises(ValueError, match="arch is required"):
+        bn(torch.randn(4, 3, 2, 2))
+    with pytest.raises(ValueError, match="expected a 4D input"):
+        bn(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
