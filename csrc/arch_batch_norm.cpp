@@ -53,6 +53,22 @@ inline acc_t row_reduce2(const scalar_t* __restrict g, const scalar_t* __restric
   return total;
 }
 
+// out[l] = f(l) for l in [0, L), in blocks of 64 (vectorised) through store_block, which streams them
+// past the caches when `streaming` (outputs of kStreamingBytes and more; see common.h).
+template <typename scalar_t, typename acc_t, typename F>
+inline void write_row(scalar_t* __restrict out, int64_t L, bool streaming, F f) {
+  constexpr int64_t kBlock = 64;
+  int64_t l = 0;
+  for (; l + kBlock <= L; l += kBlock) {
+    acc_t buf[kBlock];
+    for (int64_t u = 0; u < kBlock; ++u) buf[u] = f(l + u);
+    store_block<kBlock>(out + l, buf, streaming);
+  }
+  for (; l < L; ++l) out[l] = static_cast<scalar_t>(f(l));
+}
+
+inline bool stream_output(const at::Tensor& t) { return static_cast<int64_t>(t.nbytes()) >= kStreamingBytes; }
+
 // Rows per parallel task: enough work (>= 32k elements) to amortise the scheduling.
 inline int64_t row_grain(int64_t L) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1)); }
 
@@ -156,15 +172,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> arch_batc
       }
     });
     // 3. y = x * scale + shift per row
+    const bool streaming = stream_output(y);
     at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / C, c = r % C, kc = (b / g) * C + c, sc = ap[b] * C + c;
         const acc_t scale = ip[kc] * static_cast<acc_t>(wp[sc]);
         const acc_t shift = static_cast<acc_t>(bp[sc]) - mp[kc] * scale;
         const scalar_t* __restrict row = xp + r * L;
-        scalar_t* __restrict out = yp + r * L;
-        for (int64_t l = 0; l < L; ++l) out[l] = static_cast<scalar_t>(static_cast<acc_t>(row[l]) * scale + shift);
+        write_row<scalar_t, acc_t>(yp + r * L, L, streaming,
+                                   [=](int64_t l) { return static_cast<acc_t>(row[l]) * scale + shift; });
       }
+      if (streaming) streaming_fence();
     });
   });
   return {y, mean, invstd, row_mean, row_m2};
@@ -248,6 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> arch_batch_norm_backward_cpu(
       }
     });
     // 3. grad_x = r (g w - m1 - xhat m2) = g (r w) + x (-r^2 m2) + (mean r^2 m2 - r m1)
+    const bool streaming = stream_output(grad_x);
     at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / C, c = r % C, kc = (b / g) * C + c;
@@ -257,11 +276,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> arch_batch_norm_backward_cpu(
         const acc_t c0 = m * rs * rs * m2 - rs * m1;
         const scalar_t* __restrict grow = gp + r * L;
         const scalar_t* __restrict xrow = xp + r * L;
-        scalar_t* __restrict out = gxp + r * L;
-        for (int64_t l = 0; l < L; ++l) {
-          out[l] = static_cast<scalar_t>(static_cast<acc_t>(grow[l]) * a + static_cast<acc_t>(xrow[l]) * bx + c0);
-        }
+        write_row<scalar_t, acc_t>(gxp + r * L, L, streaming, [=](int64_t l) {
+          return static_cast<acc_t>(grow[l]) * a + static_cast<acc_t>(xrow[l]) * bx + c0;
+        });
       }
+      if (streaming) streaming_fence();
     });
   });
   return {grad_x, grad_weight_acc.to(weight.scalar_type()), grad_bias_acc.to(weight.scalar_type())};
@@ -298,13 +317,15 @@ at::Tensor channel_affine_cpu(const at::Tensor& x_in, const at::Tensor& scale_in
     const acc_t* sp = scale.data_ptr<acc_t>();
     const acc_t* hp = shift.data_ptr<acc_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
+    const bool streaming = stream_output(y);
     at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const acc_t a = sp[r], h = hp[r];
         const scalar_t* __restrict row = xp + r * L;
-        scalar_t* __restrict out = yp + r * L;
-        for (int64_t l = 0; l < L; ++l) out[l] = static_cast<scalar_t>(static_cast<acc_t>(row[l]) * a + h);
+        write_row<scalar_t, acc_t>(yp + r * L, L, streaming,
+                                   [=](int64_t l) { return static_cast<acc_t>(row[l]) * a + h; });
       }
+      if (streaming) streaming_fence();
     });
   });
   return y;
@@ -335,15 +356,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_backward_cpu(const
     acc_t* gsp = grad_scale.data_ptr<acc_t>();
     acc_t* ghp = grad_shift.data_ptr<acc_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    const bool streaming = stream_output(grad_x);
     at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* grow = gp + r * L;
         gsp[r] = row_reduce2<scalar_t, acc_t>(grow, xp + r * L, L, [](acc_t gv, acc_t xv) { return gv * xv; });
         ghp[r] = row_reduce<scalar_t, acc_t>(grow, L, [](acc_t v) { return v; });
         const acc_t a = sp[r];
-        scalar_t* __restrict out = gxp + r * L;
-        for (int64_t l = 0; l < L; ++l) out[l] = static_cast<scalar_t>(static_cast<acc_t>(grow[l]) * a);
+        write_row<scalar_t, acc_t>(gxp + r * L, L, streaming, [=](int64_t l) { return static_cast<acc_t>(grow[l]) * a; });
       }
+      if (streaming) streaming_fence();
     });
   });
   return {grad_x, grad_scale, grad_shift};

@@ -11,6 +11,9 @@
 #include <c10/util/SmallVector.h>
 
 #include <cmath>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -59,6 +62,53 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   }
 #endif
   return t;
+}
+
+// Outputs of 4 MiB and more (beyond a core's L2) are written with non-temporal (streaming) stores:
+// a streaming store skips the read-for-ownership that a normal store of a missing line costs, i.e.
+// a third of the traffic of an op that reads one tensor and writes another.
+constexpr int64_t kStreamingBytes = int64_t(4) << 20;
+
+inline bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63) == 0; }
+
+// dst[0:kN] = src[0:kN], streamed when asked and possible (float/double, 64-byte aligned dst);
+// kN is a multiple of 16.
+template <int64_t kN, typename scalar_t, typename acc_t>
+inline void store_block(scalar_t* __restrict dst, const acc_t* __restrict src, bool streaming) {
+  static_assert(kN % 16 == 0, "store_block: kN must be a multiple of 16");
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
+    if (streaming && aligned64(dst)) {
+      for (int64_t u = 0; u < kN; u += 16) _mm512_stream_ps(dst + u, _mm512_loadu_ps(src + u));
+      return;
+    }
+  } else if constexpr (std::is_same<scalar_t, double>::value && std::is_same<acc_t, double>::value) {
+    if (streaming && aligned64(dst)) {
+      for (int64_t u = 0; u < kN; u += 8) _mm512_stream_pd(dst + u, _mm512_loadu_pd(src + u));
+      return;
+    }
+  }
+#elif defined(__SSE2__)
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
+    if (streaming && aligned64(dst)) {
+      for (int64_t u = 0; u < kN; u += 4) _mm_stream_ps(dst + u, _mm_loadu_ps(src + u));
+      return;
+    }
+  } else if constexpr (std::is_same<scalar_t, double>::value && std::is_same<acc_t, double>::value) {
+    if (streaming && aligned64(dst)) {
+      for (int64_t u = 0; u < kN; u += 2) _mm_stream_pd(dst + u, _mm_loadu_pd(src + u));
+      return;
+    }
+  }
+#endif
+  for (int64_t u = 0; u < kN; ++u) dst[u] = static_cast<scalar_t>(src[u]);
+}
+
+// Streaming stores are weakly ordered: fence before another thread may read what they wrote.
+inline void streaming_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace bnas_fast

@@ -15,9 +15,6 @@
 
 #include <torch/library.h>
 
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
 
 namespace bnas_fast {
 namespace {
@@ -43,52 +40,10 @@ struct MixArgs {
 // at 0.6x the speed of torch.compile's fused loop: short per-candidate streams defeat prefetching.
 constexpr int64_t kBlock = 64;
 
-// Outputs of 4 MiB and more (beyond a core's L2) are written with non-temporal (streaming) stores:
-// a streaming store skips the read-for-ownership that a normal store of a missing line costs. The
-// backward pass writes K gradient rows, so this removes about a third of its traffic. Measured at
-// B=64, K=4, 64x32x32 with half the weights zero: forward 1.34x -> 1.60x torch.compile with 4 MiB
-// against a 32 MiB threshold. The cost: an output that a following op could have found in L3.
-constexpr int64_t kStreamingBytes = int64_t(4) << 20;
-
-inline bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63) == 0; }
-
-// dst[0:kBlock] = src[0:kBlock], streamed when asked and possible (float/double, 64-byte aligned).
-template <typename scalar_t, typename acc_t>
-inline void store_block(scalar_t* __restrict dst, const acc_t* __restrict src, bool streaming) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
-    if (streaming && aligned64(dst)) {
-      for (int64_t u = 0; u < kBlock; u += 16) _mm512_stream_ps(dst + u, _mm512_loadu_ps(src + u));
-      return;
-    }
-  } else if constexpr (std::is_same<scalar_t, double>::value && std::is_same<acc_t, double>::value) {
-    if (streaming && aligned64(dst)) {
-      for (int64_t u = 0; u < kBlock; u += 8) _mm512_stream_pd(dst + u, _mm512_loadu_pd(src + u));
-      return;
-    }
-  }
-#elif defined(__SSE2__)
-  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
-    if (streaming && aligned64(dst)) {
-      for (int64_t u = 0; u < kBlock; u += 4) _mm_stream_ps(dst + u, _mm_loadu_ps(src + u));
-      return;
-    }
-  } else if constexpr (std::is_same<scalar_t, double>::value && std::is_same<acc_t, double>::value) {
-    if (streaming && aligned64(dst)) {
-      for (int64_t u = 0; u < kBlock; u += 2) _mm_stream_pd(dst + u, _mm_loadu_pd(src + u));
-      return;
-    }
-  }
-#endif
-  for (int64_t u = 0; u < kBlock; ++u) dst[u] = static_cast<scalar_t>(src[u]);
-}
-
-// Streaming stores are weakly ordered: fence before another thread may read what they wrote.
-inline void streaming_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
+// Outputs of kStreamingBytes and more are written with streaming stores (common.h). The backward
+// pass writes K gradient rows, so this removes about a third of its traffic. Measured at B=64, K=4,
+// 64x32x32 with half the weights zero: forward 1.34x -> 1.60x torch.compile with a 4 MiB threshold
+// against 32 MiB. The cost: an output that a following op could have found in L3.
 
 template <typename scalar_t>
 struct Active {
@@ -115,7 +70,7 @@ inline void weighted_sum_tile(const c10::SmallVector<Active<scalar_t>, 16>& acti
       const acc_t w = active[a].weight;
       for (int64_t u = 0; u < kBlock; ++u) acc[u] += w * static_cast<acc_t>(y[u]);
     }
-    store_block(out + j, acc, streaming);
+    store_block<kBlock>(out + j, acc, streaming);
   }
   for (; j < n; ++j) {
     acc_t acc = 0;
@@ -204,7 +159,7 @@ void mix_backward_kernel(const MixArgs<scalar_t>& a, const scalar_t* grad_out,
           const Target& tg = targets[t];
           acc_t gyb[kBlock];
           for (int64_t u = 0; u < kBlock; ++u) gyb[u] = tg.w * gb[u];
-          store_block(tg.gy + j, gyb, streaming);
+          store_block<kBlock>(tg.gy + j, gyb, streaming);
           if (tg.y) {
             // Sum the block in registers first and touch the running sums in memory once per
             // block: updating them per element chained every FMA through a store-load round
