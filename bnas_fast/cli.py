@@ -3,6 +3,7 @@
     bnas-fast bench [--quick] [--filter TEXT] [--malloc default|no-mmap|both] [--json FILE]
     bnas-fast info
     bnas-fast run ldn [--seeds 0 1 2] [--max-depth D] [--out DIR] [--quick] ...   (run ldn --help)
+    bnas-fast run nsa [--variant nsa|nsa_i|nsa_id] [--running-stats shared|per_arch] [--compare] ...
     bnas-fast report ldn DIR [--json FILE]
 
 ``bench`` runs the benchmark suite (every case of bnas_fast.bench) with 2 threads and prints a
@@ -128,13 +129,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     info.set_defaults(func=_info)
 
     # `run <method>`: each method module owns its options (add_arguments) and its entry point (main).
-    from bnas_fast.methods import ldn
+    from bnas_fast.methods import ldn, nsa
 
     run = sub.add_parser("run", help="run a method's reference training loop (see `run ldn --help`)")
     methods = run.add_subparsers(dest="method", metavar="method", required=True)
     run_ldn = methods.add_parser("ldn", help="learnt-depth networks (seed 000): spirals or images")
     ldn.add_arguments(run_ldn)
     run_ldn.set_defaults(func=ldn.main)
+    run_nsa = methods.add_parser("nsa", help="networks with stochastic architectures (seed 002): NSA, NSA-i, NSA-id")
+    nsa.add_arguments(run_nsa)
+    run_nsa.set_defaults(func=nsa.main)
 
     report = sub.add_parser("report", help="tabulate a method's runs (see `report ldn --help`)")
     reports = report.add_subparsers(dest="method", metavar="method", required=True)

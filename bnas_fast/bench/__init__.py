@@ -168,6 +168,6 @@ def format_table(results: List[Result], copy_gbs: float) -> str:
 
 def all_cases() -> List[Case]:
     """Every registered benchmark case, one module per op."""
-    from bnas_fast.bench import arch_batch_norm, depth_loglik, mix
+    from bnas_fast.bench import arch_batch_norm, depth_loglik, mix, nsa
 
-    return mix.cases() + depth_loglik.cases() + arch_batch_norm.cases()
+    return mix.cases() + depth_loglik.cases() + arch_batch_norm.cases() + nsa.cases()
