@@ -1,0 +1,196 @@
+"""Tests of networks with stochastic architectures (bnas_fast.nn.nsa, bnas_fast.methods.nsa)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnas_fast.methods import nsa
+from bnas_fast.nn.nsa import NSANet, NSAStage, sample_architectures
+
+
+def test_sampler_chain_density_reproducibility_and_global_rng():
+    state = torch.get_rng_state()
+    adj = sample_architectures(3000, 5, p=0.3, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert adj.shape == (3000, 6, 6)
+    assert torch.equal(adj, sample_architectures(3000, 5, p=0.3, seed=4))
+    assert not torch.equal(adj, sample_architectures(3000, 5, p=0.3, seed=5))
+    assert torch.all(adj.tril() == 0)  # a DAG over nodes in order
+    assert torch.all(torch.diagonal(adj, offset=1, dim1=1, dim2=2) == 1)  # the chain
+    # the other 15 - 5 = 10 possible edges: on with probability 0.3 (3000 * 10 draws, sd ~ 0.0026)
+    off_chain = adj.triu(diagonal=2).sum() / (3000 * 10)
+    assert abs(float(off_chain) - 0.3) < 0.015
+    with pytest.raises(ValueError, match="p must be in"):
+        sample_architectures(2, 3, p=1.5)
+    with pytest.raises(ValueError, match="num_nodes"):
+        sample_architectures(2, 0)
+
+
+def test_stage_aggregates_exactly_the_predecessors_of_each_examples_architecture():
+    """Node j's input is the sum of its predecessors' outputs under the example's own architecture:
+    compare with a loop over examples that wires each one by hand."""
+    torch.manual_seed(0)
+    adjacency = sample_architectures(4, 3, seed=1)
+    stage = NSAStage(2, adjacency, conditional=False).eval()
+    x = torch.randn(5, 2, 4, 4)
+    arch = torch.tensor([0, 3, 1, 3, 2])
+    out = stage(x, arch)
+    for b in range(5):
+        outputs = [x[b : b + 1]]
+        for j in range(1, 4):
+            h = sum(outputs[i] for i in range(j) if adjacency[arch[b], i, j] == 1)
+            outputs.append(stage.norms[j - 1](stage.convs[j - 1](torch.relu(h)), torch.zeros(1, dtype=torch.long)))
+        torch.testing.assert_close(out[b : b + 1], outputs[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_architectures_equal_running_them_alone_in_eval_mode():
+    torch.manual_seed(0)
+    net = NSANet(1, 3, width=4, num_stages=2, num_nodes=3, num_archs=6, variant="nsa_i").eval()
+    x = torch.randn(6, 1, 8, 8)
+    arch = torch.tensor([0, 5, 2, 2, 4, 1])
+    mixed = net(x, arch)
+    for b in range(6):
+        torch.testing.assert_close(mixed[b : b + 1], net(x[b : b + 1], int(arch[b])), rtol=1e-5, atol=1e-6)
+    # different architectures really give different functions
+    assert not torch.allclose(net(x, 0), net(x, 5))
+
+
+@pytest.mark.parametrize("variant", ["nsa_i", "nsa_id"])
+def test_fused_model_matches_its_plain_pytorch_twin(variant):
+    torch.manual_seed(0)
+    fused = NSANet(1, 4, width=4, num_stages=2, num_nodes=3, num_archs=5, variant=variant)
+    plain = NSANet(1, 4, width=4, num_stages=2, num_nodes=3, num_archs=5, variant=variant, fused=False)
+    plain.load_state_dict(fused.state_dict())
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    arch = torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(2))
+    for step in range(2):  # train mode (batch statistics, running averages), twice
+        loss_f, loss_p = F.cross_entropy(fused(x, arch), y), F.cross_entropy(plain(x, arch), y)
+        torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-6)
+        grads_f = torch.autograd.grad(loss_f, list(fused.parameters()))
+        grads_p = torch.autograd.grad(loss_p, list(plain.parameters()))
+        for (name, _), a, b in zip(fused.named_parameters(), grads_f, grads_p):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    fused.eval()
+    plain.eval()
+    torch.testing.assert_close(fused(x, arch), plain(x, arch), rtol=1e-5, atol=1e-5)
+
+
+def test_nsa_id_parameters_of_absent_architectures_get_no_gradient():
+    torch.manual_seed(0)
+    net = NSANet(1, 3, width=4, num_stages=1, num_nodes=3, num_archs=4, variant="nsa_id")
+    x = torch.randn(6, 1, 6, 6)
+    arch = torch.tensor([0, 0, 2, 2, 0, 2])  # architectures 1 and 3 absent
+    F.cross_entropy(net(x, arch), torch.randint(0, 3, (6,))).backward()
+    stage = net.stages[0]
+    for absent in (1, 3):
+        assert torch.count_nonzero(stage.coefficients.grad[absent]) == 0
+        assert torch.count_nonzero(stage.norms[0].weight.grad[absent]) == 0
+    assert torch.count_nonzero(stage.norms[0].weight.grad[0]) > 0
+    # coefficients off the edges never move
+    off = stage.adjacency == 0
+    assert torch.count_nonzero(stage.coefficients.grad[off]) == 0
+
+
+def test_with_architectures_evaluates_unseen_wirings_with_shared_weights():
+    torch.manual_seed(0)
+    net = NSANet(1, 3, width=4, num_stages=2, num_nodes=3, num_archs=4, variant="nsa_i").eval()
+    unseen = [sample_architectures(2, 3, seed=99), sample_architectures(2, 3, seed=98)]
+    other = net.with_architectures(unseen)
+    assert other.stages[0].convs[0].weight is net.stages[0].convs[0].weight
+    x = torch.randn(3, 1, 6, 6)
+    # an "unseen" space that repeats architecture 2 of the training space gives the same function
+    same = net.with_architectures([s.adjacency[2:3] for s in net.stages])
+    torch.testing.assert_close(same(x, 0), net(x, 2))
+    assert other(x, 1).shape == (3, 3)
+    assert net.stages[0].adjacency.shape[0] == 4  # the original is untouched
+    with pytest.raises(ValueError, match="shared weights"):
+        NSANet(1, 3, width=4, num_archs=2, variant="nsa_id").with_architectures(unseen)
+
+
+def test_statistics_helpers_by_hand():
+    assert nsa.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert nsa.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert nsa.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486833, rel=1e-6)  # ties averaged
+    assert nsa.auroc([0.1, 0.2], [0.3, 0.4]) == 1.0
+    assert nsa.auroc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    assert nsa.auroc([0.1, 0.5], [0.5, 0.9]) == pytest.approx(0.875)  # one tie counts 1/2
+    p = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # two confident, disagreeing members
+    assert float(nsa.mutual_information(p)[0]) == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-5)
+    agree = torch.tensor([[[0.5, 0.5]], [[0.5, 0.5]]])
+    assert float(nsa.mutual_information(agree)[0]) == pytest.approx(0.0, abs=1e-7)
+
+
+def _tiny(out_dir, **overrides):
+    config = dict(
+        dataset="digits", epochs=1, n_train=96, n_test=64, num_archs=4, width=4, num_stages=2, num_nodes=3,
+        eval_archs=3, max_ensemble=3, batch_size=32, out_dir=str(out_dir), progress=False,
+    )
+    config.update(overrides)
+    return config
+
+
+def test_run_end_to_end_writes_json_and_plots_and_is_reproducible(tmp_path):
+    first = nsa.run(_tiny(tmp_path / "a"))
+    for name in ("results.json", "fig2_accuracy_histograms.png", "fig4_ensemble.png"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    with open(tmp_path / "a" / "results.json") as fh:
+        saved = json.load(fh)
+    arch = saved["architectures"]
+    assert len(arch["accuracy_eval_bn"]) == len(arch["accuracy_train_bn"]) == 3
+    assert [e["T"] for e in saved["ensemble"]] == [1, 2, 3]
+    assert 0.0 <= saved["uncertainty"]["auroc"] <= 1.0 and saved["uncertainty"]["ood_source"]
+    assert 0.0 <= saved["seen_unseen"]["auc"] <= 1.0
+    second = nsa.run(_tiny(tmp_path / "b", plots=False))
+    assert json.dumps(second["architectures"]) == json.dumps(first["architectures"])  # NaN-safe equality
+    assert second["training"]["epoch_losses"] == first["training"]["epoch_losses"]
+
+
+def test_compare_runs_every_variant(tmp_path):
+    config = _tiny(tmp_path, n_train=64, n_test=32)
+    config.pop("out_dir")
+    result = nsa.compare(config, out_dir=str(tmp_path))
+    assert [(r["variant"], r["running_stats"]) for r in result["rows"]] == list(nsa.COMPARISON)
+    assert result["markdown"].count("\n| nsa") == len(nsa.COMPARISON)
+    assert os.path.isfile(tmp_path / "comparison.json")
+    # per-architecture and conditional variants have no seen/unseen AUC (their unseen wirings have no parameters)
+    by = {(r["variant"], r["running_stats"]): r for r in result["rows"]}
+    assert by[("nsa_id", "shared")]["seen_unseen_auc"] is None and by[("nsa_i", "shared")]["seen_unseen_auc"] is not None
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (dict(variant="nsa_x"), r"variant must be one of"),
+        (dict(running_stats="per_example"), r"running_stats must be"),
+        (dict(num_archs=0), r"num_archs must be an int >= 1"),
+        (dict(batch_size=1), r"batch_size must be an int >= 2"),
+        (dict(lr=0.0), r"lr > 0"),
+        (dict(dataset="cifar"), r"dataset must be"),
+        (dict(unknown_key=1), r"unknown config key"),
+    ],
+)
+def test_bad_config_values_name_the_key(overrides, pattern, tmp_path):
+    with pytest.raises(ValueError, match=pattern):
+        nsa.run(_tiny(tmp_path, **overrides))
+
+
+def test_model_bad_arguments():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        NSANet(1, 3, variant="x")
+    with pytest.raises(IndexError, match="arch = 7 is out of range for S = 2"):
+        NSANet(1, 3, width=2, num_archs=2)(torch.randn(2, 1, 4, 4), 7)
+    with pytest.raises(ValueError, match="plain-PyTorch twin"):
+        NSAStage(2, sample_architectures(2, 2), conditional=False, running_stats="per_arch", fused=False)
+
+
+def test_cli_run_nsa(tmp_path, capsys):
+    from bnas_fast.cli import main
+
+    assert main(["run", "nsa", "--quick", "--dataset", "digits", "--out", str(tmp_path), "--no-progress", "--no-plots"]) == 0
+    assert "nsa_i (shared) seed 0" in capsys.readouterr().out
+    assert (tmp_path / "nsa_i_shared_seed0" / "results.json").is_file()
