@@ -13,7 +13,7 @@ by bnas_fast.bench.peak_memory_bytes) is stored in the benchmark's extra_info.
 import pytest
 
 from bnas_fast.bench import depth_loglik as depth_loglik_cases
-from bnas_fast.bench import peak_memory_bytes
+from bnas_fast.bench import run_pytest_benchmark
 
 CASES = depth_loglik_cases.cases()
 
@@ -21,11 +21,4 @@ CASES = depth_loglik_cases.cases()
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 @pytest.mark.parametrize("provider", ["eager", "compile", "bnas_fast"])
 def test_depth_loglik(benchmark, case, provider):
-    providers = case.build()
-    if provider not in providers:
-        pytest.skip(f"{case.name} has no {provider} provider")
-    fn = providers[provider]
-    fn()  # warm-up (compiles the torch.compile provider)
-    benchmark.extra_info["bytes_moved"] = case.bytes_moved
-    benchmark.extra_info["peak_memory_bytes"] = peak_memory_bytes(fn, warmup=0)
-    benchmark.pedantic(fn, rounds=7, iterations=1, warmup_rounds=1)
+    run_pytest_benchmark(benchmark, case, provider)

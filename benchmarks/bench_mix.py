@@ -12,6 +12,7 @@ bnas_fast), in one process, with 2 threads.
 import pytest
 
 from bnas_fast.bench import mix as mix_cases
+from bnas_fast.bench import run_pytest_benchmark
 
 CASES = mix_cases.cases()
 
@@ -19,10 +20,4 @@ CASES = mix_cases.cases()
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 @pytest.mark.parametrize("provider", ["eager", "compile", "bnas_fast"])
 def test_mix(benchmark, case, provider):
-    providers = case.build()
-    if provider not in providers:
-        pytest.skip(f"{case.name} has no {provider} provider")
-    fn = providers[provider]
-    fn()  # warm-up (compiles the torch.compile provider)
-    benchmark.extra_info["bytes_moved"] = case.bytes_moved
-    benchmark.pedantic(fn, rounds=7, iterations=1, warmup_rounds=1)
+    run_pytest_benchmark(benchmark, case, provider)

@@ -29,6 +29,7 @@ __all__ = [
     "copy_bandwidth_gbs",
     "format_table",
     "all_cases",
+    "run_pytest_benchmark",
 ]
 
 PROVIDERS = ("eager", "compile", "bnas_fast")
@@ -171,3 +172,19 @@ def all_cases() -> List[Case]:
     from bnas_fast.bench import arch_batch_norm, depth_loglik, mix, nsa
 
     return mix.cases() + depth_loglik.cases() + arch_batch_norm.cases() + nsa.cases()
+
+
+def run_pytest_benchmark(benchmark, case: Case, provider: str) -> None:
+    """Time one provider of ``case`` with pytest-benchmark (the files in benchmarks/ are thin
+    parametrisations of this). Records the case's minimal traffic and the provider's peak memory in
+    ``benchmark.extra_info``; skips a provider the case does not have."""
+    import pytest
+
+    providers = case.build()
+    if provider not in providers:
+        pytest.skip(f"{case.name} has no {provider} provider")
+    fn = providers[provider]
+    fn()  # warm-up (compiles the torch.compile provider)
+    benchmark.extra_info["bytes_moved"] = case.bytes_moved
+    benchmark.extra_info["peak_memory_bytes"] = peak_memory_bytes(fn, warmup=0)
+    benchmark.pedantic(fn, rounds=7, iterations=1, warmup_rounds=1)

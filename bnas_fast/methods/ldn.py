@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from bnas_fast.data import Splits, load_images, spirals
+from bnas_fast.methods._config import config_from_any
 from bnas_fast.nn.depth import (
     ConvBlocks,
     FCBlocks,
@@ -114,17 +115,7 @@ class LDNConfig:
 
     @classmethod
     def from_any(cls, config: Union["LDNConfig", Dict[str, Any], None]) -> "LDNConfig":
-        if config is None:
-            return cls()
-        if isinstance(config, cls):
-            return copy.deepcopy(config)
-        if isinstance(config, dict):
-            names = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(config) - names)
-            if unknown:
-                raise ValueError(f"ldn.run: unknown config key(s) {unknown}; known: {sorted(names)}")
-            return cls(**config)
-        raise TypeError(f"ldn.run: config must be an LDNConfig or a dict, got {type(config).__name__}")
+        return config_from_any(cls, config, "ldn.run")
 
     def resolved(self) -> "LDNConfig":
         """A copy with every ``None`` replaced by the dataset's default, validated."""

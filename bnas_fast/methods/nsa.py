@@ -50,6 +50,7 @@ from torch import Tensor
 
 from bnas_fast.data import load_images
 from bnas_fast.data.images import fashion_mnist_available, load_digits, load_fashion_mnist
+from bnas_fast.methods._config import config_from_any
 from bnas_fast.nn.depth import expected_calibration_error
 from bnas_fast.nn.nsa import VARIANTS, NSANet, sample_architectures
 
@@ -92,17 +93,7 @@ class NSAConfig:
 
     @classmethod
     def from_any(cls, config: Union["NSAConfig", Dict[str, Any], None]) -> "NSAConfig":
-        if config is None:
-            return cls()
-        if isinstance(config, cls):
-            return copy.deepcopy(config)
-        if isinstance(config, dict):
-            names = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(config) - names)
-            if unknown:
-                raise ValueError(f"nsa: unknown config key(s) {unknown}; known: {sorted(names)}")
-            return cls(**config)
-        raise TypeError(f"nsa: config must be an NSAConfig or a dict, got {type(config).__name__}")
+        return config_from_any(cls, config, "nsa")
 
     def resolved(self) -> "NSAConfig":
         c = copy.deepcopy(self)
