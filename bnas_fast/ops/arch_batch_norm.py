@@ -222,8 +222,9 @@ def _update_running_stats(
     spread = L * (row_mean - mean[arch]) ** 2
     m2 = torch.zeros_like(mean).index_add_(0, arch, row_m2 + spread)
     var = m2 / (safe * L - 1).clamp(min=1)
-    weight = arch_momentum if arch_momentum is not None else torch.full((S,), momentum, dtype=row_mean.dtype)
-    weight = torch.where(present, weight.to(row_mean.dtype), torch.zeros_like(weight, dtype=row_mean.dtype))
+    weight = arch_momentum if arch_momentum is not None else torch.full((S,), momentum, dtype=row_mean.dtype, device=row_mean.device)
+    weight = weight.to(device=row_mean.device, dtype=row_mean.dtype)
+    weight = torch.where(present, weight, torch.zeros_like(weight))
     weight = weight.unsqueeze(1)
     running_mean.add_((weight * (mean - running_mean.to(mean.dtype))).to(running_mean.dtype))
     running_var.add_((weight * (var - running_var.to(var.dtype))).to(running_var.dtype))
