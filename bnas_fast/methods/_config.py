@@ -1,10 +1,13 @@
-"""What the methods' config dataclasses share."""
+"""What the methods share: building their config dataclasses, and running with a set thread count."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
+
+import torch
 
 
 def config_from_any(cls: type, config: Any, method: str) -> Any:
@@ -21,3 +24,14 @@ def config_from_any(cls: type, config: Any, method: str) -> Any:
             raise ValueError(f"{method}: unknown config key(s) {unknown}; known: {sorted(names)}")
         return cls(**config)
     raise TypeError(f"{method}: config must be an {cls.__name__} or a dict, got {type(config).__name__}")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, restoring the previous count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from bnas_fast.data import Splits, load_images, spirals
-from bnas_fast.methods._config import config_from_any
+from bnas_fast.methods._config import config_from_any, torch_threads
 from bnas_fast.nn.depth import (
     ConvBlocks,
     FCBlocks,
@@ -388,12 +388,8 @@ def run(config: Union[LDNConfig, Dict[str, Any], None] = None) -> Dict[str, Any]
         ``files``.
     """
     c = LDNConfig.from_any(config).resolved()
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(c.threads)
-    try:
+    with torch_threads(c.threads):
         return _run(c)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _run(c: LDNConfig) -> Dict[str, Any]:

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from bnas_fast.data import load_images
 from bnas_fast.data.images import fashion_mnist_available, load_digits, load_fashion_mnist
-from bnas_fast.methods._config import config_from_any
+from bnas_fast.methods._config import config_from_any, torch_threads
 from bnas_fast.nn.depth import expected_calibration_error
 from bnas_fast.nn.nsa import VARIANTS, NSANet, sample_architectures
 
@@ -264,12 +264,8 @@ def run(config: Union[NSAConfig, Dict[str, Any], None] = None) -> Dict[str, Any]
     """Train one NSA variant and evaluate it (module docstring). Writes results.json and PNGs to
     ``out_dir`` when it is set; returns the results."""
     c = NSAConfig.from_any(config).resolved()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(c.threads)
-    try:
+    with torch_threads(c.threads):
         return _run(c)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(c: NSAConfig) -> Dict[str, Any]:
