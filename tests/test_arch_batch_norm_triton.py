@@ -1,8 +1,16 @@
 """The Triton arch_batch_norm / channel_affine kernels against bnas_fast.reference, run by Triton's
-interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET=1 before triton is imported).
+interpreter on CPU tensors.
 
-The interpreter runs each program in Python, so the shapes are small.
+conftest.py sets TRITON_INTERPRET=1 before triton is imported. The interpreter runs each program in
+Python, so the tensors here are small; the whole file takes a few seconds.
+
+The four launchers are called directly (there is no CUDA device to dispatch the registered ops to);
+test_op_path_functions also calls the functions that bnas_fast.ops.arch_batch_norm registers for
+CUDA, on CPU tensors, and compares them with the CPU op.
 """
+
+import importlib
+import math
 
 import pytest
 
@@ -13,18 +21,35 @@ import torch
 from bnas_fast import reference
 from bnas_fast.triton import arch_batch_norm as triton_bn
 
-# float32: the kernels and the reference sum in different orders (blocks of the row vs torch's
-# reductions) over at most a few hundred values of size ~1 to 5. bfloat16: one rounding of the
-# output, and the interpreter's float32 -> bfloat16 cast truncates (2^-7 relative).
+# The op module itself (bnas_fast.ops re-exports its public function under the same name).
+ops_bn = importlib.import_module("bnas_fast.ops.arch_batch_norm")
+
+# |actual - expected| <= atol + rtol |expected|, chosen by the dtype of the output. float64 and
+# float32: the kernels and the reference sum in different orders (tiles of the row, Chan's
+# combination, folded scale and shift vs torch's reductions over (x - mean) invstd); values are ~1
+# to 5. The atol of a sum of n terms is scaled by sqrt(n) (see assert_close). bfloat16/float16
+# outputs are rounded once from float32, and the interpreter's float32 -> bfloat16 cast truncates
+# instead of rounding to nearest: one unit in the last place, 2^-7 (2^-10) relative.
 TOLERANCES = {
     torch.float64: {"rtol": 1e-10, "atol": 1e-10},
     torch.float32: {"rtol": 1e-5, "atol": 1e-5},
-    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
+    torch.bfloat16: {"rtol": 1e-2, "atol": 1e-3},
+    torch.float16: {"rtol": 2e-3, "atol": 1e-4},
 }
 
-# (x shape, group_size, S): a 2-D input (L = 1), a 3-D input, an odd 4-D shape with ghost batches,
-# one architecture, and a row longer than one block of BLOCK = 1024 elements (two loop steps).
-CASES = [((6, 5), 6, 4), ((6, 4, 7), 3, 2), ((6, 3, 5, 7), 2, 4), ((4, 2, 3, 3), 4, 1), ((4, 2, 33, 33), 2, 3)]
+# (x shape, group_size, S): 2-D inputs (L = 1) with one group (group_size = B) and with ghost
+# batches; a 3-D input; the odd 4-D shape with group_size = B, 3 and 2 and S = 1 or 4; and a row of
+# L = 1089 > MAX_TILE = 1024 values (two steps of the row loop, the two-pass statistics).
+CASES = [
+    ((6, 5), 6, 1),
+    ((6, 5), 2, 4),
+    ((6, 4, 7), 3, 4),
+    ((6, 3, 5, 7), 6, 4),
+    ((6, 3, 5, 7), 3, 1),
+    ((6, 3, 5, 7), 2, 4),
+    ((2, 2, 33, 33), 1, 3),
+]
+FLOAT_DTYPES = [torch.float32, torch.float64]
 
 
 def case_id(case):
@@ -32,7 +57,12 @@ def case_id(case):
     return f"{'x'.join(map(str, shape))}-g{group}-S{S}"
 
 
+def dtype_id(dtype):
+    return str(dtype)[6:]
+
+
 def make_inputs(shape, S, dtype, seed=0):
+    """x [B, C, *] (mean 0.5, std 2), arch [B] in [0, S), weight and bias [S, C], grad_y like x."""
     gen = torch.Generator().manual_seed(seed)
     B, C = shape[0], shape[1]
     x = (2 * torch.randn(shape, generator=gen) + 0.5).to(dtype)
@@ -43,56 +73,155 @@ def make_inputs(shape, S, dtype, seed=0):
     return x, arch, weight, bias, grad_y
 
 
-def assert_close(actual, expected, dtype, what):
-    assert actual.shape == expected.shape, what
-    assert actual.dtype == expected.dtype, what
-    torch.testing.assert_close(actual, expected, **TOLERANCES[dtype], msg=lambda m: f"{what}: {m}")
+def make_affine(shape, dtype, seed=0):
+    """scale, shift [B, C] in the accumulation dtype of x's dtype."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(seed + 100)
+    B, C = shape[0], shape[1]
+    return (1 + torch.randn(B, C, generator=gen)).to(acc), torch.randn(B, C, generator=gen).to(acc)
+
+
+def assert_close(actual, expected, what, terms=1):
+    """Same shape and dtype, and close within TOLERANCES[dtype]; ``terms`` is the number of values
+    summed into each element (the rounding of a sum grows like sqrt(terms))."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    tol = TOLERANCES[expected.dtype]
+    torch.testing.assert_close(
+        actual, expected, rtol=tol["rtol"], atol=tol["atol"] * math.sqrt(terms), msg=lambda m: f"{what}: {m}"
+    )
+
+
+def check_all(x, arch, weight, bias, grad_y, group_size, eps=1e-5):
+    """All four launchers against the reference on one set of inputs."""
+    B, L = x.shape[0], x[0, 0].numel()
+    N = group_size * L
+
+    got = triton_bn.arch_batch_norm(x, arch, weight, bias, group_size, eps)
+    expected = reference.arch_batch_norm(x, arch, weight, bias, group_size, eps)
+    assert got[0].is_contiguous()
+    for name, a, e, terms in zip(("y", "mean", "invstd", "row_mean", "row_m2"), got, expected, (1, N, N, L, L)):
+        assert_close(a, e, name, terms)
+
+    # The backward of both from the same statistics (the reference's).
+    mean, invstd = expected[1], expected[2]
+    got = triton_bn.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, group_size)
+    expected = reference.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, group_size)
+    assert got[0].is_contiguous()
+    for name, a, e, terms in zip(("grad_x", "grad_weight", "grad_bias"), got, expected, (N, B * L, B * L)):
+        assert_close(a, e, name, terms)
+
+    scale, shift = make_affine(x.shape, x.dtype)
+    y = triton_bn.channel_affine(x, scale, shift)
+    assert y.is_contiguous()
+    assert_close(y, reference.channel_affine(x, scale, shift), "channel_affine y")
+    got = triton_bn.channel_affine_backward(grad_y, x, scale)
+    expected = reference.channel_affine_backward(grad_y, x, scale)
+    assert got[0].is_contiguous()
+    for name, a, e, terms in zip(("grad_x", "grad_scale", "grad_shift"), got, expected, (1, L, L)):
+        assert_close(a, e, f"channel_affine {name}", terms)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_forward_and_backward_match_reference(case, dtype):
-    shape, group, S = case
-    x, arch, weight, bias, grad_y = make_inputs(shape, S, dtype)
-    got = triton_bn.arch_batch_norm(x, arch, weight, bias, group, 1e-5)
-    expected = reference.arch_batch_norm(x, arch, weight, bias, group, 1e-5)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_matches_reference(dtype, case):
+    shape, group_size, S = case
+    check_all(*make_inputs(shape, S, dtype, seed=sum(shape) + S), group_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_low_precision_accumulates_in_float32(dtype):
+    """Statistics and row sums in float32; y and grad_x rounded once to the input dtype; grad_weight
+    and grad_bias rounded once to weight's dtype (see TOLERANCES)."""
+    x, arch, weight, bias, grad_y = make_inputs((6, 3, 5, 7), 4, dtype, seed=1)
+    out = triton_bn.arch_batch_norm(x, arch, weight, bias, 3, 1e-5)
+    assert out[0].dtype == dtype and all(t.dtype == torch.float32 for t in out[1:])
+    check_all(x, arch, weight, bias, grad_y, 3)
+
+
+@pytest.mark.parametrize(
+    "shape,S,group_size,tiling",
+    [
+        ((2, 3, 5, 7), 2, 2, (1, 16, 6)),  # L = 35: 3 steps of BLOCK_L = 16 per row, one row per program
+        ((6, 3, 3), 4, 3, (4, 4, 5)),  # 18 rows of L = 3, 4 per program, the last program half empty
+        ((10, 3), 3, 5, (16, 1, 2)),  # 30 rows of L = 1, 16 per program
+    ],
+    ids=["long-rows", "rows-per-program", "L1"],
+)
+def test_tiling(monkeypatch, shape, S, group_size, tiling):
+    """A small MAX_TILE: rows that loop over several blocks (two-pass statistics), several rows per
+    program, and programs whose last rows are padding."""
+    monkeypatch.setattr(triton_bn, "MAX_TILE", 16)
+    rows, L = shape[0] * shape[1], math.prod(shape[2:])
+    assert triton_bn._tiling(rows, L) == tiling
+    check_all(*make_inputs(shape, S, torch.float64, seed=2), group_size)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_non_contiguous_inputs(dtype):
+    """x and grad_y in channels-last and sliced layouts, weight and bias sliced: the launchers read
+    them through contiguous copies and return contiguous outputs."""
+    x, arch, weight, bias, grad_y = make_inputs((4, 6, 3, 5), 3, dtype, seed=3)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert not channels_last.is_contiguous()
+    check_all(channels_last, arch, weight, bias, grad_y.contiguous(memory_format=torch.channels_last), 2)
+    check_all(x[:, ::2], arch, weight[:, ::2], bias[:, ::2], grad_y[:, 1::2], 4)
+
+
+def test_large_offset_keeps_variance_accurate():
+    """Values 1e4 + N(0, 1) in float32: the two-pass row statistics and Chan's combination keep the
+    variance (a one-pass E[x^2] - E[x]^2 would lose it entirely to cancellation)."""
+    gen = torch.Generator().manual_seed(4)
+    x64 = 1e4 + torch.randn(6, 3, 5, 7, generator=gen, dtype=torch.float64)
+    arch = torch.zeros(6, dtype=torch.int64)
+    weight, bias = torch.ones(1, 3), torch.zeros(1, 3)
+    y, mean, invstd, _, row_m2 = triton_bn.arch_batch_norm(x64.float(), arch, weight, bias, 3, 1e-5)
+    _, mean64, invstd64, _, row_m2_64 = reference.arch_batch_norm(
+        x64.float().double(), arch, weight.double(), bias.double(), 3, 1e-5
+    )
+    torch.testing.assert_close(invstd.double(), invstd64, rtol=1e-4, atol=0)
+    torch.testing.assert_close(row_m2.double(), row_m2_64, rtol=1e-4, atol=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-7, atol=0)
+    assert y.isfinite().all()
+
+
+def test_op_path_functions():
+    """The functions bnas_fast.ops.arch_batch_norm registers for CUDA, called on CPU tensors: same
+    outputs (shapes, dtypes, values) as the CPU op, and the forward's arch range check."""
+    x, arch, weight, bias, grad_y = make_inputs((6, 3, 5, 7), 4, torch.float64, seed=5)
+    got = ops_bn._triton_bn(x, arch, weight, bias, 3, 1e-5)
+    expected = torch.ops.bnas_fast.arch_batch_norm(x, arch, weight, bias, 3, 1e-5)
+    assert isinstance(got, tuple) and len(got) == 5
     for name, a, e in zip(("y", "mean", "invstd", "row_mean", "row_m2"), got, expected):
-        assert_close(a, e, dtype, name)
-    mean, invstd = expected[1], expected[2]
-    got = triton_bn.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, group)
-    expected = reference.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, group)
-    tol_scale = max(1.0, (shape[0] * x[0, 0].numel()) ** 0.5)  # sums of up to N terms
+        assert_close(a, e, name)
+    mean, invstd = got[1], got[2]
+    got = ops_bn._triton_bn_backward(grad_y, x, arch, weight, mean, invstd, 3)
+    expected = torch.ops.bnas_fast.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, 3)
+    assert isinstance(got, tuple) and len(got) == 3
     for name, a, e in zip(("grad_x", "grad_weight", "grad_bias"), got, expected):
-        assert a.shape == e.shape and a.dtype == e.dtype, name
-        tol = TOLERANCES[dtype]
-        torch.testing.assert_close(a, e, rtol=tol["rtol"], atol=tol["atol"] * tol_scale, msg=lambda m, n=name: f"{n}: {m}")
+        assert_close(a, e, name)
+
+    scale, shift = make_affine(x.shape, x.dtype)
+    assert_close(ops_bn._triton_affine(x, scale, shift), torch.ops.bnas_fast.channel_affine(x, scale, shift), "y")
+    got = ops_bn._triton_affine_backward(grad_y, x, scale)
+    expected = torch.ops.bnas_fast.channel_affine_backward(grad_y, x, scale)
+    assert isinstance(got, tuple) and len(got) == 3
+    for name, a, e in zip(("grad_x", "grad_scale", "grad_shift"), got, expected):
+        assert_close(a, e, name)
+
+    with pytest.raises(IndexError, match="arch"):
+        ops_bn._triton_bn(x, torch.full_like(arch, 4), weight, bias, 3, 1e-5)
 
 
-def test_bfloat16_accumulates_in_float32():
-    x, arch, weight, bias, grad_y = make_inputs((6, 3, 4, 4), 3, torch.bfloat16)
-    got = triton_bn.arch_batch_norm(x, arch, weight, bias, 3, 1e-5)
-    expected = reference.arch_batch_norm(x, arch, weight, bias, 3, 1e-5)
-    assert got[1].dtype == torch.float32 and got[0].dtype == torch.bfloat16
-    for name, a, e in zip(("y", "mean", "invstd"), got, expected):
-        assert_close(a, e, torch.bfloat16, name)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_channel_affine_and_backward_match_reference(dtype):
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 3, 4, 7, generator=gen).to(dtype)
-    scale, shift = torch.randn(5, 3, generator=gen).to(dtype), torch.randn(5, 3, generator=gen).to(dtype)
-    g = torch.randn(5, 3, 4, 7, generator=gen).to(dtype)
-    assert_close(triton_bn.channel_affine(x, scale, shift), reference.channel_affine(x, scale, shift), dtype, "y")
-    got = triton_bn.channel_affine_backward(g, x, scale)
-    for name, a, e in zip(("grad_x", "grad_scale", "grad_shift"), got, reference.channel_affine_backward(g, x, scale)):
-        assert_close(a, e, dtype, name)
-
-
-def test_strided_input_is_read_correctly():
-    """The launchers make x contiguous: a channels-last or sliced view gives the same result."""
-    x, arch, weight, bias, _ = make_inputs((4, 6, 5, 5), 2, torch.float32)
-    sliced = x[:, ::2]
-    got = triton_bn.arch_batch_norm(sliced, arch, weight[:, ::2].contiguous(), bias[:, ::2].contiguous(), 2, 1e-5)[0]
-    expected = reference.arch_batch_norm(sliced, arch, weight[:, ::2], bias[:, ::2], 2, 1e-5)[0]
-    assert_close(got, expected, torch.float32, "y")
+@pytest.mark.parametrize("shape", [(0, 3, 4), (3, 2, 0), (3, 0)], ids=["B0", "L0", "C0"])
+def test_channel_affine_empty(shape):
+    """No launch for an empty tensor: empty outputs and zero sums (an empty sum)."""
+    x = torch.randn(shape)
+    grad_y = torch.randn(shape)
+    scale, shift = torch.randn(shape[0], shape[1]), torch.randn(shape[0], shape[1])
+    y = triton_bn.channel_affine(x, scale, shift)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    grad_x, grad_scale, grad_shift = triton_bn.channel_affine_backward(grad_y, x, scale)
+    assert grad_x.shape == x.shape
+    assert grad_scale.shape == grad_shift.shape == (shape[0], shape[1])
+    assert (grad_scale == 0).all() and (grad_shift == 0).all()

@@ -1,41 +1,63 @@
 """Triton kernels for architecture-conditional batch norm (the CUDA backend of
-``bnas_fast::arch_batch_norm`` and ``bnas_fast::channel_affine``).
+``bnas_fast::arch_batch_norm``, ``arch_batch_norm_backward``, ``channel_affine`` and
+``channel_affine_backward``).
 
-x is viewed as [B, C, L] contiguous (L = product of the spatial sizes); a *row* is x[b, c, :]. The
-design mirrors csrc/arch_batch_norm.cpp:
+x is viewed as [B, C, L] contiguous (L = product of the spatial sizes, 1 for a [B, C] input); a *row*
+is x[b, c, :], and rows are numbered r = b * C + c. With G = B / group_size statistics groups of
+N = group_size * L values per channel, k(b) = b // group_size and s(b) = arch[b]:
 
-* every pass over the big tensors is a kernel with one program per row, looping over the row in
-  blocks of BLOCK elements (so any L works with bounded registers);
-* the small [B, C] -> [G, C] / [S, C] combinations (Chan's formula for the group statistics, the
-  group means of the backward, the per-architecture sums of grad_weight and grad_bias) are torch
-  ops in the launchers: they touch B * C numbers, not B * C * L;
-* the forward's normalisation and the eval mode are the same kernel, y = x * scale[b, c] + shift[b, c];
-* float16/bfloat16 accumulate in float32; float32 and float64 in their own type;
-* offsets are 64-bit (a row index times L may exceed 2^31).
+    forward   y[b, c, :]   = x[b, c, :] * scale[b, c] + shift[b, c],
+              scale[b, c]  = invstd[k, c] * weight[s, c],   shift[b, c] = bias[s, c] - mean[k, c] * scale[b, c]
+    backward  grad_x[b, c, :] = g * a[b, c] + x * bx[b, c] + c0[b, c]   (g = grad_y), with
+              a = invstd w,  bx = -invstd^2 m2,  c0 = mean invstd^2 m2 - invstd m1,
+              m1[k, c] = sum_{b in k} w A / N,  m2[k, c] = invstd sum_{b in k} w Bs / N,
+              A[b, c] = sum_l g,  Bs[b, c] = sum_l g (x - mean[k, c])
+    eval      y[b, c, :]   = x[b, c, :] * scale[b, c] + shift[b, c]   (channel_affine, scale and shift given)
 
-Argument checks happen in :mod:`bnas_fast.ops.arch_batch_norm` before these launchers are called.
+The design mirrors csrc/arch_batch_norm.cpp:
+
+* Every pass over the big [B, C, L] tensors is a kernel; the small [B, C] -> [G, C] / [S, C]
+  combinations are torch ops in the launchers (they touch B * C numbers, not B * C * L): Chan's
+  formula for the group statistics (mean = average of the group's row means, M2 = sum row_m2 +
+  L sum (row_mean - mean)^2), the forward's per-row scale and shift, the two group means of the
+  backward and its per-row coefficients, and the per-architecture sums of grad_weight and grad_bias.
+* Forward: two passes over x. The row-statistics kernel gives row_mean and row_m2 = sum (x -
+  row_mean)^2 from two loops over the row (exact, unlike the sum of squares minus the squared sum);
+  when a row fits in one block (``SINGLE``) it is read once and kept in registers for both. The
+  normalisation is the channel_affine kernel: the training forward and the eval mode share it.
+* Backward: two passes over (grad_y, x): per-row sums A and Bs, then grad_x. channel_affine_backward
+  is one pass: it writes grad_x = g * scale and the row sums grad_scale = sum g x, grad_shift = sum g.
+* Tiling: a program owns BLOCK_R rows and walks them in steps of BLOCK_L columns, with BLOCK_R *
+  BLOCK_L = MAX_TILE elements at most (see :func:`_tiling`). Long rows get one row per program
+  and loop; short rows (L = 1 for a BatchNorm1d input) are packed many per program, so that a
+  program never works on a handful of elements.
+* float16/bfloat16 accumulate in float32 and are rounded once; float32 and float64 accumulate in
+  their own type. y and grad_x have x's dtype; mean, invstd, row_mean, row_m2, grad_scale and
+  grad_shift the accumulation dtype; grad_weight and grad_bias the dtype of weight.
+* Offsets are 64-bit: a row index times L may exceed 2^31 elements.
+* Row sums run in a fixed order within a program and no kernel uses atomics. The [S, C] sums of the
+  backward are ``index_add_`` (as in the reference): exact order on CPU; on CUDA it adds with
+  atomics, which ``torch.use_deterministic_algorithms(True)`` turns into a deterministic sum.
+
+The launchers own the layout (contiguity, the [B, C, L] view, output allocation, block sizes); the
+kernels own the per-element math. Argument and value checks (shapes, dtypes, arch in [0, S), group
+size dividing B) happen in :mod:`bnas_fast.ops.arch_batch_norm` before these launchers are called;
+there is no autograd logic here.
 """
 
 from __future__ import annotations
-
-from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["arch_batch_norm", "arch_batch_norm_backward", "channel_affine", "channel_affine_backward"]
+__all__ = ["MAX_TILE", "arch_batch_norm", "arch_batch_norm_backward", "channel_affine", "channel_affine_backward"]
 
-BLOCK = 1024  # elements of a row per loop step
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+# Elements (BLOCK_R * BLOCK_L) a program holds per loop step. 1024 with the default 4 warps is 8
+# values per thread (vectorised loads) and, with the backward's two input tiles and two
+# accumulators, still no register spills.
+MAX_TILE = 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,73 +66,161 @@ def _tl_acc(dtype: torch.dtype):
 
 
 @triton.jit
-def _row_stats_kernel(x_ptr, mean_ptr, m2_ptr, L, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """row_mean[r] = mean of x[r, :], row_m2[r] = sum (x[r, :] - row_mean[r])^2 (two passes)."""
-    row = tl.program_id(0).to(tl.int64)
-    base = x_ptr + row * L
-    offsets = tl.arange(0, BLOCK)
-    total = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, L, BLOCK):
-        idx = start + offsets
-        total += tl.load(base + idx, mask=idx < L, other=0.0).to(ACC)
-    mean = tl.sum(total, axis=0) / L
-    spread = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, L, BLOCK):
-        idx = start + offsets
-        inside = idx < L
-        d = tl.where(inside, tl.load(base + idx, mask=inside, other=0.0).to(ACC) - mean, 0.0)
-        spread += d * d
-    tl.store(mean_ptr + row, mean)
-    tl.store(m2_ptr + row, tl.sum(spread, axis=0))
+def _row_stats_kernel(
+    x_ptr,  # [R, L] contiguous
+    mean_ptr,  # [R] written, ACC: row_mean
+    m2_ptr,  # [R] written, ACC: row_m2 = sum (x - row_mean)^2
+    R, L,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    SINGLE: tl.constexpr,  # L <= BLOCK_L: the row is one tile, read once
+):
+    # int64 offsets: R * L may exceed 2^31 elements.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_L)
+    in_rows = rows < R
+    x_rows = x_ptr + rows[:, None] * L
+    if SINGLE:
+        inside = in_rows[:, None] & (cols < L)[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=inside, other=0.0).to(ACC)
+        mean = tl.sum(x, axis=1) / L
+        d = tl.where(inside, x - mean[:, None], 0.0)
+        m2 = tl.sum(d * d, axis=1)
+    else:
+        # Two passes over the row: the sum, then the squared deviations from the exact row mean.
+        total = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+        for start in range(0, L, BLOCK_L):
+            idx = start + cols
+            inside = in_rows[:, None] & (idx < L)[None, :]
+            total += tl.load(x_rows + idx[None, :], mask=inside, other=0.0).to(ACC)
+        mean = tl.sum(total, axis=1) / L
+        spread = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+        for start in range(0, L, BLOCK_L):
+            idx = start + cols
+            inside = in_rows[:, None] & (idx < L)[None, :]
+            x = tl.load(x_rows + idx[None, :], mask=inside, other=0.0).to(ACC)
+            d = tl.where(inside, x - mean[:, None], 0.0)
+            spread += d * d
+        m2 = tl.sum(spread, axis=1)
+    tl.store(mean_ptr + rows, mean, mask=in_rows)
+    tl.store(m2_ptr + rows, m2, mask=in_rows)
 
 
 @triton.jit
-def _affine_rows_kernel(x_ptr, scale_ptr, shift_ptr, y_ptr, L, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """y[r, :] = x[r, :] * scale[r] + shift[r]."""
-    row = tl.program_id(0).to(tl.int64)
-    scale = tl.load(scale_ptr + row).to(ACC)
-    shift = tl.load(shift_ptr + row).to(ACC)
-    offsets = tl.arange(0, BLOCK)
-    for start in range(0, L, BLOCK):
-        idx = start + offsets
-        inside = idx < L
-        x = tl.load(x_ptr + row * L + idx, mask=inside, other=0.0).to(ACC)
-        tl.store(y_ptr + row * L + idx, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=inside)
+def _affine_kernel(
+    y_ptr,  # [R, L] written, contiguous, the dtype of x
+    x_ptr,  # [R, L] contiguous
+    scale_ptr,  # [R] ACC
+    shift_ptr,  # [R] ACC
+    R, L,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """y[r, :] = x[r, :] * scale[r] + shift[r], rounded once to y's dtype."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_L)
+    in_rows = rows < R
+    scale = tl.load(scale_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
+    shift = tl.load(shift_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
+    offs = rows[:, None] * L
+    for start in range(0, L, BLOCK_L):
+        idx = offs + (start + cols)[None, :]
+        inside = in_rows[:, None] & ((start + cols) < L)[None, :]
+        x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(ACC)
+        tl.store(y_ptr + idx, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _grad_sums_kernel(g_ptr, x_ptr, center_ptr, sum_g_ptr, sum_gx_ptr, L, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """sum_g[r] = sum g[r, :], sum_gx[r] = sum g[r, :] (x[r, :] - center[r])."""
-    row = tl.program_id(0).to(tl.int64)
-    center = tl.load(center_ptr + row).to(ACC)
-    offsets = tl.arange(0, BLOCK)
-    acc_g = tl.zeros([BLOCK], dtype=ACC)
-    acc_gx = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, L, BLOCK):
-        idx = start + offsets
-        inside = idx < L
-        g = tl.load(g_ptr + row * L + idx, mask=inside, other=0.0).to(ACC)
-        x = tl.load(x_ptr + row * L + idx, mask=inside, other=0.0).to(ACC)
+def _grad_sums_kernel(
+    g_ptr,  # [R, L] grad_y, contiguous
+    x_ptr,  # [R, L] contiguous
+    center_ptr,  # [R] ACC: the group mean of each row, mean[k(b), c]
+    sum_g_ptr,  # [R] written, ACC: A = sum g
+    sum_gx_ptr,  # [R] written, ACC: Bs = sum g (x - center)
+    R, L,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_L)
+    in_rows = rows < R
+    center = tl.load(center_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
+    offs = rows[:, None] * L
+    acc_g = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+    acc_gx = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+    for start in range(0, L, BLOCK_L):
+        idx = offs + (start + cols)[None, :]
+        inside = in_rows[:, None] & ((start + cols) < L)[None, :]
+        # g = 0 outside the tensor, so padding adds nothing to either sum.
+        g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(ACC)
+        x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(ACC)
         acc_g += g
-        acc_gx += g * tl.where(inside, x - center, 0.0)
-    tl.store(sum_g_ptr + row, tl.sum(acc_g, axis=0))
-    tl.store(sum_gx_ptr + row, tl.sum(acc_gx, axis=0))
+        acc_gx += g * (x - center)
+    tl.store(sum_g_ptr + rows, tl.sum(acc_g, axis=1), mask=in_rows)
+    tl.store(sum_gx_ptr + rows, tl.sum(acc_gx, axis=1), mask=in_rows)
 
 
 @triton.jit
-def _grad_x_kernel(g_ptr, x_ptr, a_ptr, bx_ptr, c0_ptr, out_ptr, L, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """out[r, :] = g[r, :] a[r] + x[r, :] bx[r] + c0[r]."""
-    row = tl.program_id(0).to(tl.int64)
-    a = tl.load(a_ptr + row).to(ACC)
-    bx = tl.load(bx_ptr + row).to(ACC)
-    c0 = tl.load(c0_ptr + row).to(ACC)
-    offsets = tl.arange(0, BLOCK)
-    for start in range(0, L, BLOCK):
-        idx = start + offsets
-        inside = idx < L
-        g = tl.load(g_ptr + row * L + idx, mask=inside, other=0.0).to(ACC)
-        x = tl.load(x_ptr + row * L + idx, mask=inside, other=0.0).to(ACC)
-        tl.store(out_ptr + row * L + idx, (g * a + x * bx + c0).to(out_ptr.dtype.element_ty), mask=inside)
+def _grad_x_kernel(
+    gx_ptr,  # [R, L] written, contiguous, the dtype of x
+    g_ptr,  # [R, L] grad_y, contiguous
+    x_ptr,  # [R, L] contiguous
+    a_ptr, bx_ptr, c0_ptr,  # [R] ACC: the per-row coefficients
+    R, L,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """grad_x[r, :] = g[r, :] a[r] + x[r, :] bx[r] + c0[r]."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_L)
+    in_rows = rows < R
+    a = tl.load(a_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
+    bx = tl.load(bx_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
+    c0 = tl.load(c0_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
+    offs = rows[:, None] * L
+    for start in range(0, L, BLOCK_L):
+        idx = offs + (start + cols)[None, :]
+        inside = in_rows[:, None] & ((start + cols) < L)[None, :]
+        g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(ACC)
+        x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(ACC)
+        tl.store(gx_ptr + idx, (g * a + x * bx + c0).to(gx_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _affine_backward_kernel(
+    gx_ptr,  # [R, L] written, contiguous, the dtype of x
+    gscale_ptr,  # [R] written, ACC: sum g x
+    gshift_ptr,  # [R] written, ACC: sum g
+    g_ptr,  # [R, L] grad_y, contiguous
+    x_ptr,  # [R, L] contiguous
+    scale_ptr,  # [R] ACC
+    R, L,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """One pass: grad_x[r, :] = g[r, :] scale[r], and the row sums of g x and of g."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_L)
+    in_rows = rows < R
+    scale = tl.load(scale_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
+    offs = rows[:, None] * L
+    acc_g = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+    acc_gx = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+    for start in range(0, L, BLOCK_L):
+        idx = offs + (start + cols)[None, :]
+        inside = in_rows[:, None] & ((start + cols) < L)[None, :]
+        g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(ACC)
+        x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(ACC)
+        tl.store(gx_ptr + idx, (g * scale).to(gx_ptr.dtype.element_ty), mask=inside)
+        acc_g += g
+        acc_gx += g * x
+    tl.store(gscale_ptr + rows, tl.sum(acc_gx, axis=1), mask=in_rows)
+    tl.store(gshift_ptr + rows, tl.sum(acc_g, axis=1), mask=in_rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,91 +228,212 @@ def _grad_x_kernel(g_ptr, x_ptr, a_ptr, bx_ptr, c0_ptr, out_ptr, L, BLOCK: tl.co
 # ----------------------------------------------------------------------------------------------
 
 
-def _rows(x: Tensor) -> Tuple[Tensor, int, int, int]:
-    B, C = x.shape[0], x.shape[1]
-    L = x[0, 0].numel() if B * C else 0
-    return x.contiguous().reshape(B, C, L), B, C, L
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _block(L: int) -> int:
-    return min(BLOCK, triton.next_power_of_2(max(L, 1)))
+def _tl_accumulation_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _as_rows(t: Tensor) -> tuple[Tensor, int, int, int]:
+    """(t as a contiguous [B, C, L] tensor, B, C, L); L = 0 if t is empty."""
+    B, C = t.shape[0], t.shape[1]
+    L = t[0, 0].numel() if B * C else 0
+    return t.contiguous().reshape(B, C, L), B, C, L
+
+
+def _tiling(rows: int, L: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_L, programs) for ``rows`` > 0 rows of L values.
+
+    BLOCK_L covers the row up to MAX_TILE columns (longer rows loop); the rest of the tile is filled
+    with rows, never more than the (rounded-up) number of rows there are.
+    """
+    block_l = min(MAX_TILE, triton.next_power_of_2(max(L, 1)))
+    block_r = max(1, min(MAX_TILE // block_l, triton.next_power_of_2(rows)))
+    return block_r, block_l, triton.cdiv(rows, block_r)
+
+
+def _per_row(t: Tensor, group_size: int) -> Tensor:
+    """[G, C] -> [B, C]: the row of group k for each of its group_size examples."""
+    return t.repeat_interleave(group_size, dim=0)
+
+
+def _launch_affine(y: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> None:
+    """y = x * scale + shift row by row; x and y contiguous [B, C, L], scale and shift [B, C]."""
+    B, C, L = x.shape
+    rows = B * C
+    if rows * L == 0:
+        return
+    block_r, block_l, programs = _tiling(rows, L)
+    _affine_kernel[(programs,)](
+        y,
+        x,
+        scale.contiguous(),
+        shift.contiguous(),
+        rows,
+        L,
+        ACC=_tl_accumulation_dtype(x.dtype),
+        BLOCK_R=block_r,
+        BLOCK_L=block_l,
+    )
 
 
 def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """y[b, c, :] = x[b, c, :] * scale[b, c] + shift[b, c]; see reference.channel_affine."""
-    xr, B, C, L = _rows(x)
+    """y[b, c, :] = x[b, c, :] * scale[b, c] + shift[b, c].
+
+    x: [B, C, *] (any strides); scale, shift: [B, C] in the accumulation dtype (float32 for
+    float16/bfloat16, else x's dtype). Returns a contiguous tensor of x's shape and dtype.
+    """
+    xr, _, _, _ = _as_rows(x)
     y = torch.empty_like(xr)
-    if B * C * L:
-        _affine_rows_kernel[(B * C,)](
-            xr, scale.contiguous(), shift.contiguous(), y, L, BLOCK=_block(L), ACC=_tl_acc(x.dtype)
-        )
+    _launch_affine(y, xr, scale, shift)
     return y.reshape(x.shape)
 
 
-def channel_affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """grad_x = grad_y scale; grad_scale = sum_l grad_y x; grad_shift = sum_l grad_y."""
-    xr, B, C, L = _rows(x)
+def channel_affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`channel_affine`, in one pass over (grad_y, x):
+
+        grad_x = grad_y * scale[b, c];  grad_scale[b, c] = sum_l grad_y x;  grad_shift[b, c] = sum_l grad_y
+
+    Returns a contiguous tensor of x's shape and dtype, and two [B, C] in the accumulation dtype.
+    """
+    xr, B, C, L = _as_rows(x)
     gr = grad_y.contiguous().reshape(B, C, L)
-    acc = _acc_dtype(x.dtype)
-    grad_scale = torch.empty(B, C, dtype=acc, device=x.device)
-    grad_shift = torch.empty(B, C, dtype=acc, device=x.device)
+    acc_dtype = _accumulation_dtype(x.dtype)
     grad_x = torch.empty_like(xr)
-    if B * C:
-        zeros = torch.zeros(B, C, dtype=acc, device=x.device)
-        block, tl_acc = _block(L), _tl_acc(x.dtype)
-        _grad_sums_kernel[(B * C,)](gr, xr, zeros, grad_shift, grad_scale, L, BLOCK=block, ACC=tl_acc)
-        # grad_x = g * scale: the affine kernel with scale and a zero shift, applied to g
-        _affine_rows_kernel[(B * C,)](gr, scale.contiguous(), zeros, grad_x, L, BLOCK=block, ACC=tl_acc)
+    rows = B * C
+    if rows == 0 or L == 0:  # empty sums
+        zeros = torch.zeros((B, C), dtype=acc_dtype, device=x.device)
+        return grad_x.reshape(x.shape), zeros, zeros.clone()
+    grad_scale = torch.empty((B, C), dtype=acc_dtype, device=x.device)
+    grad_shift = torch.empty((B, C), dtype=acc_dtype, device=x.device)
+    block_r, block_l, programs = _tiling(rows, L)
+    _affine_backward_kernel[(programs,)](
+        grad_x,
+        grad_scale,
+        grad_shift,
+        gr,
+        xr,
+        scale.contiguous(),
+        rows,
+        L,
+        ACC=_tl_accumulation_dtype(x.dtype),
+        BLOCK_R=block_r,
+        BLOCK_L=block_l,
+    )
     return grad_x.reshape(x.shape), grad_scale, grad_shift
 
 
 def arch_batch_norm(
     x: Tensor, arch: Tensor, weight: Tensor, bias: Tensor, group_size: int, eps: float
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Training-mode forward; returns (y, mean [G, C], invstd [G, C], row_mean [B, C], row_m2 [B, C])
-    as reference.arch_batch_norm."""
-    xr, B, C, L = _rows(x)
-    acc = _acc_dtype(x.dtype)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode architecture-conditional batch norm with statistics groups of group_size
+    consecutive examples; see :func:`bnas_fast.reference.arch_batch_norm`.
+
+    x: [B, C, *] (any strides); arch: [B] int64 in [0, S); weight, bias: [S, C], x's dtype;
+    group_size divides B. Returns y (contiguous, x's shape and dtype), mean and invstd [G, C], and
+    row_mean and row_m2 [B, C], all four in the accumulation dtype.
+    """
+    xr, B, C, L = _as_rows(x)
+    acc_dtype = _accumulation_dtype(x.dtype)
     G = B // group_size
-    row_mean = torch.empty(B, C, dtype=acc, device=x.device)
-    row_m2 = torch.empty(B, C, dtype=acc, device=x.device)
-    _row_stats_kernel[(B * C,)](xr, row_mean, row_m2, L, BLOCK=_block(L), ACC=_tl_acc(x.dtype))
-    # Chan's combination of the group's rows (equal counts L): mean of the row means, and
-    # M2 = sum row_m2 + L sum (row_mean - mean)^2.
-    rm = row_mean.view(G, group_size, C)
-    mean = rm.mean(1)
-    m2 = row_m2.view(G, group_size, C).sum(1) + L * ((rm - mean.unsqueeze(1)) ** 2).sum(1)
+    rows = B * C
+    row_mean = torch.empty((B, C), dtype=acc_dtype, device=x.device)
+    row_m2 = torch.empty((B, C), dtype=acc_dtype, device=x.device)
+    if rows:
+        # L = 0 (an empty spatial size) is launched too: the kernel then gives 0 / 0 = NaN for the
+        # mean and 0 for M2, as the reference does.
+        block_r, block_l, programs = _tiling(rows, L)
+        _row_stats_kernel[(programs,)](
+            xr,
+            row_mean,
+            row_m2,
+            rows,
+            L,
+            ACC=_tl_accumulation_dtype(x.dtype),
+            BLOCK_R=block_r,
+            BLOCK_L=block_l,
+            SINGLE=L <= block_l,
+        )
+    # Chan's combination of each group's rows (all with L values): the mean of the row means, and
+    # M2 = sum row_m2 + L sum (row_mean - mean)^2; the variance is biased (divided by N).
+    group_means = row_mean.view(G, group_size, C)
+    mean = group_means.mean(dim=1)
+    m2 = row_m2.view(G, group_size, C).sum(dim=1) + L * ((group_means - mean.unsqueeze(1)) ** 2).sum(dim=1)
     invstd = torch.rsqrt(m2 / (group_size * L) + eps)
-    scale = (invstd.repeat_interleave(group_size, 0)) * weight.to(acc)[arch]
-    shift = bias.to(acc)[arch] - mean.repeat_interleave(group_size, 0) * scale
-    y = channel_affine(x, scale, shift)
-    return y, mean, invstd, row_mean, row_m2
+    # The normalisation and the affine map of each row folded into one scale and shift.
+    scale = _per_row(invstd, group_size) * weight.to(acc_dtype)[arch]
+    shift = bias.to(acc_dtype)[arch] - _per_row(mean, group_size) * scale
+    y = torch.empty_like(xr)
+    _launch_affine(y, xr, scale, shift)
+    return y.reshape(x.shape), mean, invstd, row_mean, row_m2
 
 
 def arch_batch_norm_backward(
     grad_y: Tensor, x: Tensor, arch: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, group_size: int
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients to x, weight and bias; see reference.arch_batch_norm_backward."""
-    xr, B, C, L = _rows(x)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`arch_batch_norm`'s y to x, weight and bias; see
+    :func:`bnas_fast.reference.arch_batch_norm_backward`.
+
+    grad_y, x: [B, C, *] (any strides); mean, invstd: [G, C] from the forward. Returns grad_x
+    (contiguous, x's shape and dtype) and grad_weight, grad_bias [S, C] in weight's dtype.
+    """
+    xr, B, C, L = _as_rows(x)
     gr = grad_y.contiguous().reshape(B, C, L)
-    acc = _acc_dtype(x.dtype)
+    acc_dtype = _accumulation_dtype(x.dtype)
     G, S = B // group_size, weight.shape[0]
-    block, tl_acc = _block(L), _tl_acc(x.dtype)
-    mean_rows = mean.repeat_interleave(group_size, 0).contiguous()  # [B, C]
-    invstd_rows = invstd.repeat_interleave(group_size, 0)
-    sum_g = torch.empty(B, C, dtype=acc, device=x.device)
-    sum_gx = torch.empty(B, C, dtype=acc, device=x.device)  # sum g (x - mean)
-    _grad_sums_kernel[(B * C,)](gr, xr, mean_rows, sum_g, sum_gx, L, BLOCK=block, ACC=tl_acc)
-    w = weight.to(acc)[arch]  # [B, C]
     N = group_size * L
-    m1 = (w * sum_g).view(G, group_size, C).sum(1) / N  # mean of dxhat over the group
-    m2 = invstd * (w * sum_gx).view(G, group_size, C).sum(1) / N  # mean of dxhat * xhat
-    m1_rows, m2_rows = m1.repeat_interleave(group_size, 0), m2.repeat_interleave(group_size, 0)
-    a = invstd_rows * w
-    bx = -invstd_rows * invstd_rows * m2_rows
-    c0 = mean_rows * invstd_rows * invstd_rows * m2_rows - invstd_rows * m1_rows
+    rows = B * C
+    mean_rows = _per_row(mean.to(acc_dtype), group_size)  # [B, C]
+    invstd_rows = _per_row(invstd.to(acc_dtype), group_size)
     grad_x = torch.empty_like(xr)
-    _grad_x_kernel[(B * C,)](gr, xr, a.contiguous(), bx.contiguous(), c0.contiguous(), grad_x, L, BLOCK=block, ACC=tl_acc)
-    grad_weight = torch.zeros(S, C, dtype=acc, device=x.device).index_add_(0, arch, invstd_rows * sum_gx)
-    grad_bias = torch.zeros(S, C, dtype=acc, device=x.device).index_add_(0, arch, sum_g)
+
+    # 1. per row: A = sum g, Bs = sum g (x - mean)
+    sum_g = torch.zeros((B, C), dtype=acc_dtype, device=x.device)
+    sum_gx = torch.zeros((B, C), dtype=acc_dtype, device=x.device)
+    if rows * L:
+        block_r, block_l, programs = _tiling(rows, L)
+        _grad_sums_kernel[(programs,)](
+            gr,
+            xr,
+            mean_rows,
+            sum_g,
+            sum_gx,
+            rows,
+            L,
+            ACC=_tl_accumulation_dtype(x.dtype),
+            BLOCK_R=block_r,
+            BLOCK_L=block_l,
+        )
+
+    # 2. per (group, channel): m1 = mean of dxhat = g w, m2 = mean of dxhat xhat (with w constant
+    #    over a row, sum_l dxhat = w A and sum_l dxhat xhat = invstd w Bs); per architecture, the
+    #    parameter gradients sum_l g xhat = invstd Bs and sum_l g = A.
+    w = weight.to(acc_dtype)[arch]  # [B, C]
+    m1 = (w * sum_g).view(G, group_size, C).sum(dim=1) / N
+    m2 = invstd.to(acc_dtype) * (w * sum_gx).view(G, group_size, C).sum(dim=1) / N
+    grad_weight = torch.zeros((S, C), dtype=acc_dtype, device=x.device).index_add_(0, arch, invstd_rows * sum_gx)
+    grad_bias = torch.zeros((S, C), dtype=acc_dtype, device=x.device).index_add_(0, arch, sum_g)
+
+    # 3. grad_x = invstd (dxhat - m1 - xhat m2) = g (invstd w) + x (-invstd^2 m2) + (mean invstd^2 m2 - invstd m1)
+    if rows * L:
+        m1_rows, m2_rows = _per_row(m1, group_size), _per_row(m2, group_size)
+        a = invstd_rows * w
+        bx = -invstd_rows * invstd_rows * m2_rows
+        c0 = mean_rows * invstd_rows * invstd_rows * m2_rows - invstd_rows * m1_rows
+        block_r, block_l, programs = _tiling(rows, L)
+        _grad_x_kernel[(programs,)](
+            grad_x,
+            gr,
+            xr,
+            a.contiguous(),
+            bx.contiguous(),
+            c0.contiguous(),
+            rows,
+            L,
+            ACC=_tl_accumulation_dtype(x.dtype),
+            BLOCK_R=block_r,
+            BLOCK_L=block_l,
+        )
     return grad_x.reshape(x.shape), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
