@@ -194,3 +194,19 @@ def test_cli_run_nsa(tmp_path, capsys):
     assert main(["run", "nsa", "--quick", "--dataset", "digits", "--out", str(tmp_path), "--no-progress", "--no-plots"]) == 0
     assert "nsa_i (shared) seed 0" in capsys.readouterr().out
     assert (tmp_path / "nsa_i_shared_seed0" / "results.json").is_file()
+
+
+def test_per_arch_statistics_keep_a_shared_affine_for_nsa_i():
+    """running_stats="per_arch" changes only the running statistics: NSA-i keeps one affine map per
+    channel (per-architecture affine parameters are NSA-id's), and its statistics are [S, C]."""
+    torch.manual_seed(0)
+    net = NSANet(1, 3, width=4, num_stages=1, num_nodes=2, num_archs=5, variant="nsa_i", running_stats="per_arch")
+    norm = net.stages[0].norms[0]
+    assert norm.weight.shape == (4,) and norm.bias.shape == (4,)
+    assert norm.norm.running_mean.shape == (5, 4) and norm.norm.weight is None
+    x = torch.randn(6, 1, 5, 5)
+    arch = torch.tensor([0, 0, 1, 1, 3, 3])
+    net(x, arch)
+    assert norm.norm.num_batches_tracked.tolist() == [1, 1, 0, 1, 0]
+    conditional = NSANet(1, 3, width=4, num_stages=1, num_nodes=2, num_archs=5, variant="nsa_id", running_stats="per_arch")
+    assert conditional.stages[0].norms[0].weight.shape == (5, 4)

@@ -72,6 +72,20 @@ class _PlainArchBN(nn.Module):
         return y * self.weight[arch][:, :, None, None] + self.bias[arch][:, :, None, None]
 
 
+class _PerArchStatsBN(nn.Module):
+    """Batch norm with per-architecture running statistics but one shared affine map: NSA / NSA-i
+    with ``running_stats="per_arch"`` (only NSA-id makes the affine parameters per architecture)."""
+
+    def __init__(self, channels: int, num_archs: int):
+        super().__init__()
+        self.norm = ArchBatchNorm2d(channels, num_archs=num_archs, affine=False, running_stats="per_arch")
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor, arch: Tensor) -> Tensor:
+        return self.norm(x, arch) * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
 class NSAStage(nn.Module):
     """One stage: N nodes wired by the architecture of each example (module docstring).
 
@@ -80,7 +94,8 @@ class NSAStage(nn.Module):
         adjacency: [S, N+1, N+1] 0/1 (from :func:`sample_architectures`).
         conditional: NSA-id: learnable per-architecture aggregation coefficients and per-architecture
             BN affine parameters.
-        running_stats: "shared" or "per_arch" running statistics of the BatchNorms.
+        running_stats: "shared" or "per_arch" running statistics of the BatchNorms (per_arch keeps
+            the affine parameters shared unless ``conditional``).
         fused: bnas_fast ops (True) or the plain-PyTorch twin (False; shared statistics only).
     """
 
@@ -98,13 +113,19 @@ class NSAStage(nn.Module):
         else:
             self.register_parameter("coefficients", None)
         self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(self.num_nodes))
-        bn_archs = self.num_archs if conditional or running_stats == "per_arch" else 1
-        if fused:
-            self.norms = nn.ModuleList(
-                ArchBatchNorm2d(channels, num_archs=bn_archs, running_stats=running_stats) for _ in range(self.num_nodes)
-            )
-        else:
+        # The BatchNorms see the example's architecture when it selects something: per-architecture
+        # affine parameters (NSA-id) or running statistics (running_stats="per_arch").
+        self.bn_uses_arch = conditional or running_stats == "per_arch"
+        bn_archs = self.num_archs if conditional else 1
+        if not fused:
             self.norms = nn.ModuleList(_PlainArchBN(channels, bn_archs) for _ in range(self.num_nodes))
+        elif running_stats == "per_arch" and not conditional:
+            self.norms = nn.ModuleList(_PerArchStatsBN(channels, self.num_archs) for _ in range(self.num_nodes))
+        else:
+            self.norms = nn.ModuleList(
+                ArchBatchNorm2d(channels, num_archs=self.num_archs if self.bn_uses_arch else 1, running_stats=running_stats)
+                for _ in range(self.num_nodes)
+            )
 
     def aggregation_table(self) -> Tensor:
         """[S, N+1, N+1]: the weight of edge i -> j for each architecture (0 off the edges)."""
@@ -114,7 +135,7 @@ class NSAStage(nn.Module):
 
     def forward(self, x: Tensor, arch: Tensor) -> Tensor:
         table = self.aggregation_table()
-        bn_arch = arch if self.norms[0].weight is None or self.norms[0].weight.shape[0] > 1 else torch.zeros_like(arch)
+        bn_arch = arch if self.bn_uses_arch else torch.zeros_like(arch)
         outputs: List[Tensor] = [x]
         for j in range(1, self.num_nodes + 1):
             weights = bnas_fast.arch_weights(arch, table[:, :j, j])  # [B, j]
