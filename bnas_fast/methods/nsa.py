@@ -283,7 +283,9 @@ def _run(c: NSAConfig) -> Dict[str, Any]:
     single_ece = [expected_calibration_error(p, y_test) for p in probs_eval]
 
     ensemble = []
-    stacked = torch.stack([_probs(model, x_test, a, bn_train=False) for a in range(c.max_ensemble)])
+    # the first architectures' eval-mode softmaxes are already in probs_eval
+    extra = [_probs(model, x_test, a, bn_train=False) for a in range(K, c.max_ensemble)]
+    stacked = torch.stack((probs_eval + extra)[: c.max_ensemble])
     for T in range(1, c.max_ensemble + 1):
         mean = stacked[:T].mean(0)
         ensemble.append({"T": T, "accuracy": _accuracy(mean, y_test), "ece": expected_calibration_error(mean, y_test)})
