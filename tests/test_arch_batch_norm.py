@@ -16,7 +16,6 @@ The Triton kernels are tested under the interpreter in tests/test_arch_batch_nor
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest
@@ -26,7 +25,8 @@ from torch import Tensor, nn
 
 import bnas_fast
 from bnas_fast import reference
-from tests._tolerance import assert_within
+from _threads import num_threads
+from _tolerance import assert_within
 
 # |kernel - reference| <= atol + rtol |reference|. float32: both sides accumulate per row then per
 # group in float32 with different orders (lanes of 16 vs torch's pairwise sums), errors ~ sqrt(N) ulp
@@ -298,16 +298,6 @@ def test_compile_fullgraph_matches_eager(backend, running_stats):
 # ---------------------------------------------------------------------------------------------
 # 5. Determinism
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _num_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_deterministic_across_thread_counts():
     x, arch, weight, bias, grad_y = make_inputs((64, 8, 9, 9), 7, torch.float32)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
@@ -318,7 +308,7 @@ def test_deterministic_across_thread_counts():
 
     first = run()
     for threads in (1, 2):
-        with _num_threads(threads):
+        with num_threads(threads):
             for a, b in zip(first, run()):
                 assert torch.equal(a, b)
 

@@ -20,7 +20,6 @@ Rungs:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import itertools
 import types
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 
 import bnas_fast
+from _threads import num_threads
 from _tolerance import assert_within
 from bnas_fast import reference
 
@@ -507,16 +507,6 @@ def test_compile_elbo_loss_matches_eager(backend):
 # ---------------------------------------------------------------------------------------------
 # 5. Determinism
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _num_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["posterior", "zero_mass"])
 def test_deterministic_across_calls_and_thread_counts(dtype, kind):
@@ -531,9 +521,9 @@ def test_deterministic_across_calls_and_thread_counts(dtype, kind):
         return [out.detach()] + list(torch.autograd.grad(out, [logits, log_q], g))
 
     results = [run(), run()]
-    with _num_threads(1):
+    with num_threads(1):
         results.append(run())
-    with _num_threads(2):
+    with num_threads(2):
         results.append(run())
     for other in results[1:]:
         for a, b in zip(results[0], other):

@@ -22,7 +22,6 @@ Rungs:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import itertools
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 import bnas_fast
+from _threads import num_threads
 from _tolerance import assert_within
 from bnas_fast import reference, sampling
 from bnas_fast.nn import MixedOp
@@ -678,16 +678,6 @@ def test_mix_sparse_uncovered_examples_are_zero():
 # ---------------------------------------------------------------------------------------------
 # 6. Determinism
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _num_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("sparse", [False, True], ids=["mix", "mix_sparse"])
 @pytest.mark.parametrize("batch", [1, 123])
 def test_deterministic_across_calls_and_thread_counts(sparse, batch):
@@ -703,9 +693,9 @@ def test_deterministic_across_calls_and_thread_counts(sparse, batch):
         return [out.detach()] + list(torch.autograd.grad(out, ys + [w], g))
 
     results = [run(), run()]
-    with _num_threads(1):
+    with num_threads(1):
         results.append(run())
-    with _num_threads(2):
+    with num_threads(2):
         results.append(run())
     for other in results[1:]:
         for a, b in zip(results[0], other):
