@@ -10,8 +10,16 @@ masks, per-example architectures), ``reference`` (the pure-PyTorch specification
 
 from bnas_fast import functional, nn, reference, sampling
 from bnas_fast._backend import backends
-from bnas_fast.functional import arch_batch_norm, arch_weights, channel_affine, depth_loglik, mix, mix_sparse
+from bnas_fast.functional import (
+    arch_batch_norm,
+    arch_weights,
+    channel_affine,
+    depth_loglik,
+    gumbel_sigmoid_dropout,
+    mix,
+    mix_sparse,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "reference", "sampling", "backends", "mix", "mix_sparse", "arch_weights", "depth_loglik", "arch_batch_norm", "channel_affine"]
+__all__ = ["functional", "nn", "reference", "sampling", "backends", "mix", "mix_sparse", "arch_weights", "depth_loglik", "arch_batch_norm", "channel_affine", "gumbel_sigmoid_dropout"]

@@ -35,6 +35,11 @@ __all__ = [
     "arch_batch_norm_eval",
     "channel_affine",
     "channel_affine_backward",
+    "philox_bits",
+    "logistic_noise",
+    "gumbel_sigmoid_keep",
+    "gumbel_sigmoid_dropout",
+    "gumbel_sigmoid_dropout_backward",
 ]
 
 
@@ -336,3 +341,166 @@ def channel_affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor) -> Tuple[T
     g = grad_y.reshape(B, C, -1).to(acc)
     grad_x = (g * scale.unsqueeze(2)).reshape(x.shape).to(x.dtype)
     return grad_x, (g * x.reshape(B, C, -1).to(acc)).sum(2), g.sum(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# gumbel_sigmoid_dropout: concrete (Gumbel-sigmoid) dropout with a learnable drop probability
+# ----------------------------------------------------------------------------------------------
+
+PHILOX_ROUNDS = 10
+_M32 = 0xFFFFFFFF
+_PHILOX_MUL_A, _PHILOX_MUL_B = 0xD2511F53, 0xCD9E8D57  # multipliers of counter words 0 and 2
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85  # key increments (golden ratio, sqrt(3) - 1)
+
+# Soft relaxation, straight-through (hard forward, soft gradient), hard (exact Bernoulli, no
+# gradient through the sample): the int codes of the op schemas.
+MODES = ("soft", "straight_through", "hard")
+
+
+def _mulhilo32(multiplier: int, word: Tensor) -> Tuple[Tensor, Tensor]:
+    """(high, low) 32-bit halves of multiplier * word, for words in [0, 2^32) held in int64.
+    The word is split in 16-bit halves so that no product exceeds 2^48 (int64 cannot hold 2^64)."""
+    low_product = (word & 0xFFFF) * multiplier  # < 2^48
+    high_product = (word >> 16) * multiplier  # < 2^48; the full product is high * 2^16 + low
+    high = (high_product + (low_product >> 16)) >> 16
+    low = (low_product + ((high_product & 0xFFFF) << 16)) & _M32
+    return high, low
+
+
+def philox_bits(seed: int, offset: int, n: int, device=None) -> Tensor:
+    """n pseudo-random 32-bit words from Philox-4x32-10 (Salmon et al. 2011), int64 [n] in [0, 2^32).
+
+    Word i is output word (i mod 4) of the block cipher applied to the 128-bit counter
+    (lo32(offset + i // 4), hi32(offset + i // 4), 0, 0) under the 64-bit key seed = (lo32, hi32).
+    Ten rounds of: (c0, c1, c2, c3) <- (hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0)),
+    then k0 += 0x9E3779B9, k1 += 0xBB67AE85 (mod 2^32). This is Random123's philox4x32 and Triton's
+    ``tl.philox`` word for word, so every backend draws the same bits from the same (seed, offset).
+    """
+    counters = torch.arange((n + 3) // 4, dtype=torch.int64, device=device) + offset
+    c0, c1 = counters & _M32, (counters >> 32) & _M32
+    c2 = c3 = torch.zeros_like(counters)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(PHILOX_ROUNDS):
+        high_b, low_b = _mulhilo32(_PHILOX_MUL_B, c2)
+        high_a, low_a = _mulhilo32(_PHILOX_MUL_A, c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return torch.stack((c0, c1, c2, c3), 1).reshape(-1)[:n]
+
+
+def logistic_noise(bits: Tensor) -> Tensor:
+    """Standard logistic noise from 32-bit words, float32: L = log(u / (1 - u)), u = (w + 1/2) / 2^32.
+
+    Written as log(a / b) with a = float32(w) + 1/2 and b = float32(2^32 - 1 - w) + 1/2, so that u
+    never rounds to 0 or 1: |L| <= log(2^33) = 22.9, finite at both ends of the range. The paper's
+    log(-log r2) - log(-log r1) (eq. 16, read with the minus signs that make it defined) is the
+    difference of two standard Gumbels, which is exactly this distribution.
+    """
+    a = bits.to(torch.float32) + 0.5
+    b = (_M32 - bits).to(torch.float32) + 0.5
+    return torch.log(a / b)
+
+
+def _unit_noise(x: Tensor, seed_offset: Tensor, group_size: int, per_element: bool) -> Tensor:
+    """Logistic noise for every mask unit of x [B, C, P], shaped to broadcast against it:
+    [B, C, P] per element (unit index (b C + c) P + s); [B, C, 1] per group of channels, where the
+    group_size channels of group g = c // group_size share the unit index b G + g."""
+    seed, offset = (int(v) for v in seed_offset.tolist())
+    B, C, P = x.shape
+    if per_element:
+        return logistic_noise(philox_bits(seed, offset, B * C * P, x.device)).reshape(B, C, P)
+    G = C // group_size
+    noise = logistic_noise(philox_bits(seed, offset, B * G, x.device)).reshape(B, G, 1)
+    return noise.repeat_interleave(group_size, dim=1)
+
+
+def gumbel_sigmoid_keep(
+    x: Tensor, drop_logit: Tensor, seed_offset: Tensor, temperature: float, group_size: int, per_element: bool
+) -> Tuple[Tensor, Tensor]:
+    """(soft keep, hard keep) for x [B, C, P], in the accumulation dtype, differentiable in drop_logit.
+
+    drop_logit [C / group_size] is lambda = log(p / (1 - p)) with p the DROP probability of each
+    group of channels. With L the logistic noise of the unit (:func:`logistic_noise`):
+
+        z    = (lambda + L) / temperature
+        drop = sigmoid(z)            (eq. 16 of the paper: -> Bernoulli(p) as temperature -> 0)
+        keep = 1 - drop = sigmoid(-z)
+        hard = 1[lambda + L < 0]      (= 1[z < 0]: exactly Bernoulli(1 - p) at any temperature)
+    """
+    acc = _accumulation_dtype(x.dtype)
+    noise = _unit_noise(x, seed_offset, group_size, per_element).to(acc)
+    logit = drop_logit.to(acc).repeat_interleave(group_size)[None, :, None]
+    # hard from the sign of lambda + L, not of z: dividing by the temperature may round a tiny
+    # negative sum to -0, and every backend computes this sum exactly the same way
+    return torch.sigmoid(-(logit + noise) / temperature), (logit + noise < 0).to(acc)
+
+
+def _scale(drop_logit: Tensor, group_size: int, rescale: bool, acc: torch.dtype) -> Tensor:
+    """1 / (1 - p) = 1 + exp(lambda) per channel (rescale), else 1; shaped [1, C, 1]."""
+    logit = drop_logit.to(acc).repeat_interleave(group_size)[None, :, None]
+    return 1.0 + torch.exp(logit) if rescale else torch.ones_like(logit)
+
+
+def gumbel_sigmoid_dropout(
+    x: Tensor,
+    drop_logit: Tensor,
+    seed_offset: Tensor,
+    temperature: float,
+    group_size: int,
+    per_element: bool,
+    rescale: bool,
+    mode: int,
+) -> Tensor:
+    """Concrete dropout (PGNAS eq. 16; Gal et al. 2017) on x [B, C, P]: y = x * keep * scale.
+
+    keep is the soft relaxation (mode 0), the hard sample with the soft sample's gradient
+    (straight-through, mode 1), or the hard sample alone (mode 2: exact Bernoulli(1 - p), no
+    gradient through the sample). scale = 1 / (1 - p) with ``rescale`` (concrete dropout: E[y] = x
+    in the hard limit), else 1 (PGNAS). The noise is keyed by seed_offset = (seed, offset), int64 [2]
+    (:func:`philox_bits`); see :func:`gumbel_sigmoid_keep` for the units and the math. Autograd of
+    this function is the reference for the gradients to x and drop_logit.
+    """
+    acc = _accumulation_dtype(x.dtype)
+    soft, hard = gumbel_sigmoid_keep(x, drop_logit, seed_offset, temperature, group_size, per_element)
+    if mode == 0:
+        keep = soft
+    elif mode == 1:
+        keep = hard + soft - soft.detach()
+    else:
+        keep = hard
+    return (x.to(acc) * keep * _scale(drop_logit, group_size, rescale, acc)).to(x.dtype)
+
+
+def gumbel_sigmoid_dropout_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    drop_logit: Tensor,
+    seed_offset: Tensor,
+    temperature: float,
+    group_size: int,
+    per_element: bool,
+    rescale: bool,
+    mode: int,
+) -> Tuple[Tensor, Tensor]:
+    """Explicit gradients of :func:`gumbel_sigmoid_dropout`, the noise regenerated from seed_offset.
+    With s the soft keep, h the hard keep, r = 1 if rescale else 0, scale = 1 + r exp(lambda), and
+    d scale / d lambda = scale * p * r:
+
+        grad_x      = grad_y * k * scale,        k = s (soft) or h (straight-through, hard)
+        grad_lambda = sum over the channels of the group and their units of
+                      grad_y * x * scale * (k p r - t),   t = s (1 - s) / temperature (soft,
+                      straight-through) or 0 (hard: the sample has no gradient)
+
+    Returns (grad_x [B, C, P] in x's dtype, grad_drop_logit [C / group_size] in its dtype).
+    """
+    acc = _accumulation_dtype(x.dtype)
+    soft, hard = gumbel_sigmoid_keep(x, drop_logit, seed_offset, temperature, group_size, per_element)
+    keep = soft if mode == 0 else hard
+    scale = _scale(drop_logit, group_size, rescale, acc)
+    p = torch.sigmoid(drop_logit.to(acc)).repeat_interleave(group_size)[None, :, None]
+    slope = soft * (1 - soft) / temperature if mode != 2 else torch.zeros_like(soft)
+    g, xa = grad_y.to(acc), x.to(acc)
+    grad_x = g * keep * scale
+    per_channel = (g * xa * scale * (keep * p * float(rescale) - slope)).sum((0, 2))  # [C]
+    grad_logit = per_channel.reshape(-1, group_size).sum(1)
+    return grad_x.to(x.dtype), grad_logit.to(drop_logit.dtype)

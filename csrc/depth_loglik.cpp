@@ -28,57 +28,6 @@ namespace {
 
 constexpr int64_t kRows = 64;  // rows (examples) per chunk: four 16-lane float vectors
 
-// exp(x) for float32 in plain arithmetic, so that the compiler vectorises it (std::exp stays a
-// scalar libm call without -ffast-math, and that call was 3x the cost of the whole op):
-// x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative error
-// <= 1.2e-7, about 1 ulp), 2^n assembled in the exponent bits. n is rounded by adding and
-// subtracting 1.5 * 2^23, which leaves n in the low mantissa bits: a float-to-int conversion (or
-// std::floor) may trap, and GCC then refuses to vectorise the loop unless -fno-trapping-math.
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);  // keeps 2^n a normal float; exp(-87) ~ 1.6e-38
-  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23, bit pattern 0x4b400000
-  const float shifted = x * 1.44269504088896341f + kRoundMagic;
-  const float n = shifted - kRoundMagic;  // round(x / ln2), exactly
-  int32_t n_int;
-  std::memcpy(&n_int, &shifted, sizeof(n_int));
-  n_int -= 0x4b400000;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for exactness
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (n_int + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-inline double fast_exp(double x) { return std::exp(x); }  // float64 keeps libm's accuracy
-
-// log(s) for a normal float32 s > 0 (here s = sum of exp(x - max) is in [1, C]), vectorisable
-// for the same reason as fast_exp: s = 2^e m with m in [sqrt(1/2), sqrt(2)), and
-// log m = 2 atanh(t) = 2 (t + t^3/3 + ... + t^9/9) with t = (m - 1) / (m + 1), |t| <= 0.172
-// (truncation error < 1e-9); e ln2 is added with ln2 split in two, as in fast_exp.
-inline float fast_log(float s) {
-  int32_t bits;
-  std::memcpy(&bits, &s, sizeof(bits));
-  const int32_t e = (bits - 0x3f3504f3) >> 23;  // 0x3f3504f3 is sqrt(1/2)
-  const int32_t mantissa_bits = bits - (e << 23);
-  float m;
-  std::memcpy(&m, &mantissa_bits, sizeof(m));
-  const float t = (m - 1.0f) / (m + 1.0f);
-  const float t2 = t * t;
-  float p = 1.0f / 9.0f;
-  p = p * t2 + 1.0f / 7.0f;
-  p = p * t2 + 1.0f / 5.0f;
-  p = p * t2 + 1.0f / 3.0f;
-  p = p * t2 + 1.0f;
-  const float fe = static_cast<float>(e);
-  return fe * 0.693359375f + (fe * -2.12194440e-4f + 2.0f * t * p);
-}
-inline double fast_log(double s) { return std::log(s); }
 
 // Rows of at most kNarrowClasses logits take the transposed layout (see the note at the top);
 // wider rows are long enough to vectorise along, and transposing them would stride through memory.

@@ -156,10 +156,27 @@ def test_compare_runs_every_variant(tmp_path):
     result = nsa.compare(config, out_dir=str(tmp_path))
     assert [(r["variant"], r["running_stats"]) for r in result["rows"]] == list(nsa.COMPARISON)
     assert result["markdown"].count("\n| nsa") == len(nsa.COMPARISON)
-    assert os.path.isfile(tmp_path / "comparison.json")
+    assert json.load(open(tmp_path / "comparison.json")) == json.loads(json.dumps(result["rows"]))
     # per-architecture and conditional variants have no seen/unseen AUC (their unseen wirings have no parameters)
     by = {(r["variant"], r["running_stats"]): r for r in result["rows"]}
     assert by[("nsa_id", "shared")]["seen_unseen_auc"] is None and by[("nsa_i", "shared")]["seen_unseen_auc"] is not None
+
+
+def test_compare_table_averages_over_seeds():
+    """compare_table: one line per (variant, running stats), the mean over seeds ± the standard error."""
+    base = dict(eval_range=0.1, mean_single_ece=0.01, ensemble_accuracy=0.9, ensemble_ece=0.02, mi_auroc=0.8, seen_unseen_auc=None)
+    rows = [
+        dict(base, variant="nsa", running_stats="shared", seed=0, spearman=0.2, eval_std=0.01, mean_single_accuracy=0.90),
+        dict(base, variant="nsa", running_stats="shared", seed=1, spearman=0.4, eval_std=0.03, mean_single_accuracy=0.94),
+        dict(base, variant="nsa_i", running_stats="shared", seed=0, spearman=0.5, eval_std=0.02, mean_single_accuracy=0.95),
+    ]
+    lines = nsa.compare_table(rows).splitlines()
+    nsa_line = next(line for line in lines if line.startswith("| nsa |"))
+    # mean 0.3, standard error stdev([0.2, 0.4]) / sqrt(2) = 0.1; accuracy 92% ± 2
+    assert "| 0.30 ± 0.10 | 2.00 ± 1.00 |" in nsa_line and "| 92.00% ± 2.00 |" in nsa_line
+    nsa_i_line = next(line for line in lines if line.startswith("| nsa_i |"))
+    assert "| 0.50 | 2.00 |" in nsa_i_line and nsa_i_line.endswith("| - |")  # one seed: no ±; no AUC
+    assert lines[-1] == "(seeds 0, 1; ± is the standard error over seeds)"
 
 
 @pytest.mark.parametrize(

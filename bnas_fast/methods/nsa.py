@@ -54,7 +54,7 @@ from bnas_fast.methods._config import config_from_any, torch_threads
 from bnas_fast.nn.depth import expected_calibration_error
 from bnas_fast.nn.nsa import VARIANTS, NSANet, sample_architectures
 
-__all__ = ["NSAConfig", "run", "compare", "spearman", "auroc", "mutual_information", "add_arguments", "main"]
+__all__ = ["NSAConfig", "run", "compare", "compare_table", "spearman", "auroc", "mutual_information", "add_arguments", "main"]
 
 
 @dataclass
@@ -385,59 +385,98 @@ def _plots(c: NSAConfig, r: Dict[str, Any]) -> Dict[str, str]:
 
 COMPARISON = (
     ("nsa", "shared"),
+    ("nsa", "per_arch"),
     ("nsa_i", "shared"),
     ("nsa_i", "per_arch"),
     ("nsa_id", "shared"),
     ("nsa_id", "per_arch"),
 )
 
+# (key of a compare row, column title, how a value is printed)
+_COMPARE_COLUMNS = (
+    ("spearman", "Spearman (train vs eval BN)", lambda v: f"{v:.2f}"),
+    ("eval_std", "eval-BN acc std (pts)", lambda v: f"{100 * v:.2f}"),
+    ("eval_range", "eval-BN acc range (pts)", lambda v: f"{100 * v:.2f}"),
+    ("mean_single_accuracy", "mean single acc", lambda v: f"{100 * v:.2f}%"),
+    ("mean_single_ece", "mean single ECE", lambda v: f"{v:.4f}"),
+    ("ensemble_accuracy", "ensemble of 5 acc", lambda v: f"{100 * v:.2f}%"),
+    ("ensemble_ece", "ensemble of 5 ECE", lambda v: f"{v:.4f}"),
+    ("mi_auroc", "MI AUROC (OOD)", lambda v: f"{v:.3f}"),
+    ("seen_unseen_auc", "seen/unseen AUC", lambda v: f"{v:.2f}"),
+)
 
-def compare(config: Union[NSAConfig, Dict[str, Any], None] = None, out_dir: Optional[str] = None) -> Dict[str, Any]:
-    """Run every (variant, running statistics) of COMPARISON on the same budget and data; return the
-    rows and a markdown table."""
-    base = NSAConfig.from_any(config)
-    rows = []
-    for variant, stats in COMPARISON:
-        c = dataclasses.replace(base, variant=variant, running_stats=stats)
-        c.out_dir = os.path.join(out_dir, f"{variant}_{stats}") if out_dir else None
-        r = run(c)
-        a = r["architectures"]
-        five = next((e for e in r["ensemble"] if e["T"] == min(5, len(r["ensemble"]))), r["ensemble"][-1])
-        rows.append(
-            {
-                "variant": variant,
-                "running_stats": stats,
-                "spearman": a["spearman_train_vs_eval_bn"],
-                "eval_std": a["eval_bn_std"],
-                "eval_range": a["eval_bn_range"],
-                "mean_single_accuracy": a["mean_single_accuracy"],
-                "mean_single_ece": a["mean_single_ece"],
-                "ensemble_T": five["T"],
-                "ensemble_accuracy": five["accuracy"],
-                "ensemble_ece": five["ece"],
-                "mi_auroc": r["uncertainty"]["auroc"],
-                "seen_unseen_auc": r["seen_unseen"].get("auc"),
-                "seconds": r["seconds"],
-            }
-        )
+
+def _compare_row(variant: str, stats: str, seed: int, r: Dict[str, Any]) -> Dict[str, Any]:
+    a = r["architectures"]
+    five = next((e for e in r["ensemble"] if e["T"] == min(5, len(r["ensemble"]))), r["ensemble"][-1])
+    return {
+        "variant": variant,
+        "running_stats": stats,
+        "seed": seed,
+        "spearman": a["spearman_train_vs_eval_bn"],
+        "eval_std": a["eval_bn_std"],
+        "eval_range": a["eval_bn_range"],
+        "mean_single_accuracy": a["mean_single_accuracy"],
+        "mean_single_ece": a["mean_single_ece"],
+        "ensemble_T": five["T"],
+        "ensemble_accuracy": five["accuracy"],
+        "ensemble_ece": five["ece"],
+        "mi_auroc": r["uncertainty"]["auroc"],
+        "seen_unseen_auc": r["seen_unseen"].get("auc"),
+        "seconds": r["seconds"],
+    }
+
+
+def _mean_and_standard_error(values: Sequence[float]) -> tuple:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None, None
+    mean = statistics.fmean(finite)
+    se = statistics.stdev(finite) / math.sqrt(len(finite)) if len(finite) > 1 else None
+    return mean, se
+
+
+def compare_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """A markdown table of compare rows: one line per (variant, running statistics), each cell the
+    mean over seeds, with ± its standard error when there are several seeds."""
+    keys = list(dict.fromkeys((w["variant"], w["running_stats"]) for w in rows))
+    seeds = sorted({w["seed"] for w in rows})
     lines = [
-        "| variant | running stats | Spearman (train vs eval BN) | eval-BN acc std / range (pts) | mean single acc / ECE "
-        "| ensemble of T acc / ECE | MI AUROC (OOD) | seen/unseen AUC |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | running stats | " + " | ".join(title for _, title, _ in _COMPARE_COLUMNS) + " |",
+        "|---|---|" + "---|" * len(_COMPARE_COLUMNS),
     ]
-    for w in rows:
-        auc = "-" if w["seen_unseen_auc"] is None else f"{w['seen_unseen_auc']:.2f}"
-        lines.append(
-            f"| {w['variant']} | {w['running_stats']} | {w['spearman']:.2f} | {100 * w['eval_std']:.2f} / {100 * w['eval_range']:.2f} "
-            f"| {100 * w['mean_single_accuracy']:.2f}% / {w['mean_single_ece']:.4f} "
-            f"| T={w['ensemble_T']}: {100 * w['ensemble_accuracy']:.2f}% / {w['ensemble_ece']:.4f} | {w['mi_auroc']:.3f} | {auc} |"
-        )
-    table = "\n".join(lines)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "comparison.json"), "w") as fh:
-            json.dump(rows, fh, indent=2)
-    return {"rows": rows, "markdown": table}
+    for variant, stats in keys:
+        group = [w for w in rows if (w["variant"], w["running_stats"]) == (variant, stats)]
+        cells = []
+        for key, _, show in _COMPARE_COLUMNS:
+            mean, se = _mean_and_standard_error([w[key] for w in group])
+            cells.append("-" if mean is None else show(mean) + ("" if se is None else " ± " + show(se).rstrip("%")))
+        lines.append(f"| {variant} | {stats} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n(seeds {', '.join(map(str, seeds))}; ± is the standard error over seeds)"
+
+
+def compare(
+    config: Union[NSAConfig, Dict[str, Any], None] = None,
+    out_dir: Optional[str] = None,
+    seeds: Optional[Sequence[int]] = None,
+) -> Dict[str, Any]:
+    """Run every (variant, running statistics) of COMPARISON on the same budget and data, for each
+    seed of ``seeds`` (default: the config's seed); return the rows (one per run) and a markdown
+    table of their means over seeds. Writes ``comparison.json`` to ``out_dir`` after every run, so an
+    interrupted comparison keeps what it finished."""
+    base = NSAConfig.from_any(config)
+    seeds = [base.seed] if seeds is None else list(seeds)
+    rows: List[Dict[str, Any]] = []
+    for seed in seeds:
+        for variant, stats in COMPARISON:
+            c = dataclasses.replace(base, variant=variant, running_stats=stats, seed=seed)
+            c.out_dir = os.path.join(out_dir, f"{variant}_{stats}_seed{seed}") if out_dir else None
+            rows.append(_compare_row(variant, stats, seed, run(c)))
+            if out_dir:
+                os.makedirs(out_dir, exist_ok=True)
+                with open(os.path.join(out_dir, "comparison.json"), "w") as fh:
+                    json.dump(rows, fh, indent=2)
+    return {"rows": rows, "markdown": compare_table(rows)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,6 +492,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--running-stats", choices=("shared", "per_arch"), default="shared")
     parser.add_argument("--compare", action="store_true", help="run every variant on the same budget and print a table")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="with --compare: run every variant for each seed and report mean ± standard error")
     parser.add_argument("--num-archs", "-S", type=int, default=50, help="size S of the training space")
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=None, help="default 40 digits, 4 Fashion-MNIST")
@@ -476,8 +517,10 @@ def main(args: argparse.Namespace) -> int:
         eval_archs=args.eval_archs, n_train=args.n_train, n_test=args.n_test, data_root=args.data_root,
         threads=args.threads, quick=args.quick, plots=not args.no_plots, progress=not args.no_progress,
     )
+    if args.seeds is not None and not args.compare:
+        raise ValueError("nsa: --seeds goes with --compare; one run takes --seed")
     if args.compare:
-        result = compare(config, out_dir=args.out)
+        result = compare(config, out_dir=args.out, seeds=args.seeds)
         print(result["markdown"])
         return 0
     config.out_dir = os.path.join(args.out, f"{args.variant}_{args.running_stats}_seed{args.seed}")

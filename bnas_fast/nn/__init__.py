@@ -10,6 +10,7 @@ from bnas_fast.nn.depth import (
     learnt_depth_net,
     resnet,
 )
+from bnas_fast.nn.gumbel_sigmoid_dropout import GumbelSigmoidDropout, InputDropoutConv2d, concrete_dropout_regularizer
 from bnas_fast.nn.mix import MixedOp
 
 __all__ = [
@@ -23,4 +24,7 @@ __all__ = [
     "ConvBlocks",
     "learnt_depth_net",
     "resnet",
+    "GumbelSigmoidDropout",
+    "InputDropoutConv2d",
+    "concrete_dropout_regularizer",
 ]
