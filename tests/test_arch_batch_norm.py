@@ -362,6 +362,21 @@ def test_without_running_stats_uses_batch_statistics_in_eval_too():
     assert mine.running_mean is None
 
 
+def test_per_arch_running_variance_pools_examples_across_batches():
+    """One example of the architecture per batch (S = 50, B = 64 gives about one): the variance
+    within each example's feature map is small, but the running variance must be the variance over
+    all the architecture's examples, between-example spread included."""
+    torch.manual_seed(0)
+    bn = bnas_fast.nn.ArchBatchNorm2d(2, num_archs=3, running_stats="per_arch", momentum=None)
+    levels = torch.randn(400, 2) * 2.0  # each example's own level per channel: variance 4 between examples
+    for b in range(400):
+        x = torch.stack([levels[b][:, None, None] + 0.1 * torch.randn(2, 3, 3), torch.randn(2, 3, 3)])
+        bn(x, torch.tensor([0, 1]))
+    total = levels.var(0) + 0.01
+    torch.testing.assert_close(bn.running_mean[0], levels.mean(0), rtol=0, atol=0.01)  # plus the noise mean, ~0.002
+    assert ((bn.running_var[0] - total).abs() <= 0.02 * total).all(), (bn.running_var[0], total)
+
+
 def test_per_arch_running_statistics_use_only_their_examples():
     torch.manual_seed(1)
     bn = bnas_fast.nn.ArchBatchNorm2d(3, num_archs=4, running_stats="per_arch", momentum=0.5)
@@ -373,7 +388,8 @@ def test_per_arch_running_statistics_use_only_their_examples():
         mean = xs.mean((0, 2, 3))
         var = xs.transpose(0, 1).reshape(3, -1).var(1)  # unbiased, as nn.BatchNorm's running_var
         torch.testing.assert_close(bn.running_mean[s], 0.5 * mean, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bn.running_var[s], 0.5 + 0.5 * var, rtol=1e-5, atol=1e-6)
+        # the second moment is averaged: 0.5 (1 + 0^2) + 0.5 (var + mean^2), minus the new mean squared
+        torch.testing.assert_close(bn.running_var[s], 0.5 + 0.5 * var + 0.25 * mean**2, rtol=1e-5, atol=1e-6)
     assert torch.equal(bn.running_mean[2], torch.zeros(3)) and torch.equal(bn.running_var[2], torch.ones(3))
     assert bn.num_batches_tracked.tolist() == [1, 1, 0, 1]
     # eval: each example normalised with its own architecture's statistics

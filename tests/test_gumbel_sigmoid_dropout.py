@@ -329,9 +329,10 @@ def test_module_drop_rate_and_modes():
 
 
 def test_sample_keep_and_fixed_keep():
-    drop = GumbelSigmoidDropout(4000, init_drop=0.3, rescale=False)
-    keep = drop.sample_keep(torch.Generator().manual_seed(0))
-    assert abs(float(keep.mean()) - 0.7) < 0.03
+    drop = GumbelSigmoidDropout(1, init_drop=0.3, rescale=False)  # one rate shared by 4000 channels
+    keep = drop.sample_keep(4000, torch.Generator().manual_seed(0))
+    assert keep.shape == (4000,) and abs(float(keep.mean()) - 0.7) < 0.03
+    assert abs(float(drop.sample_keep(4000, drop_rate=0.9).mean()) - 0.1) < 0.03
     small = GumbelSigmoidDropout(3, init_drop=0.5, rescale=True)
     small.fixed_keep = torch.tensor([1.0, 0.0, 1.0])
     x = torch.randn(2, 3, 4)
@@ -340,6 +341,9 @@ def test_sample_keep_and_fixed_keep():
     grouped.fixed_keep = torch.tensor([0.0, 1.0])
     x = torch.randn(2, 4, 3)
     torch.testing.assert_close(grouped(x), x * torch.tensor([0.0, 0.0, 1.0, 1.0])[None, :, None])
+    with pytest.raises(ValueError, match=r"fixed_keep must be \[2\] for an input of 4 channels"):
+        grouped.fixed_keep = torch.ones(4)
+        grouped(x)
 
 
 def _brute_force_regularizer(weight, p, length_scale, num_data, unit_size, rescale, conv_groups):

@@ -71,8 +71,9 @@ class GumbelSigmoidDropout(nn.Module):
         mode: "soft", "straight_through" or "hard" in training.
 
     Input [B, C, *]; output of the same shape. In eval mode the output is the deterministic
-    expectation x (1 - p) scale. :meth:`sample_keep` draws hard keep masks (architectures), and
-    :attr:`fixed_keep`, when set, replaces the random mask by a given one in every mode.
+    expectation x (1 - p) scale. :meth:`sample_keep` draws a hard keep mask (an architecture), and
+    :attr:`fixed_keep` ([C], or [C / group_size] for "group"), when set, replaces the random mask
+    by that one for every example, in training and eval.
     """
 
     def __init__(
@@ -107,24 +108,29 @@ class GumbelSigmoidDropout(nn.Module):
         """p = sigmoid(drop_logit), [shape]."""
         return torch.sigmoid(self.drop_logit)
 
-    def _unit_channels(self, channels: int) -> int:
-        """Channels that share one drop rate (1, group_size, or all of them for a shared rate)."""
-        n = self.drop_logit.shape[0]
-        return channels if n == 1 else channels // n
+    def _unit_channels(self) -> int:
+        """Channels per mask unit: group_size for "group", else 1 (a fixed mask is per channel)."""
+        return self.group_size if self.granularity == "group" else 1
 
-    def sample_keep(self, generator: Optional[torch.Generator] = None) -> Tensor:
-        """One hard keep mask per drop rate, keep ~ Bernoulli(1 - p): float [shape] of 0 / 1."""
+    def sample_keep(self, channels: int, generator: Optional[torch.Generator] = None, drop_rate: Optional[float] = None) -> Tensor:
+        """A hard keep mask for an input of ``channels`` channels, one entry per channel (per group
+        for "group"), keep ~ Bernoulli(1 - p) with the learned p (or ``drop_rate``): float 0 / 1."""
+        units = channels // self._unit_channels()
         with torch.no_grad():
-            u = torch.rand(self.drop_logit.shape, generator=generator, dtype=torch.float64)
-            return (u >= torch.sigmoid(self.drop_logit.double())).to(self.drop_logit.dtype)
+            p = torch.sigmoid(self.drop_logit.double()).expand(units) if drop_rate is None else torch.full((units,), float(drop_rate), dtype=torch.float64)
+            u = torch.rand(units, generator=generator, dtype=torch.float64)
+            return (u >= p).to(self.drop_logit.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fixed_keep is not None:
             # A sampled architecture: the same mask for every example, scaled as in training.
+            units = x.shape[1] // self._unit_channels()
+            if self.fixed_keep.shape != (units,):
+                raise ValueError(f"GumbelSigmoidDropout: fixed_keep must be [{units}] for an input of {x.shape[1]} channels, got {tuple(self.fixed_keep.shape)}")
             keep = self.fixed_keep.to(x.dtype)
             if self.rescale:
-                keep = keep * (1.0 + torch.exp(self.drop_logit.to(x.dtype)))
-            keep = keep.repeat_interleave(self._unit_channels(x.shape[1]))
+                keep = keep * (1.0 + torch.exp(self.drop_logit.to(x.dtype))).expand(units)
+            keep = keep.repeat_interleave(self._unit_channels())
             return x * keep.reshape((1, x.shape[1]) + (1,) * (x.dim() - 2))
         return gumbel_sigmoid_dropout(
             x,

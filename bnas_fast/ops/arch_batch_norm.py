@@ -226,8 +226,15 @@ def _update_running_stats(
     weight = weight.to(device=row_mean.device, dtype=row_mean.dtype)
     weight = torch.where(present, weight, torch.zeros_like(weight))
     weight = weight.unsqueeze(1)
-    running_mean.add_((weight * (mean - running_mean.to(mean.dtype))).to(running_mean.dtype))
-    running_var.add_((weight * (var - running_var.to(var.dtype))).to(running_var.dtype))
+    # Average the first two moments, not the per-batch variances: an architecture meets few
+    # examples per batch (one, with S = 50 and B = 64), and the variance within those misses the
+    # variance between examples. E[x^2] = var + mean^2 averaged over batches keeps it (the law of
+    # total variance), so running_var estimates the variance over all of the architecture's examples.
+    old_mean, old_var = running_mean.to(mean.dtype), running_var.to(var.dtype)
+    new_mean = old_mean + weight * (mean - old_mean)
+    new_second = old_var + old_mean**2 + weight * (var + mean**2 - old_var - old_mean**2)
+    running_mean.copy_(new_mean.to(running_mean.dtype))
+    running_var.copy_((new_second - new_mean**2).clamp(min=0).to(running_var.dtype))
 
 
 def arch_batch_norm(
