@@ -9,6 +9,11 @@ ghost batches of ``group_size`` consecutive examples (seed 004). Running statist
 ``"shared"`` (one [C] pair, as the NSA code does) or ``"per_arch"`` ([S, C], row s updated only from
 the examples of architecture s present in the batch), which attacks the train/eval disparity of
 section 3 of seed 002: an architecture evaluated in eval mode uses statistics of its own activations.
+Per-architecture statistics average the mean and the second moment E[x^2] over batches (not the
+per-batch variances), so an architecture met by one example per batch still gets the variance
+between its examples. They match training when training normalised each architecture's examples
+by themselves (NSA: one architecture per batch); with NSA-i's whole-batch statistics they do not
+(README, "NSA, NSA-i and NSA-id").
 
 With ``num_archs = 1`` the module matches ``nn.BatchNorm2d`` in both modes, and
 ``load_state_dict`` accepts a BatchNorm state_dict: its [C] parameters and statistics are broadcast

@@ -203,8 +203,9 @@ def _update_running_stats(
 ) -> None:
     """running = (1 - momentum) running + momentum batch statistic, the variance unbiased (as
     torch.nn.BatchNorm). Shared ([C]): over the whole batch. Per architecture ([S, C]): row s from the
-    examples with arch = s only; architectures absent from the batch (or with a single value per
-    channel) keep their statistics. ``arch_momentum`` [S] overrides the momentum per architecture
+    examples with arch = s only, averaging the mean and the second moment var + mean^2 (so the
+    variance between batches' examples is kept); architectures absent from the batch (or with a
+    single value per channel) keep their statistics. ``arch_momentum`` [S] overrides the momentum per architecture
     (the cumulative average: 1 / number of batches that architecture has been seen in)."""
     B = row_mean.shape[0]
     if running_mean.dim() == 1:

@@ -78,8 +78,8 @@ __all__ = [
     "MAX_TILE",
     "gumbel_sigmoid_dropout",
     "gumbel_sigmoid_dropout_backward",
+    "logistic_noise",
     "philox_bits",
-    "philox_noise",
 ]
 
 # Elements a program holds per loop step (BLOCK_Q * 4 * BLOCK_L or BLOCK_R * BLOCK_Q * 4). 1024
@@ -164,9 +164,8 @@ def _scale_and_p(lam, RESCALE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _philox_kernel(
-    out_ptr,  # [n] written: int64 words, or float32 noise with NOISE
+    out_ptr,  # [n] written, int64: the words
     seed, offset, n,
-    NOISE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
     """Words 4q .. 4q + 3 of the stream (seed, offset) for the program's quads q (a test helper)."""
@@ -175,10 +174,20 @@ def _philox_kernel(
     lane = tl.arange(0, 4)[None, :]
     idx = quads[:, None] * 4 + lane
     w = _pick(w0[:, None], w1[:, None], w2[:, None], w3[:, None], lane)
-    if NOISE:
-        tl.store(out_ptr + idx, _logistic_noise(w), mask=idx < n)
-    else:
-        tl.store(out_ptr + idx, w.to(tl.int64), mask=idx < n)  # zero-extends the uint32
+    tl.store(out_ptr + idx, w.to(tl.int64), mask=idx < n)  # zero-extends the uint32
+
+
+@triton.jit
+def _noise_kernel(
+    out_ptr,  # [n] written, float32
+    bits_ptr,  # [n] int64 words in [0, 2^32)
+    n,
+    BLOCK: tl.constexpr,
+):
+    """The logistic noise of given words, computed as the kernels compute it (a test helper)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(bits_ptr + idx, mask=idx < n, other=0).to(tl.uint32)
+    tl.store(out_ptr + idx, _logistic_noise(w), mask=idx < n)
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -367,7 +376,7 @@ def _plan(B: int, C: int, P: int, group_size: int, per_element: bool) -> _Plan:
     # Element rows. A row starts at lane (r P) mod 4, a multiple of gcd(P, 4); the worst start,
     # lane 4 - gcd(P, 4), makes the row span the most quads.
     rows = B * C
-    nq = (4 - math.gcd(P, 4) + P - 1) // 4 + 1
+    nq = (P + 3) // 4
     block = min(MAX_TILE // 4, triton.next_power_of_2(nq))
     block_rows = max(1, min(MAX_TILE // (4 * block), triton.next_power_of_2(rows)))
     chunk, chunks = _chunking(triton.cdiv(nq, block), block)
@@ -480,15 +489,17 @@ def philox_bits(seed: int, offset: int, n: int, device=None) -> Tensor:
     out = torch.empty(n, dtype=torch.int64, device=device)
     if n:
         block_q = min(MAX_TILE // 4, triton.next_power_of_2(triton.cdiv(n, 4)))
-        _philox_kernel[(triton.cdiv(n, 4 * block_q),)](out, seed, offset, n, NOISE=False, BLOCK_Q=block_q)
+        _philox_kernel[(triton.cdiv(n, 4 * block_q),)](out, seed, offset, n, BLOCK_Q=block_q)
     return out
 
 
-def philox_noise(seed: int, offset: int, n: int, device=None) -> Tensor:
-    """The kernels' logistic noise of those words, float32 [n]: reference.logistic_noise of
-    philox_bits(seed, offset, n) up to the rounding of the log (a test helper)."""
-    out = torch.empty(n, dtype=torch.float32, device=device)
+def logistic_noise(bits: Tensor) -> Tensor:
+    """The kernels' logistic noise of 32-bit words (int64 [n] in [0, 2^32)), float32 [n]:
+    :func:`bnas_fast.reference.logistic_noise` up to the rounding of the log (a test helper)."""
+    bits = bits.contiguous()
+    out = torch.empty(bits.shape, dtype=torch.float32, device=bits.device)
+    n = bits.numel()
     if n:
-        block_q = min(MAX_TILE // 4, triton.next_power_of_2(triton.cdiv(n, 4)))
-        _philox_kernel[(triton.cdiv(n, 4 * block_q),)](out, seed, offset, n, NOISE=True, BLOCK_Q=block_q)
+        block = min(MAX_TILE, triton.next_power_of_2(n))
+        _noise_kernel[(triton.cdiv(n, block),)](out, bits, n, BLOCK=block)
     return out
