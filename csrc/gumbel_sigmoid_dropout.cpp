@@ -334,11 +334,31 @@ std::tuple<at::Tensor, at::Tensor> gumbel_sigmoid_dropout_backward_cpu(
   return {grad_x, grad_logit};
 }
 
+// The kernels' noise for given 32-bit words (int64 values in [0, 2^32)), for tests: the ends of
+// the word range cannot be reached through a seed.
+at::Tensor logistic_noise_of_words_cpu(const at::Tensor& words_in) {
+  TORCH_CHECK_TYPE(words_in.scalar_type() == at::kLong && words_in.device().is_cpu(), "logistic_noise_of_words: ",
+                   "words must be a CPU int64 tensor");
+  const auto words = words_in.contiguous();
+  const int64_t n = words.numel();
+  const int64_t* w = words.data_ptr<int64_t>();
+  std::vector<uint32_t> bits(n);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(w[i] >= 0 && w[i] <= int64_t(0xFFFFFFFF), "logistic_noise_of_words: words[", i, "] = ", w[i],
+                      " is not a 32-bit word");
+    bits[i] = static_cast<uint32_t>(w[i]);
+  }
+  auto out = at::empty({n}, words.options().dtype(at::kFloat));
+  logistic_noise(bits.data(), n, out.data_ptr<float>());
+  return out.view(words.sizes());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnas_fast, CPU, m) {
   m.impl("gumbel_sigmoid_dropout", &gumbel_sigmoid_dropout_cpu);
   m.impl("gumbel_sigmoid_dropout_backward", &gumbel_sigmoid_dropout_backward_cpu);
+  m.impl("logistic_noise_of_words", &logistic_noise_of_words_cpu);
 }
 
 }  // namespace bnas_fast

@@ -80,6 +80,35 @@ def test_logistic_noise_is_finite_at_the_ends_of_the_word_range():
     assert abs(float(noise[2])) < 1e-6 and abs(float(noise[3])) < 1e-6
 
 
+def test_kernel_noise_matches_the_reference_at_the_ends_of_the_word_range():
+    words = torch.tensor([0, 1, 2, 2**16, 2**31 - 1, 2**31, 2**32 - 3, 2**32 - 2, 2**32 - 1])
+    words = torch.cat([words, reference.philox_bits(5, 0, 10_000)])
+    got = torch.ops.bnas_fast.logistic_noise_of_words(words)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, reference.logistic_noise(words), rtol=1e-6, atol=2e-6)
+    torch.library.opcheck(torch.ops.bnas_fast.logistic_noise_of_words.default, (words[:100],))
+
+
+def test_backward_keeps_nothing_of_the_noise():
+    """Saved for backward: x (for the logit's gradient), the logits and the two-integer seed."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    x = torch.randn(8, 16, 32, requires_grad=True)
+    drop_logit = torch.zeros(16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = bnas_fast.gumbel_sigmoid_dropout(x, drop_logit, granularity="element")
+    assert sum(saved) <= x.numel() * 4 + 16 * 4 + 2 * 8, saved
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        bnas_fast.gumbel_sigmoid_dropout(x, drop_logit.detach(), granularity="element")
+    assert sum(saved) <= 16 * 4 + 2 * 8, saved  # no gradient to the logits: x is not kept either
+    y.sum().backward()
+
+
 def test_logistic_noise_has_the_logistic_distribution():
     noise = reference.logistic_noise(reference.philox_bits(3, 0, 200_000)).double()
     # mean 0, variance pi^2 / 3; P(L < 1) = sigmoid(1)

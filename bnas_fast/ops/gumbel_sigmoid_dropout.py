@@ -45,6 +45,8 @@ MODES = reference.MODES  # ("soft", "straight_through", "hard"), the schema's in
 _ARGS = "Tensor x, Tensor drop_logit, Tensor seed_offset, float temperature, int group_size, bool per_element, bool rescale, int mode"
 LIB.define(f"gumbel_sigmoid_dropout({_ARGS}) -> Tensor")
 LIB.define(f"gumbel_sigmoid_dropout_backward(Tensor grad_y, {_ARGS}) -> (Tensor, Tensor)")
+# For tests: the backend's logistic noise of given 32-bit words (int64 [n] in [0, 2^32)), float32.
+LIB.define("logistic_noise_of_words(Tensor words) -> Tensor")
 
 
 @torch.library.register_fake("bnas_fast::gumbel_sigmoid_dropout")
@@ -55,6 +57,11 @@ def _fake(x, drop_logit, seed_offset, temperature, group_size, per_element, resc
 @torch.library.register_fake("bnas_fast::gumbel_sigmoid_dropout_backward")
 def _backward_fake(grad_y, x, drop_logit, seed_offset, temperature, group_size, per_element, rescale, mode):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(drop_logit)
+
+
+@torch.library.register_fake("bnas_fast::logistic_noise_of_words")
+def _noise_fake(words):
+    return torch.empty(words.shape, dtype=torch.float32, device=words.device)
 
 
 def _setup_context(ctx, inputs, output):
@@ -97,6 +104,7 @@ _KERNELS = {
     "reference": {
         "gumbel_sigmoid_dropout": reference.gumbel_sigmoid_dropout,
         "gumbel_sigmoid_dropout_backward": reference.gumbel_sigmoid_dropout_backward,
+        "logistic_noise_of_words": reference.logistic_noise,
     },
     "triton": {"gumbel_sigmoid_dropout": _triton_kernel, "gumbel_sigmoid_dropout_backward": _triton_backward_kernel},
 }
