@@ -372,9 +372,15 @@ def philox_bits(seed: int, offset: int, n: int, device=None) -> Tensor:
 
     Word i is output word (i mod 4) of the block cipher applied to the 128-bit counter
     (lo32(offset + i // 4), hi32(offset + i // 4), 0, 0) under the 64-bit key seed = (lo32, hi32).
+    A call over n units uses ceil(n / 4) counters from offset; the public function draws a fresh
+    (seed, offset) per call, so calls do not share counters.
     Ten rounds of: (c0, c1, c2, c3) <- (hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0)),
     then k0 += 0x9E3779B9, k1 += 0xBB67AE85 (mod 2^32). This is Random123's philox4x32 and Triton's
     ``tl.philox`` word for word, so every backend draws the same bits from the same (seed, offset).
+    The noise made from them agrees across backends up to the rounding of each one's float32 log
+    (a few ulp), so a hard mask can differ in the rare unit where lambda + L is that close to 0.
+    A call over n units uses ceil(n / 4) counters from offset; the public function draws a fresh
+    (seed, offset) per call.
     """
     counters = torch.arange((n + 3) // 4, dtype=torch.int64, device=device) + offset
     c0, c1 = counters & _M32, (counters >> 32) & _M32
@@ -425,7 +431,8 @@ def gumbel_sigmoid_keep(
         z    = (lambda + L) / temperature
         drop = sigmoid(z)            (eq. 16 of the paper: -> Bernoulli(p) as temperature -> 0)
         keep = 1 - drop = sigmoid(-z)
-        hard = 1[lambda + L < 0]      (= 1[z < 0]: exactly Bernoulli(1 - p) at any temperature)
+        hard = 1[lambda + L < 0]      (= 1[z < 0]: Bernoulli(1 - p) at any temperature, up to
+                                       the float32 rounding of L)
     """
     acc = _accumulation_dtype(x.dtype)
     noise = _unit_noise(x, seed_offset, group_size, per_element).to(acc)
@@ -465,7 +472,7 @@ def gumbel_sigmoid_dropout(
     if mode == 0:
         keep = soft
     elif mode == 1:
-        keep = hard + soft - soft.detach()
+        keep = hard + (soft - soft.detach())  # exactly hard in the forward pass, soft's gradient
     else:
         keep = hard
     return (x.to(acc) * keep * _scale(drop_logit, group_size, rescale, acc)).to(x.dtype)

@@ -453,6 +453,7 @@ def _call(x=None, drop_logit=None, temperature=0.2, **kw):
         (dict(seed_offset=torch.tensor([1, 2, 3])), TypeError, r"seed_offset must be a CPU int64 tensor of shape \[2\]"),
         (dict(seed_offset=torch.tensor([1.0, 2.0])), TypeError, r"seed_offset must be a CPU int64 tensor"),
         (dict(seed_offset=torch.tensor([-1, 2])), ValueError, r"seed_offset must be non-negative"),
+        (dict(drop_logit=torch.full((4,), 90.0)), ValueError, r"drop_logit holds 90: with rescale, 1 / \(1 - p\).*overflows"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, error, pattern):

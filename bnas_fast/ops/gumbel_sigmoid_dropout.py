@@ -100,13 +100,23 @@ def _triton_backward_kernel(grad_y, x, drop_logit, seed_offset, temperature, gro
     )
 
 
+def _triton_noise_kernel(words):
+    from bnas_fast.triton import gumbel_sigmoid_dropout as triton_gsd
+
+    return triton_gsd.logistic_noise(words)
+
+
 _KERNELS = {
     "reference": {
         "gumbel_sigmoid_dropout": reference.gumbel_sigmoid_dropout,
         "gumbel_sigmoid_dropout_backward": reference.gumbel_sigmoid_dropout_backward,
         "logistic_noise_of_words": reference.logistic_noise,
     },
-    "triton": {"gumbel_sigmoid_dropout": _triton_kernel, "gumbel_sigmoid_dropout_backward": _triton_backward_kernel},
+    "triton": {
+        "gumbel_sigmoid_dropout": _triton_kernel,
+        "gumbel_sigmoid_dropout_backward": _triton_backward_kernel,
+        "logistic_noise_of_words": _triton_noise_kernel,
+    },
 }
 for _device, _backend_name in _backend.backends().items():
     if _backend_name in _KERNELS:  # "cpp" registered itself from C++
@@ -208,6 +218,16 @@ def gumbel_sigmoid_dropout(
             raise ValueError(
                 f"{op}: drop_logit holds NaN or infinity: the drop probability p = sigmoid(drop_logit) must lie in (0, 1)"
             )
+        if rescale:
+            # 1 / (1 - p) = 1 + exp(lambda) must stay finite in the compute dtype (float32 for
+            # float16/bfloat16): beyond, p rounds to 1 there and a dropped unit would give 0 * inf.
+            compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+            limit = math.log(torch.finfo(compute).max) - 1.0
+            if bool((table > limit).any()):
+                raise ValueError(
+                    f"{op}: drop_logit holds {float(table.max()):.4g}: with rescale, 1 / (1 - p) = 1 + exp(drop_logit) "
+                    f"overflows {compute} above {limit:.4g} (p is 1 to that precision; the drop probability must be below 1)"
+                )
     table = table.expand(num_groups)
     if not training:
         keep = torch.sigmoid(-table).repeat_interleave(group_size)

@@ -19,7 +19,8 @@ from the counter-based Philox-4x32-10 generator keyed by seed_offset = (seed, of
 
 (see :func:`bnas_fast.reference.gumbel_sigmoid_dropout`, the specification). Units are numbered
 u = (b C + c) P + s per element (the flat index of x[b, c, s]), and u = b G + c // group_size per
-group of channels (one unit for all of x[b, c, :] with c in the group).
+group of channels (one unit for all of x[b, c, :] with c in the group). A call with n units uses
+the counters offset .. offset + ceil(n / 4) - 1; advancing the offset between calls is the caller's.
 
 The design:
 
@@ -45,9 +46,10 @@ The design:
   of each group. No atomics, so the result is deterministic.
 * The noise is float32 as in the reference: a and b are exact conversions plus 1/2, a / b is an
   IEEE (correctly rounded) division (``div_rn``; plain ``/`` is approximate on NVIDIA GPUs), and
-  the log is ``tl.log``, accurate to a few units in the last place but not correctly rounded
-  (neither is torch.log): the noise may differ from the reference's by a few ulp, which flips a hard
-  mask only when lambda + L is within those ulp of 0 (about 1e-8 per unit). The soft keep uses
+  the log is ``tl.log`` (libdevice's logf on NVIDIA, within 1 ulp; numpy's float32 log under the
+  interpreter, within 4), not correctly rounded, and neither is torch.log: the noise may differ from
+  the reference's by a few ulp, which flips a hard mask only when lambda + L is within those ulp of
+  0 (about 1e-8 per unit). The soft keep uses
   e = exp(-|z|): soft = 1 / (1 + e) or e / (1 + e) and soft (1 - soft) = e / (1 + e)^2, stable at
   both ends (the reference's 1 - soft cancels when soft is near 1).
 * float16/bfloat16 compute in float32 and are rounded once; float32 and float64 compute in their
@@ -59,8 +61,8 @@ The design:
 
 The launchers own the layout (contiguity, the views, output allocation, tiling) and read (seed,
 offset) on the host; the kernels own the per-element math. Argument checks (shapes, dtypes,
-group_size dividing C, temperature > 0, mode in {0, 1, 2}) happen in the op module before these
-launchers are called; there is no autograd logic here.
+group_size dividing C, temperature > 0, mode in {0, 1, 2}) are the caller's (the op module's),
+before these launchers are called; there is no autograd logic here.
 """
 
 from __future__ import annotations
@@ -376,7 +378,7 @@ def _plan(B: int, C: int, P: int, group_size: int, per_element: bool) -> _Plan:
     # Element rows. A row starts at lane (r P) mod 4, a multiple of gcd(P, 4); the worst start,
     # lane 4 - gcd(P, 4), makes the row span the most quads.
     rows = B * C
-    nq = (P + 3) // 4
+    nq = (4 - math.gcd(P, 4) + P - 1) // 4 + 1
     block = min(MAX_TILE // 4, triton.next_power_of_2(nq))
     block_rows = max(1, min(MAX_TILE // (4 * block), triton.next_power_of_2(rows)))
     chunk, chunks = _chunking(triton.cdiv(nq, block), block)
