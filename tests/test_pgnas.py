@@ -80,7 +80,7 @@ def test_run_writes_results_and_plots_and_is_reproducible(tmp_path):
     saved = json.load(open(tmp_path / "a" / "results.json"))
     for name in ("drop_rates.png", "candidates.png", "candidates_sweep.png"):
         assert os.path.isfile(tmp_path / "a" / name)
-    for key in ("pgnas", "random"):
+    for key in ("pgnas", "random", "fixed_rate_on_pgnas_weights"):
         r = saved[key]
         assert len(r["val_accuracies"]) == 6 and [s["candidates"] for s in r["sweep"]] == [1, 3, 6]
         assert r["best_val_accuracy"] == max(r["val_accuracies"])

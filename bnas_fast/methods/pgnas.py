@@ -19,9 +19,11 @@ or ``bnas-fast run pgnas [--seeds 0 1 2]``. One run (Algorithm 1 of the paper, a
    have the expected size of PGNAS's (the parameter-weighted mean of the learned rates); C random
    candidates at rate r ranked the same way; the best one's test accuracy without ("w/o FT") and
    with (``ft_epochs`` of training with its mask fixed, "w/ FT") fine-tuning;
-5. the number-of-candidates sweep of table 6: the test accuracy of the best of the first C'
-   candidates, for both;
-6. ``results.json`` and PNG plots: the learned drop rates per layer, the validation accuracies of
+5. an ablation: C candidates at the fixed rate r on PGNAS's own trained weights, which separates
+   what the learned rates add from what PGNAS's training adds;
+6. the number-of-candidates sweep of table 6: the test accuracy of the best of the first C'
+   candidates, for each;
+7. ``results.json`` and PNG plots: the learned drop rates per layer, the validation accuracies of
    guided and random candidates, and the sweep.
 
 Everything random derives from ``seed``: the same seed gives the same run.
@@ -59,9 +61,11 @@ class PGNASConfig:
     Defaults: Fashion-MNIST 10 epochs on a 10,000-image training subset, 2,000 validation images
     held out of the training set and 2,000 test images (digits: 60 epochs on its 1,078 / 360 / 359
     split); width 8, 3 stages of one block with 3x3 and 5x5 branches; SGD lr 0.05 momentum 0.9
-    cosine, batch 64; temperature 0.2, initial drop rate 0.1, one rate per convolution; prior
-    length scale l from ``prior_weight_decay``: l^2 = prior_weight_decay * N, so that eq. 15's
-    weight term equals that weight decay when p = 0; C = 100 candidates; 1 fine-tuning epoch.
+    cosine, batch 64; the drop logits by Adam (lr 0.01, cosine); temperature 0.2, initial drop rate
+    0.1, one rate per input channel of every searched convolution; prior length scale l from
+    ``prior_weight_decay``: l^2 = prior_weight_decay * N, so that eq. 15's weight term equals that
+    weight decay when p = 0 (3e-3: table 4's best l^2 = 150 over CIFAR's N = 50,000); C = 100
+    candidates; 1 fine-tuning epoch.
     """
 
     dataset: str = "fashion"
@@ -73,13 +77,13 @@ class PGNASConfig:
     epochs: Optional[int] = None
     batch_size: int = 64
     lr: float = 0.05
-    logit_lr: float = 0.05
+    logit_lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    prior_weight_decay: float = 5e-4
+    prior_weight_decay: float = 3e-3
     temperature: float = 0.2
     init_drop: float = 0.1
-    per_channel_rates: bool = False
+    per_channel_rates: bool = True
     candidates: int = 100
     sweep: Tuple[int, ...] = (1, 5, 10, 20, 50, 100)
     ft_epochs: int = 1
@@ -164,11 +168,13 @@ def _train(
     plain = [p for p in model.parameters() if id(p) not in gated and all(p is not q for q in logits)]
     groups = [{"params": plain, "weight_decay": c.weight_decay}]
     groups.append({"params": [m.conv.weight for m in searched], "weight_decay": 0.0 if learn_rates else c.weight_decay})
+    optimizers = [torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)]
     if learn_rates:
-        groups.append({"params": logits, "weight_decay": 0.0, "lr": c.logit_lr})
-    optimizer = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
+        # Adam for the logits: the gradient of one channel's logit is tiny next to a weight's, and
+        # SGD at the weights' learning rate barely moves the rates in a short run.
+        optimizers.append(torch.optim.Adam(logits, lr=c.logit_lr))
     steps = epochs * math.ceil(x.shape[0] / c.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(steps, 1)) for o in optimizers]
     length_scale = math.sqrt(c.prior_weight_decay * x.shape[0])
     gen = torch.Generator().manual_seed(c.seed * 7919 + seed_shift)
     model.train()
@@ -181,15 +187,17 @@ def _train(
             idx = order[i : i + c.batch_size]
             if idx.numel() < 2:
                 continue  # batch statistics need two examples
-            optimizer.zero_grad(set_to_none=True)
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # the dropout noise
                 loss = F.cross_entropy(model(x[idx]), y[idx])
             if learn_rates:
                 loss = loss + model.regularizer(length_scale, x.shape[0])
             loss.backward()
-            optimizer.step()
-            schedule.step()
+            for o, schedule in zip(optimizers, schedules):
+                o.step()
+                schedule.step()
             total += float(loss.detach()) * idx.numel()
         losses.append(total / x.shape[0])
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
@@ -284,6 +292,8 @@ def _run(c: PGNASConfig) -> Dict[str, Any]:
     random_training = _train(random_model, x, y, c, c.epochs, False, "random", 3)
     random_full_test = _accuracy(random_model, x_test, y_test)
     random = _search(random_model, c, x_val, y_val, r, 4, "random")
+    # ablation: fixed-rate masks on PGNAS's own weights isolate what the learned rates add
+    same_weights = _search(guided_model, c, x_val, y_val, r, 6, "fixed rate, PGNAS weights")
 
     def summary(model: PGNASNet, cands: List[Dict[str, Any]]) -> Dict[str, Any]:
         best = _best(cands, len(cands))
@@ -305,6 +315,7 @@ def _run(c: PGNASConfig) -> Dict[str, Any]:
         }
 
     guided_summary, random_summary = summary(guided_model, guided), summary(random_model, random)
+    same_weights_summary = summary(guided_model, same_weights)
 
     # Random w/ FT: the best random candidate trained briefly with its mask fixed
     ft = {"epochs": c.ft_epochs}
@@ -322,6 +333,7 @@ def _run(c: PGNASConfig) -> Dict[str, Any]:
         "random_drop_rate": r,
         "pgnas": dict(guided_summary, training=guided_training),
         "random": dict(random_summary, training=random_training, fine_tuned=ft),
+        "fixed_rate_on_pgnas_weights": same_weights_summary,
         "seconds": 0.0,
         "files": {},
     }
@@ -343,9 +355,12 @@ def _plots(c: PGNASConfig, r: Dict[str, Any]) -> Dict[str, str]:
 
     files = {}
     names = list(r["learned_drop_rates"])
-    means = [statistics.fmean(v) for v in r["learned_drop_rates"].values()]
+    values = list(r["learned_drop_rates"].values())
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.5))
-    ax.bar(range(len(names)), means)
+    if max(len(v) for v in values) > 1:  # a rate per input channel: their spread per convolution
+        ax.boxplot(values, positions=range(len(names)), widths=0.6, showfliers=True)
+    else:
+        ax.bar(range(len(names)), [v[0] for v in values])
     ax.axhline(c.init_drop, color="gray", ls="--", label=f"initial rate {c.init_drop}")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([n.replace("body.", "").replace(".branches", "") for n in names], rotation=90, fontsize=6)
@@ -360,6 +375,7 @@ def _plots(c: PGNASConfig, r: Dict[str, Any]) -> Dict[str, str]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist([100 * v for v in r["pgnas"]["val_accuracies"]], bins=20, alpha=0.6, label="posterior-guided")
     ax.hist([100 * v for v in r["random"]["val_accuracies"]], bins=20, alpha=0.6, label=f"random (fixed rate {r['random_drop_rate']:.2f})")
+    ax.hist([100 * v for v in r["fixed_rate_on_pgnas_weights"]["val_accuracies"]], bins=20, alpha=0.6, label="fixed rate, PGNAS weights")
     ax.set_xlabel("validation accuracy of a candidate (%)")
     ax.set_ylabel("candidates")
     ax.legend()
@@ -369,7 +385,7 @@ def _plots(c: PGNASConfig, r: Dict[str, Any]) -> Dict[str, str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label in (("pgnas", "posterior-guided"), ("random", "random")):
+    for key, label in (("pgnas", "posterior-guided"), ("random", "random"), ("fixed_rate_on_pgnas_weights", "fixed rate, PGNAS weights")):
         ax.plot([s["candidates"] for s in r[key]["sweep"]], [100 * s["test_accuracy"] for s in r[key]["sweep"]], "o-", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("number of candidates C")
@@ -390,25 +406,33 @@ def _plots(c: PGNASConfig, r: Dict[str, Any]) -> Dict[str, str]:
 def summary_table(runs: Sequence[Dict[str, Any]]) -> str:
     """Markdown: one line per seed and a mean line, guided against random."""
     lines = [
-        "| seed | PGNAS best val / test acc | params | random best val / test acc (w/o FT) | w/ FT | params | random rate |",
-        "|---|---|---|---|---|---|---|",
+        "| seed | PGNAS best val / test acc | params | random best val / test acc (w/o FT) | w/ FT | params "
+        "| fixed rate on PGNAS weights: best val / test acc | random rate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def pair(summary: Dict[str, Any]) -> str:
+        return f"{100 * summary['best_val_accuracy']:.2f}% / {100 * summary['best_test_accuracy']:.2f}%"
+
     for r in runs:
-        g, q = r["pgnas"], r["random"]
+        g, q, a = r["pgnas"], r["random"], r["fixed_rate_on_pgnas_weights"]
         ft = q["fine_tuned"].get("test_accuracy")
         lines.append(
-            f"| {r['config']['seed']} | {100 * g['best_val_accuracy']:.2f}% / {100 * g['best_test_accuracy']:.2f}% | {g['best_parameters']:,} "
-            f"| {100 * q['best_val_accuracy']:.2f}% / {100 * q['best_test_accuracy']:.2f}% | {'-' if ft is None else f'{100 * ft:.2f}%'} "
-            f"| {q['best_parameters']:,} | {r['random_drop_rate']:.3f} |"
+            f"| {r['config']['seed']} | {pair(g)} | {g['best_parameters']:,} | {pair(q)} | {'-' if ft is None else f'{100 * ft:.2f}%'} "
+            f"| {q['best_parameters']:,} | {pair(a)} | {r['random_drop_rate']:.3f} |"
         )
     if len(runs) > 1:
-        def mean(f):
-            return statistics.fmean(f(r) for r in runs)
+        def mean(key: str, field: str) -> float:
+            return statistics.fmean(r[key][field] for r in runs)
 
+        def mean_pair(key: str) -> str:
+            return f"{100 * mean(key, 'best_val_accuracy'):.2f}% / {100 * mean(key, 'best_test_accuracy'):.2f}%"
+
+        fts = [r["random"]["fine_tuned"].get("test_accuracy") for r in runs]
+        ft_mean = "-" if None in fts else f"{100 * statistics.fmean(fts):.2f}%"
         lines.append(
-            f"| mean | {100 * mean(lambda r: r['pgnas']['best_val_accuracy']):.2f}% / {100 * mean(lambda r: r['pgnas']['best_test_accuracy']):.2f}% "
-            f"| {mean(lambda r: r['pgnas']['best_parameters']):,.0f} | {100 * mean(lambda r: r['random']['best_val_accuracy']):.2f}% / "
-            f"{100 * mean(lambda r: r['random']['best_test_accuracy']):.2f}% | | {mean(lambda r: r['random']['best_parameters']):,.0f} | |"
+            f"| mean | {mean_pair('pgnas')} | {mean('pgnas', 'best_parameters'):,.0f} | {mean_pair('random')} | {ft_mean} "
+            f"| {mean('random', 'best_parameters'):,.0f} | {mean_pair('fixed_rate_on_pgnas_weights')} | |"
         )
     return "\n".join(lines)
 
@@ -422,7 +446,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", "-C", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--init-drop", type=float, default=0.1)
-    parser.add_argument("--per-channel-rates", action="store_true", help="one drop rate per input channel instead of per convolution")
+    parser.add_argument("--prior-weight-decay", type=float, default=PGNASConfig.prior_weight_decay,
+                        help="sets the prior length scale: l^2 = this * N (eq. 15)")
+    parser.add_argument("--logit-lr", type=float, default=PGNASConfig.logit_lr, help="learning rate of the drop logits")
+    parser.add_argument("--per-layer-rates", action="store_true",
+                        help="one drop rate per convolution (the paper's p^s_l) instead of one per input channel")
     parser.add_argument("--ft-epochs", type=int, default=1)
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--n-val", type=int, default=None)
@@ -440,7 +468,8 @@ def main(args: argparse.Namespace) -> int:
     for seed in args.seeds:
         config = PGNASConfig(
             dataset=args.dataset, seed=seed, epochs=args.epochs, width=args.width, candidates=args.candidates,
-            temperature=args.temperature, init_drop=args.init_drop, per_channel_rates=args.per_channel_rates,
+            temperature=args.temperature, init_drop=args.init_drop, per_channel_rates=not args.per_layer_rates,
+            prior_weight_decay=args.prior_weight_decay, logit_lr=args.logit_lr,
             ft_epochs=args.ft_epochs, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, data_root=args.data_root,
             threads=args.threads, quick=args.quick, plots=not args.no_plots, progress=not args.no_progress,
             out_dir=os.path.join(args.out, f"seed{seed}"),
