@@ -288,7 +288,10 @@ def _run(c: NSAConfig) -> Dict[str, Any]:
     stacked = torch.stack((probs_eval + extra)[: c.max_ensemble])
     for T in range(1, c.max_ensemble + 1):
         mean = stacked[:T].mean(0)
-        ensemble.append({"T": T, "accuracy": _accuracy(mean, y_test), "ece": expected_calibration_error(mean, y_test)})
+        ensemble.append(
+            {"T": T, "accuracy": _accuracy(mean, y_test), "ece": expected_calibration_error(mean, y_test),
+             "confidence": float(mean.max(-1).values.mean())}
+        )
 
     T_mi = min(5, c.max_ensemble)
     ood = _ood_set(c, x_test, data.input_shape)
@@ -327,6 +330,8 @@ def _run(c: NSAConfig) -> Dict[str, Any]:
             "train_bn_std": statistics.pstdev(acc_train_bn),
             "mean_single_accuracy": statistics.fmean(acc_eval),
             "mean_single_ece": statistics.fmean(single_ece),
+            # mean top-class probability: below the accuracy means under-confident
+            "mean_single_confidence": statistics.fmean(float(p.max(-1).values.mean()) for p in probs_eval),
         },
         "ensemble": ensemble,
         "uncertainty": uncertainty,

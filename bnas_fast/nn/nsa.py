@@ -54,7 +54,8 @@ def sample_architectures(num_archs: int, num_nodes: int, p: float = 0.3, seed: i
 
 class _PlainArchBN(nn.Module):
     """F.batch_norm without affine, then weight[arch] and bias[arch]: the plain-PyTorch twin of
-    ArchBatchNorm2d with shared running statistics (same state_dict names and shapes)."""
+    ArchBatchNorm2d with shared running statistics (same state_dict names and shapes). With a single
+    affine map it is plain F.batch_norm with its fused affine, as a user would write NSA-i."""
 
     def __init__(self, channels: int, num_archs: int, momentum: float = 0.1, eps: float = 1e-5):
         super().__init__()
@@ -68,6 +69,8 @@ class _PlainArchBN(nn.Module):
     def forward(self, x: Tensor, arch: Tensor) -> Tensor:
         if self.training:
             self.num_batches_tracked.add_(1)
+        if self.weight.shape[0] == 1:  # one affine map (NSA, NSA-i): nn.BatchNorm2d's own fused affine
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight[0], self.bias[0], self.training, self.momentum, self.eps)
         y = F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training, self.momentum, self.eps)
         return y * self.weight[arch][:, :, None, None] + self.bias[arch][:, :, None, None]
 
