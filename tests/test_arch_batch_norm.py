@@ -16,12 +16,10 @@ The Triton kernels are tested under the interpreter in tests/test_arch_batch_nor
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 import bnas_fast
 from bnas_fast import reference

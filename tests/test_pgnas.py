@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 from bnas_fast.methods import pgnas
 from bnas_fast.nn.pgnas import PGNASNet

@@ -1,11 +1,14 @@
-"""What the methods share: building their config dataclasses, and running with a set thread count."""
+"""What the methods share: building their config dataclasses, running with a set thread count, and
+writing a run's results and figures."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
-from typing import Any, Iterator
+import json
+import os
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
@@ -35,3 +38,15 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def save_run(out_dir: Optional[str], results: Dict[str, Any], plots: Optional[Callable[[], Dict[str, str]]]) -> None:
+    """When ``out_dir`` is set: draw the figures (``plots()`` returns {name: path}, recorded in
+    results["files"]) and write ``results.json`` there."""
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    if plots is not None:
+        results["files"] = plots()
+    with open(os.path.join(out_dir, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=2)

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from bnas_fast.data import load_images
 from bnas_fast.data.images import fashion_mnist_available, load_digits, load_fashion_mnist
-from bnas_fast.methods._config import config_from_any, torch_threads
+from bnas_fast.methods._config import config_from_any, save_run, torch_threads
 from bnas_fast.nn.depth import expected_calibration_error
 from bnas_fast.nn.nsa import VARIANTS, NSANet, sample_architectures
 
@@ -340,12 +340,7 @@ def _run(c: NSAConfig) -> Dict[str, Any]:
         "files": {},
     }
     results["seconds"] = time.perf_counter() - t0
-    if c.out_dir:
-        os.makedirs(c.out_dir, exist_ok=True)
-        if c.plots:
-            results["files"] = _plots(c, results)
-        with open(os.path.join(c.out_dir, "results.json"), "w") as fh:
-            json.dump(results, fh, indent=2)
+    save_run(c.out_dir, results, (lambda: _plots(c, results)) if c.plots else None)
     return results
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnas_fast.data.images import fashion_mnist_available, load_images
-from bnas_fast.methods._config import config_from_any, torch_threads
+from bnas_fast.methods._config import config_from_any, save_run, torch_threads
 from bnas_fast.nn.pgnas import PGNASNet
 
 __all__ = ["PGNASConfig", "run", "add_arguments", "main"]
@@ -338,12 +337,7 @@ def _run(c: PGNASConfig) -> Dict[str, Any]:
         "files": {},
     }
     results["seconds"] = time.perf_counter() - t0
-    if c.out_dir:
-        os.makedirs(c.out_dir, exist_ok=True)
-        if c.plots:
-            results["files"] = _plots(c, results)
-        with open(os.path.join(c.out_dir, "results.json"), "w") as fh:
-            json.dump(results, fh, indent=2)
+    save_run(c.out_dir, results, (lambda: _plots(c, results)) if c.plots else None)
     return results
 
 

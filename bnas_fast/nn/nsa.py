@@ -19,7 +19,7 @@ followed by a gathered affine): the baseline of the training-step benchmark and 
 
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import List, Union
 
 import torch
 import torch.nn.functional as F

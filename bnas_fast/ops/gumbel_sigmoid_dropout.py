@@ -29,7 +29,7 @@ Schema, fake kernels, autograd and backend registration live here, as for every 
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -15,7 +15,7 @@ the reference where those are missing), and the public functions.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 from torch import Tensor
