@@ -213,7 +213,7 @@ def gumbel_sigmoid_dropout(
     if table.dim() != 1 or table.shape[0] not in (1, num_groups):
         what = f"C / group_size = {num_groups} groups" if granularity == "group" else f"C = {C} channels"
         raise ValueError(f"{op}: drop_logit must have shape [{num_groups}] (one logit per {what}) or [1], got {tuple(drop_logit.shape)}")
-    if not torch.compiler.is_compiling():  # reads the small table; under torch.compile the caller's module checks p
+    if not torch.compiler.is_compiling():  # reads the small table; skipped under torch.compile (a value check breaks the graph)
         if bool(torch.isnan(table).any()) or bool(torch.isinf(table).any()):
             raise ValueError(
                 f"{op}: drop_logit holds NaN or infinity: the drop probability p = sigmoid(drop_logit) must lie in (0, 1)"
