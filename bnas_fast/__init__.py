@@ -18,8 +18,9 @@ from bnas_fast.functional import (
     gumbel_sigmoid_dropout,
     mix,
     mix_sparse,
+    unfolded_gram,
 )
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "reference", "sampling", "backends", "mix", "mix_sparse", "arch_weights", "depth_loglik", "arch_batch_norm", "channel_affine", "gumbel_sigmoid_dropout"]
+__all__ = ["functional", "nn", "reference", "sampling", "backends", "mix", "mix_sparse", "arch_weights", "depth_loglik", "arch_batch_norm", "channel_affine", "gumbel_sigmoid_dropout", "unfolded_gram"]

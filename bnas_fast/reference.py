@@ -40,6 +40,8 @@ __all__ = [
     "gumbel_sigmoid_keep",
     "gumbel_sigmoid_dropout",
     "gumbel_sigmoid_dropout_backward",
+    "unfolded_gram",
+    "softmax_ce_hessian_factors",
 ]
 
 
@@ -511,3 +513,100 @@ def gumbel_sigmoid_dropout_backward(
     per_channel = (g * xa * scale * (keep * p * float(rescale) - slope)).sum((0, 2))  # [C]
     grad_logit = per_channel.reshape(-1, group_size).sum(1)
     return grad_x.to(x.dtype), grad_logit.to(drop_logit.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# unfolded_gram: per-filter Gauss-Newton (GGN) blocks of a Conv2d / Linear layer (BayesNAS)
+# ----------------------------------------------------------------------------------------------
+
+
+def unfolded_gram(
+    x: Tensor,
+    factors: Tensor,
+    kernel_size: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    groups: int,
+    bias: bool,
+) -> Tensor:
+    """Per-output-channel GGN blocks of a Conv2d layer from its input and back-propagated factors.
+
+    The layer computes z = conv2d(x, W, b) with W [C_out, C_in / groups, kh, kw]. Let X_n [P, D] be
+    the im2col unfolding of x[n] restricted to the C_in / groups input channels of o's group
+    (P = Ho * Wo output positions, D = C_in / groups * kh * kw in the order of W[o].flatten():
+    channel, then kernel row, then kernel column). The factors S[n, k] = d(v_{n,k}^T f_n) / dz_n are
+    the square-root factors of the loss Hessian back-propagated to the layer output. Then
+
+        j[n, k, o, d] = sum_p S[n, k, o, p] * X_n[p, d]         (d < D)
+        j[n, k, o, D] = sum_p S[n, k, o, p]                      (only with ``bias``)
+        G[o]          = sum_n sum_k j[n, k, o] j[n, k, o]^T
+
+    G[o] is the Gauss-Newton matrix J^T H J of the loss restricted to filter o's parameters
+    (W[o].flatten(), then b[o]) whenever sum_k v_{n,k} v_{n,k}^T is the Hessian H_n of the loss wrt
+    the network output f_n (exactly, or in expectation for Monte-Carlo factors). A Linear layer is
+    the case H = W = kh = kw = 1.
+
+    This is the straightforward unfold + einsum reference: the whole input is unfolded once (its
+    columns for group g are the contiguous rows g * D .. (g + 1) * D - 1 of the unfolding), then
+    contracted with the factors to j, then j with itself to G.
+
+    Args:
+        x: [N, C_in, H, W] the layer input (or [N, C_in] for a Linear layer).
+        factors: [N, K, C_out, Ho, Wo] (or [N, K, C_out] for a Linear layer).
+        kernel_size, stride, padding, dilation: (int, int) as in Conv2d.
+        groups: the convolution's groups (divides C_in and C_out).
+        bias: whether the layer has a bias (adds the last coordinate of each block).
+
+    Returns:
+        G [C_out, D', D'] with D' = D + bias, in the accumulation dtype (float32 for
+        bfloat16/float16 inputs, else the dtype of x).
+    """
+    acc = _accumulation_dtype(x.dtype)
+    if x.dim() == 2:  # Linear: a 1x1 convolution of a 1x1 image
+        x = x[:, :, None, None]
+        factors = factors[..., None, None]
+    N, K, C_out = factors.shape[0], factors.shape[1], factors.shape[2]
+    cols = torch.nn.functional.unfold(
+        x.to(acc), kernel_size, dilation=dilation, padding=padding, stride=stride
+    )  # [N, C_in * kh * kw, P]
+    cols = cols.reshape(N, groups, cols.shape[1] // groups, cols.shape[2])  # [N, G, D, P]
+    s = factors.to(acc).reshape(N, K, groups, C_out // groups, cols.shape[3])  # [N, K, G, C_out/G, P]
+    j = torch.einsum("nkgop,ngdp->nkgod", s, cols)
+    if bias:
+        j = torch.cat((j, s.sum(4, keepdim=True)), dim=4)  # [N, K, G, C_out/G, D + 1]
+    gram = torch.einsum("nkgod,nkgoe->gode", j, j)
+    return gram.reshape(C_out, j.shape[4], j.shape[4])
+
+
+def softmax_ce_hessian_factors(logits: Tensor, mode: str = "exact", generator=None) -> Tensor:
+    """Square-root factors v [N, K, C] of the softmax cross-entropy Hessian wrt the logits.
+
+    The loss is the SUM over the batch of the per-example losses L = sum_n -log softmax(f_n)[y_n],
+    so the Hessian wrt f_n is H_n = diag(p_n) - p_n p_n^T with p_n = softmax(f_n), independent of
+    the labels. (For the batch MEAN, H_n and the GGN are divided by N: scale v by 1 / sqrt(N).)
+
+    * ``mode="exact"``: K = C, v[n, k] = sqrt(p_{n,k}) (e_k - p_n), so that
+      sum_k v[n, k] v[n, k]^T = diag(p_n) - p_n p_n^T exactly.
+    * ``mode="mc"``: K = 1, v[n, 0] = e_y - p_n for a label y drawn from p_n
+      (``torch.multinomial`` with ``generator``). E[(e_y - p)(e_y - p)^T] = diag(p) - 2 p p^T + p p^T
+      = H_n, so the Gauss-Newton blocks built from these factors are unbiased.
+
+    Args:
+        logits: [N, C].
+        mode: "exact" or "mc".
+        generator: the torch.Generator of the Monte-Carlo draw (None: the default generator).
+
+    Returns:
+        [N, C, C] (exact) or [N, 1, C] (mc), in the dtype of ``logits`` (computed in the
+        accumulation dtype).
+    """
+    acc = _accumulation_dtype(logits.dtype)
+    p = torch.softmax(logits.to(acc), dim=-1)  # [N, C]
+    if mode == "exact":
+        eye = torch.eye(p.shape[1], dtype=acc, device=p.device)
+        v = p.sqrt().unsqueeze(2) * (eye - p.unsqueeze(1))  # v[n, k, c] = sqrt(p_k) (1[k = c] - p_c)
+    else:
+        y = torch.multinomial(p, 1, generator=generator)  # [N, 1]
+        v = (torch.zeros_like(p).scatter_(1, y, 1.0) - p).unsqueeze(1)
+    return v.to(logits.dtype)

@@ -1,0 +1,125 @@
+// CPU kernel for the per-filter Gauss-Newton blocks of a convolution (BayesNAS, seed 003):
+//
+//   G[o] = sum_n sum_k j[n,k,o] j[n,k,o]^T,   j[n,k,o][d] = sum_p S[n,k,o,p] X_n[p,d]   (+ j[D] = sum_p S)
+//
+// x is [N, C_in, H, W], the factors S are [N, K, C_out, Ho, Wo], X_n [P, D] is the im2col unfolding of
+// x[n] over the input channels of o's group (D = C_in / groups * kh * kw, ordered as W[o].flatten()),
+// and the optional last coordinate is the bias. bnas_fast/reference.py (unfolded_gram) is the
+// specification.
+//
+// GEMM-based: per example n, the unfolding of x[n] (one group at a time) goes to a scratch
+// [D', P] (never the whole batch's, and never one per output channel); J_n = S_n X_n is one GEMM
+// into J [N K, C_out / groups, D']; at the end G = J^T J is one batched GEMM over the output
+// channels. No [C_out, N P, D] tensor exists. All index arithmetic is int64_t; every read of x is
+// bounds-checked by construction (taps outside the padded input write 0).
+#include "common.h"
+
+#include <torch/library.h>
+
+namespace bnas_fast {
+namespace {
+
+struct ConvGeometry {
+  int64_t N, C_in, H, W, C_out, K, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups;
+  bool bias;
+  int64_t in_per_group() const { return C_in / groups; }
+  int64_t out_per_group() const { return C_out / groups; }
+  int64_t D() const { return in_per_group() * kh * kw; }
+  int64_t D_full() const { return D() + (bias ? 1 : 0); }
+  int64_t P() const { return Ho * Wo; }
+};
+
+// rows[d][p] = x[n, c0 + c, oy*sh - ph + u*dh, ox*sw - pw + v*dw] (0 outside), d = (c*kh + u)*kw + v;
+// with the bias, row D is all ones.
+template <typename scalar_t, typename acc_t>
+void unfold_example(const scalar_t* __restrict xn, const ConvGeometry& g, int64_t c0, acc_t* __restrict rows) {
+  const int64_t P = g.P();
+  for (int64_t c = 0; c < g.in_per_group(); ++c) {
+    const scalar_t* plane = xn + (c0 + c) * g.H * g.W;
+    for (int64_t u = 0; u < g.kh; ++u) {
+      for (int64_t v = 0; v < g.kw; ++v) {
+        acc_t* row = rows + ((c * g.kh + u) * g.kw + v) * P;
+        for (int64_t oy = 0; oy < g.Ho; ++oy) {
+          const int64_t iy = oy * g.sh - g.ph + u * g.dh;
+          acc_t* out = row + oy * g.Wo;
+          if (iy < 0 || iy >= g.H) {
+            std::fill(out, out + g.Wo, acc_t(0));
+            continue;
+          }
+          const scalar_t* line = plane + iy * g.W;
+          for (int64_t ox = 0; ox < g.Wo; ++ox) {
+            const int64_t ix = ox * g.sw - g.pw + v * g.dw;
+            out[ox] = (ix >= 0 && ix < g.W) ? static_cast<acc_t>(line[ix]) : acc_t(0);
+          }
+        }
+      }
+    }
+  }
+  if (g.bias) std::fill(rows + g.D() * P, rows + (g.D() + 1) * P, acc_t(1));
+}
+
+at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_in, at::IntArrayRef kernel_size,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                             bool bias) {
+  const char* op = "unfolded_gram";
+  check_cpu_floating(x_in, op, "x");
+  check_cpu_floating(factors_in, op, "factors");
+  TORCH_CHECK_VALUE(x_in.dim() == 4, op, ": x must be [N, C_in, H, W], got ", x_in.sizes());
+  TORCH_CHECK_VALUE(factors_in.dim() == 5, op, ": factors must be [N, K, C_out, Ho, Wo], got ", factors_in.sizes());
+  TORCH_CHECK_TYPE(x_in.scalar_type() == factors_in.scalar_type(), op, ": factors has dtype ",
+                   factors_in.scalar_type(), " but x has dtype ", x_in.scalar_type());
+  for (auto* arg : {&kernel_size, &stride, &padding, &dilation}) {
+    TORCH_CHECK_VALUE(arg->size() == 2, op, ": kernel_size, stride, padding and dilation must have 2 entries");
+  }
+  ConvGeometry g{};
+  g.N = x_in.size(0), g.C_in = x_in.size(1), g.H = x_in.size(2), g.W = x_in.size(3);
+  g.K = factors_in.size(1), g.C_out = factors_in.size(2), g.Ho = factors_in.size(3), g.Wo = factors_in.size(4);
+  g.kh = kernel_size[0], g.kw = kernel_size[1], g.sh = stride[0], g.sw = stride[1];
+  g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
+  g.groups = groups, g.bias = bias;
+  TORCH_CHECK_VALUE(g.kh >= 1 && g.kw >= 1 && g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ph >= 0 && g.pw >= 0,
+                    op, ": kernel_size, stride and dilation must be >= 1 and padding >= 0");
+  TORCH_CHECK_VALUE(groups >= 1 && g.C_in % groups == 0 && g.C_out % groups == 0, op, ": groups = ", groups,
+                    " must divide C_in = ", g.C_in, " and C_out = ", g.C_out);
+  TORCH_CHECK_VALUE(factors_in.size(0) == g.N, op, ": factors has N = ", factors_in.size(0), " but x has N = ", g.N);
+  const int64_t Ho = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  const int64_t Wo = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK_VALUE(g.Ho == Ho && g.Wo == Wo, op, ": factors' output size ", g.Ho, "x", g.Wo,
+                    " does not match the convolution's ", Ho, "x", Wo);
+
+  const auto x = x_in.contiguous();
+  const auto factors = factors_in.contiguous();
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const int64_t Dp = g.D_full(), P = g.P(), Og = g.out_per_group(), rows_per_example = g.K * Og;
+  auto blocks = at::empty({g.C_out, Dp, Dp}, x.options().dtype(acc));
+  // J [N K, C_out / groups, D'] for one group at a time; scratch for one example's unfolding.
+  auto J = at::empty({g.N * g.K, Og, Dp}, x.options().dtype(acc));
+  auto rows = at::empty({Dp, P}, x.options().dtype(acc));
+  const auto factors_acc = factors.to(acc);  // [N, K, C_out, P]: the GEMM's left operand
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unfolded_gram", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    for (int64_t group = 0; group < g.groups; ++group) {
+      for (int64_t n = 0; n < g.N; ++n) {
+        unfold_example<scalar_t, acc_t>(xp + n * g.C_in * g.H * g.W, g, group * g.in_per_group(), rows.data_ptr<acc_t>());
+        // S_n for this group: [K, Og, P] -> [K Og, P]; J_n = S_n rows^T: [K Og, D'].
+        const auto s = factors_acc[n].view({g.K, g.C_out, P}).narrow(1, group * Og, Og).reshape({rows_per_example, P});
+        auto j = J.narrow(0, n * g.K, g.K).view({rows_per_example, Dp});
+        at::mm_out(j, s, rows.t());
+      }
+      // G[o] = J[:, o]^T J[:, o] for the group's output channels: one batched GEMM.
+      const auto per_channel = J.permute({1, 0, 2});  // [Og, N K, D']
+      auto out = blocks.narrow(0, group * Og, Og);
+      at::bmm_out(out, per_channel.transpose(1, 2), per_channel);
+    }
+  });
+  return blocks;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnas_fast, CPU, m) {
+  m.impl("unfolded_gram", &unfolded_gram_cpu);
+}
+
+}  // namespace bnas_fast

@@ -1,0 +1,128 @@
+"""Test ladder for unfolded_gram (per-filter Gauss-Newton blocks, issue 6, work in progress):
+the registered op (C++ on CPU) against the unfold + einsum reference over geometries and dtypes,
+the Linear form, opcheck, torch.compile(fullgraph=True), determinism, bad input. The reference
+itself is checked against brute-force autograd in tests/test_unfolded_gram_reference.py. The op
+has no backward (it computes curvature), so there is no gradcheck.
+"""
+
+import pytest
+import torch
+
+import bnas_fast
+from bnas_fast import reference
+
+from _threads import num_threads
+from _tolerance import assert_within
+
+# The kernel and the reference contract the same products in different orders (GEMMs over P,
+# then over N K); entries are sums of N K P products of O(1) numbers. bfloat16/float16 inputs are
+# converted to float32 and accumulated there by both.
+TOLERANCES = {
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
+    torch.float32: {"rtol": 1e-4, "atol": 1e-3},
+    torch.bfloat16: {"rtol": 1e-4, "atol": 1e-3},
+    torch.float16: {"rtol": 1e-4, "atol": 1e-3},
+}
+
+# (N, C_in, H, W, C_out, K, kernel, stride, padding, dilation, groups, bias)
+GEOMETRIES = [
+    (3, 4, 7, 6, 6, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1, True),
+    (2, 4, 9, 9, 4, 2, (3, 3), (2, 2), (0, 0), (2, 2), 2, False),
+    (2, 4, 5, 5, 4, 1, (1, 3), (1, 1), (0, 1), (1, 1), 4, True),  # depthwise, non-square kernel
+    (1, 3, 8, 8, 5, 10, (1, 1), (1, 1), (0, 0), (1, 1), 1, False),
+    (4, 2, 11, 7, 3, 2, (5, 3), (2, 1), (2, 1), (1, 2), 1, True),
+]
+
+
+def _output_size(H, W, k, s, p, d):
+    return (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1, (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+
+
+def _inputs(geometry, dtype, seed=0):
+    N, C_in, H, W, C_out, K, k, s, p, d, g, bias = geometry
+    gen = torch.Generator().manual_seed(seed)
+    Ho, Wo = _output_size(H, W, k, s, p, d)
+    x = torch.randn(N, C_in, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    factors = torch.randn(N, K, C_out, Ho, Wo, generator=gen, dtype=torch.float64).to(dtype)
+    return x, factors, dict(kernel_size=k, stride=s, padding=p, dilation=d, groups=g, bias=bias)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+def test_op_matches_reference(dtype, geometry):
+    x, factors, conv = _inputs(geometry, dtype)
+    got = bnas_fast.unfolded_gram(x, factors, **conv)
+    expected = reference.unfolded_gram(x, factors, conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"], conv["groups"], conv["bias"])
+    assert got.dtype == (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    assert_within(got, expected, TOLERANCES[dtype], "blocks")
+    # each block is a Gram matrix: symmetric, positive semi-definite
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, got.transpose(1, 2))
+        assert float(torch.linalg.eigvalsh(got).min()) > -1e-9 * float(got.abs().max())
+
+
+def test_linear_layer_form():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    factors = torch.randn(6, 3, 4, generator=gen, dtype=torch.float64)
+    got = bnas_fast.unfolded_gram(x, factors, bias=True)
+    # by hand: j[n,k,o] = factors[n,k,o] [x[n], 1], so G[o] = sum_{n,k} factors[n,k,o]^2 [x[n], 1] [x[n], 1]^T
+    xa = torch.cat([x, torch.ones(6, 1, dtype=torch.float64)], 1)
+    expected = torch.einsum("nko,nd,ne->ode", factors**2, xa, xa)
+    torch.testing.assert_close(got, expected)
+
+
+def test_opcheck():
+    x, factors, conv = _inputs(GEOMETRIES[0], torch.float32)
+    args = (x, factors, list(conv["kernel_size"]), list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"], conv["bias"])
+    torch.library.opcheck(torch.ops.bnas_fast.unfolded_gram.default, args)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    x, factors, conv = _inputs(GEOMETRIES[1], torch.float32)
+
+    def blocks(x, factors):
+        return bnas_fast.unfolded_gram(x, factors, **conv).diagonal(dim1=1, dim2=2).sum()
+
+    compiled = torch.compile(blocks, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, factors), blocks(x, factors))
+
+
+def test_deterministic_across_thread_counts():
+    x, factors, conv = _inputs((8, 6, 10, 10, 8, 4, (3, 3), (1, 1), (1, 1), (1, 1), 2, True), torch.float32)
+    first = bnas_fast.unfolded_gram(x, factors, **conv)
+    for threads in (1, 2):
+        with num_threads(threads):
+            torch.testing.assert_close(bnas_fast.unfolded_gram(x, factors, **conv), first, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, error, pattern",
+    [
+        (dict(groups=3), ValueError, r"groups = 3 must divide C_in = 4 and C_out = 6"),
+        (dict(stride=2), ValueError, r"factors' output size \(7, 6\) does not match the convolution's \(4, 3\)"),
+        (dict(kernel_size=0), ValueError, r"kernel_size must be an int >= 1"),
+        (dict(padding=-1), ValueError, r"padding must be an int >= 0"),
+        (dict(kernel_size=(3, 3, 3)), ValueError, r"kernel_size must be an int >= 1 or a pair"),
+        (dict(x=torch.randn(2, 4, 7, 6)), ValueError, r"factors has N = 3 but x has N = 2"),
+        (dict(x=torch.randn(3, 4, 7)), ValueError, r"need x \[N, C_in, H, W\]"),
+        (dict(factors=torch.randn(3, 3, 6, 7, 6, dtype=torch.float64)), TypeError, r"factors has dtype torch.float64 but x has dtype torch.float32"),
+        (dict(x=torch.randint(0, 2, (3, 4, 7, 6))), TypeError, r"x must be a floating-point tensor"),
+    ],
+)
+def test_bad_input_names_the_argument(change, error, pattern):
+    x, factors, conv = _inputs(GEOMETRIES[0], torch.float32)
+    x = change.pop("x", x)
+    factors = change.pop("factors", factors)
+    conv.update(change)
+    with pytest.raises(error, match=pattern):
+        bnas_fast.unfolded_gram(x, factors, **conv)
+
+
+def test_direct_op_calls_are_checked_in_cpp():
+    x, factors, _ = _inputs(GEOMETRIES[0], torch.float32)
+    with pytest.raises(ValueError, match=r"does not match the convolution's 4x3"):
+        torch.ops.bnas_fast.unfolded_gram(x, factors, [3, 3], [2, 2], [1, 1], [1, 1], 1, True)
+    with pytest.raises(ValueError, match=r"groups = 5 must divide"):
+        torch.ops.bnas_fast.unfolded_gram(x, factors, [3, 3], [1, 1], [1, 1], [1, 1], 5, True)
