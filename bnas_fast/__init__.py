@@ -5,10 +5,11 @@
     op = bnas_fast.nn.MixedOp([conv3x3, conv5x5, pool])
 
 Submodules: ``functional`` (every op as a function), ``nn`` (modules), ``sampling`` (path-dropout
-masks, per-example architectures), ``reference`` (the pure-PyTorch specification of every op).
+masks, per-example architectures), ``curvature`` (Gauss-Newton blocks of a model's layers),
+``reference`` (the pure-PyTorch specification of every op).
 """
 
-from bnas_fast import functional, nn, reference, sampling
+from bnas_fast import curvature, functional, nn, reference, sampling
 from bnas_fast._backend import backends
 from bnas_fast.functional import (
     arch_batch_norm,
@@ -23,4 +24,4 @@ from bnas_fast.functional import (
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "reference", "sampling", "backends", "mix", "mix_sparse", "arch_weights", "depth_loglik", "arch_batch_norm", "channel_affine", "gumbel_sigmoid_dropout", "unfolded_gram"]
+__all__ = ["curvature", "functional", "nn", "reference", "sampling", "backends", "mix", "mix_sparse", "arch_weights", "depth_loglik", "arch_batch_norm", "channel_affine", "gumbel_sigmoid_dropout", "unfolded_gram"]
