@@ -1,0 +1,60 @@
+"""GGNBlocks (per-filter blocks) against BackPACK's DiagGGNExact (diagonal only), issue 6's network.
+
+    python benchmarks/curvature_vs_backpack.py
+
+The network: 3x3 convolutions 3 -> 16 -> 32 -> 32 with ReLUs on 16x16 inputs, global average pool,
+linear to 10 classes; batch 32, float32, 2 threads. Prints the median of 7 calls of each, twice.
+BackPACK is a test-only dependency (`pip install --no-deps backpack-for-pytorch unfoldNd einops`).
+Not yet a `bnas-fast bench` case: the harness's providers are eager / compile / bnas_fast.
+"""
+
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from bnas_fast.curvature import GGNBlocks
+
+
+def main() -> None:
+    import backpack
+    from backpack.extensions import DiagGGNExact
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    extended = backpack.extend(copy.deepcopy(model))
+    loss = backpack.extend(nn.CrossEntropyLoss(reduction="sum"))
+
+    def diag_ggn_exact():
+        extended.zero_grad()
+        with backpack.backpack(DiagGGNExact()):
+            loss(extended(x), y).backward()
+
+    def blocks():
+        with GGNBlocks(model) as curvature:
+            logits = model(x)
+        return curvature.compute(logits, "exact")
+
+    def median_ms(fn, repeat=7):
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    for _ in range(2):
+        a, b = median_ms(diag_ggn_exact), median_ms(blocks)
+        print(f"BackPACK DiagGGNExact {a:.1f} ms | bnas_fast GGNBlocks (exact blocks) {b:.1f} ms | ratio {a / b:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
