@@ -7,9 +7,9 @@
 // and the optional last coordinate is the bias. bnas_fast/reference.py (unfolded_gram) is the
 // specification.
 //
-// GEMM-based: per example n, the unfolding of x[n] (one group at a time) goes to a scratch
-// [D', P] (never the whole batch's, and never one per output channel); J_n = S_n X_n is one GEMM
-// into J [N K, C_out / groups, D']; at the end G = J^T J is one batched GEMM over the output
+// GEMM-based: the unfolding of x over one group's input channels goes to a scratch [N, D', P] (what
+// F.unfold would make; never one per output channel); J = S X^T is one batched GEMM over the
+// examples into J [N K, C_out / groups, D']; G = J^T J is one batched GEMM over the output
 // channels. No [C_out, N P, D] tensor exists. All index arithmetic is int64_t; every read of x is
 // bounds-checked by construction (taps outside the padded input write 0).
 #include "common.h"
@@ -88,25 +88,26 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
                     " does not match the convolution's ", Ho, "x", Wo);
 
   const auto x = x_in.contiguous();
-  const auto factors = factors_in.contiguous();
   const auto acc = at::toOpMathType(x.scalar_type());
-  const int64_t Dp = g.D_full(), P = g.P(), Og = g.out_per_group(), rows_per_example = g.K * Og;
+  const int64_t Dp = g.D_full(), P = g.P(), Og = g.out_per_group();
   auto blocks = at::empty({g.C_out, Dp, Dp}, x.options().dtype(acc));
-  // J [N K, C_out / groups, D'] for one group at a time; scratch for one example's unfolding.
-  auto J = at::empty({g.N * g.K, Og, Dp}, x.options().dtype(acc));
-  auto rows = at::empty({Dp, P}, x.options().dtype(acc));
-  const auto factors_acc = factors.to(acc);  // [N, K, C_out, P]: the GEMM's left operand
+  // The unfolded input of one group for the whole batch, [N, D', P] (what F.unfold makes; never
+  // one per output channel), and J [N, K Og, D'] = [N K, Og, D'].
+  auto rows = at::empty({g.N, Dp, P}, x.options().dtype(acc));
+  const auto factors_acc = factors_in.to(acc).reshape({g.N, g.K, g.C_out, P});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unfolded_gram", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
+    acc_t* rp = rows.data_ptr<acc_t>();
     for (int64_t group = 0; group < g.groups; ++group) {
-      for (int64_t n = 0; n < g.N; ++n) {
-        unfold_example<scalar_t, acc_t>(xp + n * g.C_in * g.H * g.W, g, group * g.in_per_group(), rows.data_ptr<acc_t>());
-        // S_n for this group: [K, Og, P] -> [K Og, P]; J_n = S_n rows^T: [K Og, D'].
-        const auto s = factors_acc[n].view({g.K, g.C_out, P}).narrow(1, group * Og, Og).reshape({rows_per_example, P});
-        auto j = J.narrow(0, n * g.K, g.K).view({rows_per_example, Dp});
-        at::mm_out(j, s, rows.t());
-      }
+      at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          unfold_example<scalar_t, acc_t>(xp + n * g.C_in * g.H * g.W, g, group * g.in_per_group(), rp + n * Dp * P);
+        }
+      });
+      // J_n = S_n X_n^T for every example at once: [N, K Og, P] x [N, P, D'].
+      const auto s = factors_acc.narrow(2, group * Og, Og).reshape({g.N, g.K * Og, P});
+      const auto J = at::bmm(s, rows.transpose(1, 2)).view({g.N * g.K, Og, Dp});
       // G[o] = J[:, o]^T J[:, o] for the group's output channels: one batched GEMM.
       const auto per_channel = J.permute({1, 0, 2});  // [Og, N K, D']
       auto out = blocks.narrow(0, group * Og, Og);

@@ -12,8 +12,9 @@ order, plus a last coordinate sum_p S[n,k,o,p] for the bias. G[o] is the GGN J^T
 restricted to (W[o], b[o]). A Linear layer is the 1x1 case (x [N, C_in], S [N, K, C_out]).
 
 The op computes curvature, not a differentiable quantity: it has no autograd formula, and the
-public function detaches its inputs. Work in progress for issue 6: the C++ kernel is GEMM-based;
-there is no Triton kernel yet (CUDA runs the reference).
+public function detaches its inputs. Work in progress for issue 6: the C++ kernel unfolds one group's
+input channels for the batch and runs two batched GEMMs (J = S X^T, then G = J^T J per output
+channel); there is no Triton kernel yet (CUDA runs the reference).
 """
 
 from __future__ import annotations
