@@ -1,9 +1,11 @@
-"""GGNBlocks (per-filter blocks) against BackPACK's DiagGGNExact (diagonal only), issue 6's network.
+"""GGNBlocks (per-filter blocks) against BackPACK's DiagGGNExact (diagonal only) and against the
+same blocks computed with the unfold + einsum reference, on issue 6's network.
 
     python benchmarks/curvature_vs_backpack.py
 
 The network: 3x3 convolutions 3 -> 16 -> 32 -> 32 with ReLUs on 16x16 inputs, global average pool,
-linear to 10 classes; batch 32, float32, 2 threads. Prints the median of 7 calls of each, twice.
+linear to 10 classes; batch 32, float32, 2 threads. Prints the median of 7 calls of each, twice,
+and the peak memory of one call of each (bnas_fast.bench.peak_memory_bytes).
 BackPACK is a test-only dependency (`pip install --no-deps backpack-for-pytorch unfoldNd einops`).
 Not yet a `bnas-fast bench` case: the harness's providers are eager / compile / bnas_fast.
 """
@@ -15,6 +17,9 @@ import time
 import torch
 from torch import nn
 
+import bnas_fast.curvature
+from bnas_fast import reference
+from bnas_fast.bench import peak_memory_bytes
 from bnas_fast.curvature import GGNBlocks
 
 
@@ -42,6 +47,18 @@ def main() -> None:
             logits = model(x)
         return curvature.compute(logits, "exact")
 
+    def blocks_with_reference():
+        def unfold_einsum(x, factors, kernel_size=1, stride=1, padding=0, dilation=1, groups=1, bias=False):
+            pairs = [(v, v) if isinstance(v, int) else tuple(v) for v in (kernel_size, stride, padding, dilation)]
+            return reference.unfolded_gram(x, factors, *pairs, groups, bias)
+
+        fused = bnas_fast.curvature.unfolded_gram
+        bnas_fast.curvature.unfolded_gram = unfold_einsum
+        try:
+            return blocks()
+        finally:
+            bnas_fast.curvature.unfolded_gram = fused
+
     def median_ms(fn, repeat=7):
         fn()
         times = []
@@ -52,8 +69,13 @@ def main() -> None:
         return 1e3 * statistics.median(times)
 
     for _ in range(2):
-        a, b = median_ms(diag_ggn_exact), median_ms(blocks)
-        print(f"BackPACK DiagGGNExact {a:.1f} ms | bnas_fast GGNBlocks (exact blocks) {b:.1f} ms | ratio {a / b:.2f}x")
+        a, b, c = median_ms(diag_ggn_exact), median_ms(blocks), median_ms(blocks_with_reference)
+        print(
+            f"BackPACK DiagGGNExact {a:.1f} ms | bnas_fast GGNBlocks (exact blocks) {b:.1f} ms ({a / b:.2f}x) "
+            f"| GGNBlocks on the unfold + einsum reference {c:.1f} ms ({c / b:.2f}x ours)"
+        )
+    for name, fn in (("BackPACK DiagGGNExact", diag_ggn_exact), ("GGNBlocks", blocks), ("GGNBlocks on the reference", blocks_with_reference)):
+        print(f"peak memory, {name}: {peak_memory_bytes(fn) / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":
