@@ -127,8 +127,12 @@ class GGNBlocks:
 
         return hook
 
-    def compute(self, logits: Tensor, mode: str = "exact", generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
-        """{layer name: blocks} for the last forward pass; ``mode`` "exact" or "mc"."""
+    def compute(
+        self, logits: Tensor, mode: str = "exact", generator: Optional[torch.Generator] = None, diagonal: bool = False
+    ) -> Dict[str, Tensor]:
+        """{layer name: blocks} for the last forward pass; ``mode`` "exact" or "mc". With
+        ``diagonal`` only the blocks' diagonals ([C_out, D']; the exact diagonal GGN, as BackPACK's
+        DiagGGNExact, without the Gram products)."""
         if mode not in ("exact", "mc"):
             raise ValueError(f"GGNBlocks.compute: mode must be 'exact' or 'mc', got {mode!r}")
         missing = [r.name for r in self.records if r.output is None]
@@ -155,7 +159,8 @@ class GGNBlocks:
         )
         outputs = [r.output for r in self.records]
         if coupled:
-            return self._coupled(logits, v, outputs)
+            blocks = self._coupled(logits, v, outputs)
+            return {k: b.diagonal(dim1=1, dim2=2).clone() for k, b in blocks.items()} if diagonal else blocks
         # No coupling between examples: one backward pass per factor k gives every example's factor.
         K = v.shape[1]
         per_layer: List[List[Tensor]] = [[] for _ in outputs]
@@ -163,27 +168,28 @@ class GGNBlocks:
             grads = torch.autograd.grad(logits, outputs, v[:, k], retain_graph=True, allow_unused=True)
             for i, (g, out) in enumerate(zip(grads, outputs)):
                 per_layer[i].append(torch.zeros_like(out) if g is None else g)
-        return {r.name: self._blocks(r, torch.stack(s, 1)) for r, s in zip(self.records, per_layer)}
+        return {r.name: self._blocks(r, torch.stack(s, 1), diagonal) for r, s in zip(self.records, per_layer)}
 
-    def _blocks(self, r: _Record, factors: Tensor) -> Tensor:
-        """Blocks of one layer from its input and its factors [N, K, *output]."""
+    def _blocks(self, r: _Record, factors: Tensor, diagonal: bool) -> Tensor:
+        """Blocks (or their diagonals) of one layer from its input and its factors [N, K, *output]."""
         m, x = r.module, r.input
         if isinstance(m, nn.Conv2d):
-            return unfolded_gram(x, factors, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.bias is not None)
+            return unfolded_gram(x, factors, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.bias is not None, diagonal)
         if isinstance(m, nn.Linear):
             if x.dim() != 2:
                 x, factors = x.reshape(-1, x.shape[-1]), factors.movedim(1, -2).reshape(-1, factors.shape[1], factors.shape[-1])
-            return unfolded_gram(x, factors, bias=m.bias is not None)
+            return unfolded_gram(x, factors, bias=m.bias is not None, diagonal=diagonal)
         if isinstance(m, Switch):
             j = (x.unsqueeze(1) * factors).flatten(2).sum(2)  # [N, K]
-            return j.square().sum().reshape(1, 1, 1)
+            h = j.square().sum()
+            return h.reshape(1, 1) if diagonal else h.reshape(1, 1, 1)
         # BatchNorm: a depthwise 1x1 "convolution" of the normalised input, with bias
         xhat = _batch_norm_input(m, x)
         if xhat.dim() == 2:
             xhat, factors = xhat[:, :, None, None], factors[:, :, :, None, None]
         elif xhat.dim() == 3:
             xhat, factors = xhat[:, :, :, None], factors[..., None]
-        return unfolded_gram(xhat, factors, groups=xhat.shape[1], bias=True)
+        return unfolded_gram(xhat, factors, groups=xhat.shape[1], bias=True, diagonal=diagonal)
 
     def _coupled(self, logits: Tensor, v: Tensor, outputs: List[Tensor]) -> Dict[str, Tensor]:
         """Train-mode BatchNorm: back-propagate each (example n, factor k) separately over the whole

@@ -529,6 +529,7 @@ def unfolded_gram(
     dilation: Tuple[int, int],
     groups: int,
     bias: bool,
+    diagonal: bool = False,
 ) -> Tensor:
     """Per-output-channel GGN blocks of a Conv2d layer from its input and back-propagated factors.
 
@@ -557,10 +558,12 @@ def unfolded_gram(
         kernel_size, stride, padding, dilation: (int, int) as in Conv2d.
         groups: the convolution's groups (divides C_in and C_out).
         bias: whether the layer has a bias (adds the last coordinate of each block).
+        diagonal: return only the diagonals, sum_n sum_k j[n, k, o]^2 ([C_out, D']): the exact
+            diagonal GGN (BackPACK's DiagGGNExact) without the Gram products.
 
     Returns:
-        G [C_out, D', D'] with D' = D + bias, in the accumulation dtype (float32 for
-        bfloat16/float16 inputs, else the dtype of x).
+        G [C_out, D', D'] (or its diagonals [C_out, D']) with D' = D + bias, in the accumulation
+        dtype (float32 for bfloat16/float16 inputs, else the dtype of x).
     """
     acc = _accumulation_dtype(x.dtype)
     if x.dim() == 2:  # Linear: a 1x1 convolution of a 1x1 image
@@ -575,6 +578,8 @@ def unfolded_gram(
     j = torch.einsum("nkgop,ngdp->nkgod", s, cols)
     if bias:
         j = torch.cat((j, s.sum(4, keepdim=True)), dim=4)  # [N, K, G, C_out/G, D + 1]
+    if diagonal:
+        return j.square().sum((0, 1)).reshape(C_out, j.shape[4])
     gram = torch.einsum("nkgod,nkgoe->gode", j, j)
     return gram.reshape(C_out, j.shape[4], j.shape[4])
 

@@ -2,6 +2,8 @@
 //
 //   G[o] = sum_n sum_k j[n,k,o] j[n,k,o]^T,   j[n,k,o][d] = sum_p S[n,k,o,p] X_n[p,d]   (+ j[D] = sum_p S)
 //
+// or only its diagonal, sum_n sum_k j[n,k,o]^2 (``diagonal``).
+//
 // x is [N, C_in, H, W], the factors S are [N, K, C_out, Ho, Wo], X_n [P, D] is the im2col unfolding of
 // x[n] over the input channels of o's group (D = C_in / groups * kh * kw, ordered as W[o].flatten()),
 // and the optional last coordinate is the bias. bnas_fast/reference.py (unfolded_gram) is the
@@ -60,7 +62,7 @@ void unfold_example(const scalar_t* __restrict xn, const ConvGeometry& g, int64_
 
 at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_in, at::IntArrayRef kernel_size,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                             bool bias) {
+                             bool bias, bool diagonal) {
   const char* op = "unfolded_gram";
   check_cpu_floating(x_in, op, "x");
   check_cpu_floating(factors_in, op, "factors");
@@ -90,7 +92,7 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
   const auto x = x_in.contiguous();
   const auto acc = at::toOpMathType(x.scalar_type());
   const int64_t Dp = g.D_full(), P = g.P(), Og = g.out_per_group();
-  auto blocks = at::empty({g.C_out, Dp, Dp}, x.options().dtype(acc));
+  auto blocks = diagonal ? at::empty({g.C_out, Dp}, x.options().dtype(acc)) : at::empty({g.C_out, Dp, Dp}, x.options().dtype(acc));
   // The unfolded input of one group for the whole batch, [N, D', P] (what F.unfold makes; never
   // one per output channel), and J [N, K Og, D'] = [N K, Og, D'].
   auto rows = at::empty({g.N, Dp, P}, x.options().dtype(acc));
@@ -108,9 +110,14 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
       // J_n = S_n X_n^T for every example at once: [N, K Og, P] x [N, P, D'].
       const auto s = factors_acc.narrow(2, group * Og, Og).reshape({g.N, g.K * Og, P});
       const auto J = at::bmm(s, rows.transpose(1, 2)).view({g.N * g.K, Og, Dp});
+      auto out = blocks.narrow(0, group * Og, Og);
+      if (diagonal) {
+        // diag G[o] = sum over (n, k) of J[(n, k), o]^2: no Gram product
+        at::sum_out(out, J.square(), {0});
+        continue;
+      }
       // G[o] = J[:, o]^T J[:, o] for the group's output channels: one batched GEMM.
       const auto per_channel = J.permute({1, 0, 2});  // [Og, N K, D']
-      auto out = blocks.narrow(0, group * Og, Og);
       at::bmm_out(out, per_channel.transpose(1, 2), per_channel);
     }
   });

@@ -82,6 +82,9 @@ def test_exact_blocks_equal_brute_force(train):
     assert set(got) == set(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)
+    diagonals = curvature.compute(logits, "exact", diagonal=True)
+    for name in expected:
+        torch.testing.assert_close(diagonals[name], expected[name].diagonal(dim1=1, dim2=2), rtol=1e-8, atol=1e-12, msg=name)
 
 
 def test_monte_carlo_blocks_are_unbiased():
@@ -147,8 +150,10 @@ def test_diagonal_matches_backpack_diag_ggn_exact():
     with GGNBlocks(model) as curvature:
         logits = model(x)
     blocks = curvature.compute(logits, "exact")
+    diagonals = curvature.compute(logits, "exact", diagonal=True)
     for index in ("0", "2", "5"):
         layer = extended[int(index)]
         diagonal = blocks[index].diagonal(dim1=1, dim2=2)  # [C_out, D + 1]
+        torch.testing.assert_close(diagonals[index], diagonal)
         torch.testing.assert_close(diagonal[:, :-1].reshape(layer.weight.shape), layer.weight.diag_ggn_exact, rtol=1e-8, atol=1e-12)
         torch.testing.assert_close(diagonal[:, -1], layer.bias.diag_ggn_exact, rtol=1e-8, atol=1e-12)

@@ -55,6 +55,8 @@ def test_op_matches_reference(dtype, geometry):
     expected = reference.unfolded_gram(x, factors, conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"], conv["groups"], conv["bias"])
     assert got.dtype == (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     assert_within(got, expected, TOLERANCES[dtype], "blocks")
+    diagonal = bnas_fast.unfolded_gram(x, factors, **conv, diagonal=True)
+    assert_within(diagonal, expected.diagonal(dim1=1, dim2=2), TOLERANCES[dtype], "diagonal")
     # each block is a Gram matrix: symmetric, positive semi-definite
     if dtype == torch.float64:
         torch.testing.assert_close(got, got.transpose(1, 2))
@@ -76,6 +78,7 @@ def test_opcheck():
     x, factors, conv = _inputs(GEOMETRIES[0], torch.float32)
     args = (x, factors, list(conv["kernel_size"]), list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"], conv["bias"])
     torch.library.opcheck(torch.ops.bnas_fast.unfolded_gram.default, args)
+    torch.library.opcheck(torch.ops.bnas_fast.unfolded_gram.default, args + (True,))  # diagonal only
 
 
 def test_compile_fullgraph():

@@ -318,9 +318,10 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def random_architecture(generator: torch.Generator, ops: Sequence[str] = OPERATIONS,
-                        edge_keep: float = 0.5) -> Dict[str, Dict[str, List[str]]]:
+                        edge_keep: float = 0.5, op_keep: float = 0.5) -> Dict[str, Dict[str, List[str]]]:
     """A random architecture: each edge kept with probability ``edge_keep`` (at least one input per
-    node, drawn uniformly when none is), each kept edge a uniformly random non-empty subset of ``ops``."""
+    node, drawn uniformly when none is), each operation of a kept edge with probability ``op_keep``
+    (at least one, drawn uniformly when none is)."""
     arch: Dict[str, Dict[str, List[str]]] = {}
     for t in CELL_TYPES:
         arch[t] = {}
@@ -329,7 +330,7 @@ def random_architecture(generator: torch.Generator, ops: Sequence[str] = OPERATI
             if not keep:
                 keep = [edges[int(torch.randint(len(edges), (), generator=generator))]]
             for e in keep:
-                mask = torch.rand(len(ops), generator=generator) < 0.5
+                mask = torch.rand(len(ops), generator=generator) < op_keep
                 if not bool(mask.any()):
                     mask[int(torch.randint(len(ops), (), generator=generator))] = True
                 arch[t][e] = [o for o, m in zip(ops, mask.tolist()) if m]

@@ -31,7 +31,7 @@ __all__ = ["unfolded_gram"]
 
 LIB.define(
     "unfolded_gram(Tensor x, Tensor factors, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
-    "int groups, bool bias) -> Tensor"
+    "int groups, bool bias, bool diagonal=False) -> Tensor"
 )
 
 
@@ -40,9 +40,10 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("bnas_fast::unfolded_gram")
-def _fake(x, factors, kernel_size, stride, padding, dilation, groups, bias):
+def _fake(x, factors, kernel_size, stride, padding, dilation, groups, bias, diagonal=False):
     d = x.shape[1] // groups * kernel_size[0] * kernel_size[1] + (1 if bias else 0)
-    return x.new_empty((factors.shape[2], d, d), dtype=_accumulation_dtype(x.dtype))
+    shape = (factors.shape[2], d) if diagonal else (factors.shape[2], d, d)
+    return x.new_empty(shape, dtype=_accumulation_dtype(x.dtype))
 
 
 _KERNELS = {
@@ -72,6 +73,7 @@ def unfolded_gram(
     dilation: Union[int, Sequence[int]] = 1,
     groups: int = 1,
     bias: bool = False,
+    diagonal: bool = False,
 ) -> Tensor:
     """The per-filter GGN blocks of a Conv2d (or Linear) layer (module docstring).
 
@@ -80,10 +82,11 @@ def unfolded_gram(
         factors: [N, K, C_out, Ho, Wo] (Conv2d) or [N, K, C_out] (Linear), same dtype as x.
         kernel_size, stride, padding, dilation, groups: the convolution's (a Linear: the defaults).
         bias: whether the layer has a bias (adds the last coordinate).
+        diagonal: only the blocks' diagonals (the exact diagonal GGN; skips the Gram products).
 
     Returns:
-        [C_out, D', D'], D' = C_in / groups * kh * kw (+ 1 with bias), in float32 for
-        float16/bfloat16 inputs, else in x's dtype.
+        [C_out, D', D'] (or [C_out, D'] with ``diagonal``), D' = C_in / groups * kh * kw (+ 1 with
+        bias), in float32 for float16/bfloat16 inputs, else in x's dtype.
     """
     op = "unfolded_gram"
     _checks.check_tensor("x", x, op)
@@ -114,5 +117,6 @@ def unfolded_gram(
     if tuple(factors.shape[3:]) != (Ho, Wo):
         raise ValueError(f"{op}: factors' output size {tuple(factors.shape[3:])} does not match the convolution's ({Ho}, {Wo})")
     return torch.ops.bnas_fast.unfolded_gram(
-        x.detach(), factors.detach(), list(kernel_size), list(stride), list(padding), list(dilation), groups, bool(bias)
+        x.detach(), factors.detach(), list(kernel_size), list(stride), list(padding), list(dilation), groups, bool(bias),
+        bool(diagonal),
     )
