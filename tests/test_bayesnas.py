@@ -190,6 +190,7 @@ def test_run_end_to_end_writes_results_and_is_reproducible(tmp_path):
     assert all(v > 0 for cell in a["gamma"].values() for e in cell.values() for v in e.values())
     assert set(a["architecture"]) == {"normal", "reduction"}
     assert 0 <= a["derived"]["test_accuracy"] <= 1 and 0 <= a["random"]["test_accuracy"] <= 1
+    assert 0 <= a["supernet"]["test_accuracy_bn_recalibrated"] <= 1
     assert a["derived"]["parameters"] <= a["supernet"]["parameters"]
     b = bayesnas.run(_tiny(tmp_path / "b"))
     assert _strip(a) == _strip(b)
@@ -211,3 +212,23 @@ def test_bad_config_raises_naming_the_key(key, value):
 def test_unknown_config_key_raises():
     with pytest.raises(ValueError, match="bogus"):
         bayesnas.run({"bogus": 1})
+
+
+def test_recalibrated_accuracy_repairs_stale_batch_norm_statistics_on_a_copy():
+    torch.manual_seed(0)
+    x = torch.randn(400, 2)
+    y = (x[:, 0] > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(200):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    good = float((model(x).argmax(1) == y).float().mean())
+    with torch.no_grad():
+        model[1].running_mean.add_(5.0)  # stale statistics, as after the switches moved
+    stale = float((model(x).argmax(1) == y).float().mean())
+    repaired = bayesnas.recalibrated_accuracy(model, x, x, y)
+    assert good > 0.95 and stale < good - 0.2 and abs(repaired - good) < 0.02, (good, stale, repaired)
+    assert float(model[1].running_mean.mean()) > 4.0  # the model itself is untouched

@@ -298,6 +298,23 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 500) -> float
     return correct / x.shape[0]
 
 
+@torch.no_grad()
+def recalibrated_accuracy(model: nn.Module, x_train: Tensor, x_test: Tensor, y_test: Tensor, batches: int = 20,
+                          batch_size: int = 256) -> float:
+    """Test accuracy after recomputing every BatchNorm's running statistics on training batches with
+    the weights fixed (a cumulative average; Bender et al.'s "statistics computed on the fly"), on a
+    copy of ``model``: tells a BatchNorm mismatch apart from a bad network."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    twin.train()
+    for i in range(min(batches, math.ceil(x_train.shape[0] / batch_size))):
+        twin(x_train[i * batch_size : (i + 1) * batch_size])
+    return _accuracy(twin, x_test, y_test)
+
+
 def switch_hessians(model: BayesNASSupernet, batches: Sequence[Tensor], mode: str,
                     generator: Optional[torch.Generator] = None) -> Dict[str, List[float]]:
     """{group key: [H_s of each member, in cell order]}: the GGN of the cross-entropy with the model's
@@ -406,12 +423,14 @@ def _run(c: BayesNASConfig) -> Dict[str, Any]:
         })
     search_seconds = time.perf_counter() - search_start
     supernet_test = _accuracy(model, x_test, y_test)
+    supernet_recalibrated = recalibrated_accuracy(model, x, x_test, y_test)
     supernet_params = count_parameters(model)
 
     arch, forced = prune(_nested(gamma), c.threshold, c.keep_one_input, c.ops)
     masked = copy.deepcopy(model)
     masked.apply_architecture(arch)
     masked_test = _accuracy(masked, x_test, y_test)
+    masked_recalibrated = recalibrated_accuracy(masked, x, x_test, y_test)
 
     # the derived network from scratch, and a random architecture of about its size, same budget
     derived = _seeded(c.seed + 1, lambda: build_network(arch, in_channels, classes, **net_kw))
@@ -435,7 +454,9 @@ def _run(c: BayesNASConfig) -> Dict[str, Any]:
         "data": {"source": data.source, "n_train": int(x.shape[0]), "n_test": int(x_test.shape[0]),
                  "input_shape": list(data.input_shape)},
         "supernet": {"parameters": supernet_params, "test_accuracy": supernet_test,
-                     "pruned_test_accuracy_no_retraining": masked_test, "warmup": warmup,
+                     "test_accuracy_bn_recalibrated": supernet_recalibrated,
+                     "pruned_test_accuracy_no_retraining": masked_test,
+                     "pruned_test_accuracy_no_retraining_bn_recalibrated": masked_recalibrated, "warmup": warmup,
                      "search_seconds": search_seconds},
         "search": history,
         "gamma": _nested(gamma),
