@@ -232,3 +232,6 @@ def test_recalibrated_accuracy_repairs_stale_batch_norm_statistics_on_a_copy():
     repaired = bayesnas.recalibrated_accuracy(model, x, x, y)
     assert good > 0.95 and stale < good - 0.2 and abs(repaired - good) < 0.02, (good, stale, repaired)
     assert float(model[1].running_mean.mean()) > 4.0  # the model itself is untouched
+    bayesnas.recalibrate_batch_norm(model, x)  # in place: statistics repaired, momentum and mode restored
+    assert abs(float((model(x).argmax(1) == y).float().mean()) - good) < 0.02
+    assert model[1].momentum == 0.1 and not model.training

@@ -299,19 +299,30 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 500) -> float
 
 
 @torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, x_train: Tensor, batches: int = 20, batch_size: int = 256) -> None:
+    """Recompute every BatchNorm's running statistics of ``model`` in place on training batches with
+    the weights fixed (a cumulative average; Bender et al.'s "statistics computed on the fly"). The
+    running statistics lag the switches while they move; training itself uses batch statistics, so
+    this changes only what eval mode sees."""
+    was_training = model.training
+    saved = {m: m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    for m in saved:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i in range(min(batches, math.ceil(x_train.shape[0] / batch_size))):
+        model(x_train[i * batch_size : (i + 1) * batch_size])
+    for m, momentum in saved.items():
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def recalibrated_accuracy(model: nn.Module, x_train: Tensor, x_test: Tensor, y_test: Tensor, batches: int = 20,
                           batch_size: int = 256) -> float:
-    """Test accuracy after recomputing every BatchNorm's running statistics on training batches with
-    the weights fixed (a cumulative average; Bender et al.'s "statistics computed on the fly"), on a
-    copy of ``model``: tells a BatchNorm mismatch apart from a bad network."""
+    """Test accuracy of a copy of ``model`` after :func:`recalibrate_batch_norm`: tells a BatchNorm
+    mismatch apart from a bad network."""
     twin = copy.deepcopy(model)
-    for m in twin.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    twin.train()
-    for i in range(min(batches, math.ceil(x_train.shape[0] / batch_size))):
-        twin(x_train[i * batch_size : (i + 1) * batch_size])
+    recalibrate_batch_norm(twin, x_train, batches, batch_size)
     return _accuracy(twin, x_test, y_test)
 
 
@@ -323,8 +334,8 @@ def switch_hessians(model: BayesNASSupernet, batches: Sequence[Tensor], mode: st
 
     The model is put in eval mode: BatchNorm then uses its running statistics, so examples do not
     interact and GGNBlocks needs K backward passes per batch instead of N K (the train-mode path),
-    and H_s is the curvature of the network as it predicts at test time. The running statistics
-    have been trained for at least one epoch when this is called.
+    and H_s is the curvature of the network as it predicts at test time. The search recalibrates the
+    running statistics first (:func:`recalibrate_batch_norm`): they lag the moving switches.
     """
     was_training = model.training
     model.eval()
@@ -408,6 +419,8 @@ def _run(c: BayesNASConfig) -> Dict[str, Any]:
         order = torch.randperm(x.shape[0], generator=hess_gen)
         size = min(c.hessian_batch_size, x.shape[0])
         batches = [x[order[i * size : (i + 1) * size]] for i in range(min(c.hessian_batches, x.shape[0] // size))]
+        # H_s in eval mode (see switch_hessians), so with running statistics that match the switches
+        recalibrate_batch_norm(model, x)
         H = switch_hessians(model, batches, c.hessian_mode, hess_gen)
         values = {k: [float(s.weight.detach()) for s in members] for k, members in groups.items()}
         updates = {k: laplace_update(gamma[k], H[k], values[k], lam[k]) for k in groups}
