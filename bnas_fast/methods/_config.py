@@ -1,5 +1,5 @@
-"""What the methods share: building their config dataclasses, running with a set thread count, and
-writing a run's results and figures."""
+"""What the methods share: building their config dataclasses, running with a set thread count,
+measuring a model's accuracy, and writing a run's results and figures."""
 
 from __future__ import annotations
 
@@ -50,3 +50,11 @@ def save_run(out_dir: Optional[str], results: Dict[str, Any], plots: Optional[Ca
         results["files"] = plots()
     with open(os.path.join(out_dir, "results.json"), "w") as fh:
         json.dump(results, fh, indent=2)
+
+
+@torch.no_grad()
+def eval_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+    """Top-1 accuracy of ``model`` in eval mode on (x, y), in batches of ``batch``."""
+    model.eval()
+    correct = sum(int((model(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum()) for i in range(0, x.shape[0], batch))
+    return correct / x.shape[0]

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from bnas_fast.curvature import GGNBlocks
 from bnas_fast.data.images import fashion_mnist_available, load_images
-from bnas_fast.methods._config import config_from_any, save_run, torch_threads
+from bnas_fast.methods._config import config_from_any, eval_accuracy, save_run, torch_threads
 from bnas_fast.nn.bayesnas import (
     CELL_EDGES, CELL_TYPES, NUM_NODES, OPERATIONS, BayesNASSupernet, build_network, count_parameters,
     node_inputs, random_architecture,
@@ -292,13 +292,6 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, c: BayesNASConfig, epochs: in
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 500) -> float:
-    model.eval()
-    correct = sum(int((model(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum()) for i in range(0, x.shape[0], batch))
-    return correct / x.shape[0]
-
-
-@torch.no_grad()
 def recalibrate_batch_norm(model: nn.Module, x_train: Tensor, batches: int = 20, batch_size: int = 256) -> None:
     """Recompute every BatchNorm's running statistics of ``model`` in place on training batches with
     the weights fixed (a cumulative average; Bender et al.'s "statistics computed on the fly"). The
@@ -323,7 +316,7 @@ def recalibrated_accuracy(model: nn.Module, x_train: Tensor, x_test: Tensor, y_t
     mismatch apart from a bad network."""
     twin = copy.deepcopy(model)
     recalibrate_batch_norm(twin, x_train, batches, batch_size)
-    return _accuracy(twin, x_test, y_test)
+    return eval_accuracy(twin, x_test, y_test)
 
 
 def switch_hessians(model: BayesNASSupernet, batches: Sequence[Tensor], mode: str,
@@ -435,14 +428,14 @@ def _run(c: BayesNASConfig) -> Dict[str, Any]:
             "gamma": dict(gamma), "omega": dict(omega), "hessian": H, "switches": values,
         })
     search_seconds = time.perf_counter() - search_start
-    supernet_test = _accuracy(model, x_test, y_test)
+    supernet_test = eval_accuracy(model, x_test, y_test)
     supernet_recalibrated = recalibrated_accuracy(model, x, x_test, y_test)
     supernet_params = count_parameters(model)
 
     arch, forced = prune(_nested(gamma), c.threshold, c.keep_one_input, c.ops)
     masked = copy.deepcopy(model)
     masked.apply_architecture(arch)
-    masked_test = _accuracy(masked, x_test, y_test)
+    masked_test = eval_accuracy(masked, x_test, y_test)
     masked_recalibrated = recalibrated_accuracy(masked, x, x_test, y_test)
 
     # the derived network from scratch, and a random architecture of about its size, same budget
@@ -478,10 +471,10 @@ def _run(c: BayesNASConfig) -> Dict[str, Any]:
         "switches": _nested(history[-1]["switches"]),
         "architecture": arch,
         "forced_by_connectivity": forced,
-        "derived": {"parameters": derived_params, "test_accuracy": _accuracy(derived, x_test, y_test),
+        "derived": {"parameters": derived_params, "test_accuracy": eval_accuracy(derived, x_test, y_test),
                     "training": derived_training},
         "random": {"architecture": random_arch, "parameters": count_parameters(rand_net),
-                   "test_accuracy": _accuracy(rand_net, x_test, y_test), "training": random_training},
+                   "test_accuracy": eval_accuracy(rand_net, x_test, y_test), "training": random_training},
         "seconds": 0.0,
         "files": {},
     }
@@ -548,7 +541,7 @@ def _draw_cell(ax, cell_type: str, edges: Dict[str, List[str]]) -> None:
     live = {"in0", "in1"} | {e.split("->")[1] for e in edges}
     for name, (px, py) in pos.items():
         on = name in live or name == "out"
-        ax.add_patch(matplotlib_circle(px, py, on))
+        ax.add_patch(_circle(px, py, on))
         ax.text(px, py, name, ha="center", va="center", fontsize=9, color="black" if on else "gray")
     for k, (e, ops) in enumerate(edges.items()):
         src, dst = e.split("->")
@@ -572,7 +565,7 @@ def _draw_cell(ax, cell_type: str, edges: Dict[str, List[str]]) -> None:
     ax.set_title(f"derived {cell_type} cell (c3/c5 conv, mp/ap pool, id skip; out = concat, 1x1 conv)", fontsize=9)
 
 
-def matplotlib_circle(x: float, y: float, on: bool):
+def _circle(x: float, y: float, on: bool):
     from matplotlib.patches import Circle
 
     return Circle((x, y), 0.28, fc="lightyellow" if on else "whitesmoke", ec="black" if on else "lightgray")

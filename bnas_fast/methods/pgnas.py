@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnas_fast.data.images import fashion_mnist_available, load_images
-from bnas_fast.methods._config import config_from_any, save_run, torch_threads
+from bnas_fast.methods._config import config_from_any, eval_accuracy, save_run, torch_threads
 from bnas_fast.nn.pgnas import PGNASNet
 
 __all__ = ["PGNASConfig", "run", "add_arguments", "main"]
@@ -204,13 +204,6 @@ def _train(
     return {"epoch_losses": losses, "seconds": time.perf_counter() - start, "length_scale": length_scale}
 
 
-@torch.no_grad()
-def _accuracy(model: PGNASNet, x: Tensor, y: Tensor, batch: int = 500) -> float:
-    model.eval()
-    correct = sum(int((model(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum()) for i in range(0, x.shape[0], batch))
-    return correct / x.shape[0]
-
-
 def _search(
     model: PGNASNet, c: PGNASConfig, x_val: Tensor, y_val: Tensor, drop_rate: Optional[float], seed_shift: int, label: str
 ) -> List[Dict[str, Any]]:
@@ -223,7 +216,7 @@ def _search(
     for _ in tqdm(range(c.candidates), desc=f"{label} candidates", disable=not c.progress, file=sys.stderr, leave=False):
         masks = model.sample_architecture(gen, drop_rate)
         model.set_architecture(masks)
-        out.append({"masks": masks, "val_accuracy": _accuracy(model, x_val, y_val), "parameters": model.count_parameters(masks)})
+        out.append({"masks": masks, "val_accuracy": eval_accuracy(model, x_val, y_val), "parameters": model.count_parameters(masks)})
     model.set_architecture(None)
     return out
 
@@ -235,7 +228,7 @@ def _best(candidates: Sequence[Dict[str, Any]], n: int) -> int:
 
 def _test_of(model: PGNASNet, masks: Dict[str, Tensor], x: Tensor, y: Tensor) -> float:
     model.set_architecture(masks)
-    acc = _accuracy(model, x, y)
+    acc = eval_accuracy(model, x, y)
     model.set_architecture(None)
     return acc
 
@@ -281,7 +274,7 @@ def _run(c: PGNASConfig) -> Dict[str, Any]:
     guided_model = _build_model(c, in_channels, classes, "soft", c.init_drop)
     guided_training = _train(guided_model, x, y, c, c.epochs, True, "pgnas", 1)
     full_params = guided_model.count_parameters()
-    guided_full_test = _accuracy(guided_model, x_test, y_test)  # eval mode: the expectation, x (1 - p)
+    guided_full_test = eval_accuracy(guided_model, x_test, y_test)  # eval mode: the expectation, x (1 - p)
     rates = guided_model.drop_rates()
     guided = _search(guided_model, c, x_val, y_val, None, 2, "guided")
 
@@ -289,7 +282,7 @@ def _run(c: PGNASConfig) -> Dict[str, Any]:
     r = min(max(_expected_rate(guided_model), 1e-3), 0.999)
     random_model = _build_model(c, in_channels, classes, "hard", r)
     random_training = _train(random_model, x, y, c, c.epochs, False, "random", 3)
-    random_full_test = _accuracy(random_model, x_test, y_test)
+    random_full_test = eval_accuracy(random_model, x_test, y_test)
     random = _search(random_model, c, x_val, y_val, r, 4, "random")
     # ablation: fixed-rate masks on PGNAS's own weights isolate what the learned rates add
     same_weights = _search(guided_model, c, x_val, y_val, r, 6, "fixed rate, PGNAS weights")
@@ -322,7 +315,7 @@ def _run(c: PGNASConfig) -> Dict[str, Any]:
         tuned = copy.deepcopy(random_model)
         tuned.set_architecture(random[random_summary["best_index"]]["masks"])
         ft["training"] = _train(tuned, x, y, c, c.ft_epochs, False, "random ft", 5)
-        ft["test_accuracy"] = _accuracy(tuned, x_test, y_test)
+        ft["test_accuracy"] = eval_accuracy(tuned, x_test, y_test)
 
     results: Dict[str, Any] = {
         "config": dataclasses.asdict(c),

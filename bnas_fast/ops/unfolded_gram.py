@@ -35,15 +35,11 @@ LIB.define(
 )
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 @torch.library.register_fake("bnas_fast::unfolded_gram")
 def _fake(x, factors, kernel_size, stride, padding, dilation, groups, bias, diagonal=False):
     d = x.shape[1] // groups * kernel_size[0] * kernel_size[1] + (1 if bias else 0)
     shape = (factors.shape[2], d) if diagonal else (factors.shape[2], d, d)
-    return x.new_empty(shape, dtype=_accumulation_dtype(x.dtype))
+    return x.new_empty(shape, dtype=reference._accumulation_dtype(x.dtype))
 
 
 _KERNELS = {
