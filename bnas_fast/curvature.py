@@ -30,12 +30,17 @@ Supported layers, and what a block is:
 A module that has parameters of its own and is none of these raises ``TypeError`` naming it, when
 the context is entered (never silently skipped). Parameter-free modules (ReLU, pooling, reshapes)
 need nothing: autograd carries the factors through them.
+
+:func:`diagonal_recursion_hessians` (``diagonal_recursion_hessians(model, x)``, its own forward pass)
+is the cheaper curvature of BayesNAS's code (notes section 2.1): the diagonal of the pre-activation
+Gauss-Newton back-propagated from the loss through squared-Jacobian products, truncated to its
+diagonal at every layer; it returns the same layout as ``compute(..., diagonal=True)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +49,7 @@ from torch import Tensor, nn
 from bnas_fast import reference
 from bnas_fast.ops.unfolded_gram import unfolded_gram
 
-__all__ = ["GGNBlocks", "Switch", "SUPPORTED"]
+__all__ = ["GGNBlocks", "Switch", "SUPPORTED", "diagonal_recursion_hessians", "DIAG_RECURSION_LAYERS"]
 
 
 class Switch(nn.Module):
@@ -134,7 +139,8 @@ class GGNBlocks:
         ``diagonal`` only the blocks' diagonals ([C_out, D']; the exact diagonal GGN, as BackPACK's
         DiagGGNExact, without the Gram products)."""
         if mode not in ("exact", "mc"):
-            raise ValueError(f"GGNBlocks.compute: mode must be 'exact' or 'mc', got {mode!r}")
+            raise ValueError(f"GGNBlocks.compute: mode must be 'exact' or 'mc', got {mode!r} (BayesNAS's truncated "
+                             "diagonal recursion is diagonal_recursion_hessians(model, x): it needs its own forward pass)")
         missing = [r.name for r in self.records if r.output is None]
         if missing:
             raise RuntimeError(f"GGNBlocks.compute: no forward pass recorded for {missing}; run the model inside the context first")
@@ -237,3 +243,291 @@ class GGNBlocks:
         j = torch.einsum("rmgop,mgdp->rgod", S, cols)
         blocks = torch.einsum("rgod,rgoe->gode", j, j)
         return blocks.reshape(m.out_channels, blocks.shape[-1], blocks.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# BayesNAS's truncated diagonal recursion (notes section 2.1)
+# ----------------------------------------------------------------------------------------------
+
+#: Layers with an explicit squared-Jacobian rule in :func:`diagonal_recursion_hessians`.
+DIAG_RECURSION_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, Switch, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+#: Autograd operations (by node type) whose local Jacobian has only 0 and 1 entries: for them
+#: (J o J)^T h = J^T h, so their ordinary backward already is the squared-Jacobian product. These are
+#: the only operations allowed outside the layers of DIAG_RECURSION_LAYERS (ReLU, max pooling, sums
+#: of branches, concatenation, reshapes, zero padding, identity).
+_ZERO_ONE_OPS = frozenset({
+    "AddBackward0", "AddBackward1", "SumBackward0", "SumBackward1", "CatBackward0", "StackBackward0",
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0", "CloneBackward0",
+    "ToCopyBackward0", "ExpandBackward0", "PermuteBackward0", "TransposeBackward0", "TBackward0",
+    "SliceBackward0", "SelectBackward0", "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
+    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4",
+    "UnsqueezeBackward0", "ConstantPadNdBackward0", "ReluBackward0", "MaxPool2DWithIndicesBackward0",
+})
+
+
+class _SquaredVJP(torch.autograd.Function):
+    """Forward: the layer's output value (already computed), as a function of the layer input x
+    only, which cuts the layer's own autograd graph out of the backward pass. Backward: ``rule(h)``,
+    the layer's squared-Jacobian product (J o J)^T h (and, as a side effect, its parameters' curvature)."""
+
+    @staticmethod
+    def forward(ctx, x, value, rule):
+        ctx.rule = rule
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, h):
+        return ctx.rule(h), None, None
+
+
+class _OpOwners(torch.overrides.TorchFunctionMode):
+    """Records, for every autograd node made during the forward pass, the innermost module whose
+    forward made it (``stack[-1]``) and the function's name, to name the layer in error messages."""
+
+    def __init__(self, stack: List[Tuple[str, str]], owners: dict):
+        super().__init__()
+        self.stack, self.owners = stack, owners
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor) and t.grad_fn is not None and t.grad_fn not in self.owners:
+                self.owners[t.grad_fn] = (self.stack[-1] if self.stack else ("", "?"), getattr(func, "__name__", str(func)))
+        return out
+
+
+def _vjp(fn, x: Tensor, g: Tensor) -> Tensor:
+    """J^T g of the parameter-free map ``fn`` at ``x`` (ordinary autograd)."""
+    with torch.enable_grad():
+        xx = x.detach().requires_grad_(True)
+        return torch.autograd.grad(fn(xx), xx, g)[0]
+
+
+def _window_lengths(size: int, out: int, device) -> Tensor:
+    """Lengths of adaptive pooling's windows [floor(i size / out), ceil((i + 1) size / out))."""
+    i = torch.arange(out, device=device)
+    return (((i + 1) * size + out - 1) // out - (i * size) // out)
+
+
+def _diag_rule(m: nn.Module, x: Tensor, h: Tensor, diag: Optional[Tensor]) -> Tensor:
+    """One layer of the recursion: returns h_in = (J o J)^T h_out for the Jacobian J of the output
+    wrt the input at ``x`` (per example; h_out, h_in shaped as the layer's output, input), and adds
+    the parameters' curvature (J_theta o J_theta)^T h_out, summed over the batch, to ``diag`` in
+    place (layout of ``GGNBlocks.compute(..., diagonal=True)``; None for parameter-free layers)."""
+    with torch.no_grad():
+        if isinstance(m, Switch):  # y = s x: H_s = sum x^2 h_y, h_x = s^2 h_y
+            diag += (x.square() * h).sum().reshape(1, 1)
+            return m.weight.square() * h
+        if isinstance(m, nn.Conv2d):  # h_in = conv_transpose(h, W^2); weight: correlate(x^2, h)
+            w2 = m.weight.square()
+            h_in = torch.nn.grad.conv2d_input(x.shape, w2, h, m.stride, m.padding, m.dilation, m.groups)
+            cols = [torch.nn.grad.conv2d_weight(x.square(), m.weight.shape, h, m.stride, m.padding, m.dilation, m.groups).flatten(1)]
+            if m.bias is not None:
+                cols.append(h.sum((0, 2, 3))[:, None])
+            diag += torch.cat(cols, 1)
+            return h_in
+        if isinstance(m, nn.Linear):  # h_in = h (W^2); weight [O, D]: sum_n h_o x_d^2
+            h2, x2 = h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1])
+            cols = [h2.t() @ x2.square()]
+            if m.bias is not None:
+                cols.append(h2.sum(0)[:, None])
+            diag += torch.cat(cols, 1)
+            return h @ m.weight.square()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # eval: y = gamma (x - mu) / sigma + beta
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            inv = torch.rsqrt(m.running_var + m.eps).reshape(shape)
+            scale = inv * m.weight.reshape(shape) if m.affine else inv
+            if m.affine:
+                dims = [0] + list(range(2, x.dim()))
+                xhat = (x - m.running_mean.reshape(shape)) * inv
+                diag += torch.stack([(xhat.square() * h).sum(dims), h.sum(dims)], 1)
+            return h * scale.square()
+        if isinstance(m, nn.AvgPool2d):
+            # every output o averages its window with one coefficient c_o = 1/divisor_o, so
+            # (J o J)^T h = J^T (c h); c = avg_pool(ones) / sum_pool(ones) whatever the divisor rule
+            def pool(z, count_include_pad=m.count_include_pad, divisor_override=m.divisor_override):
+                return F.avg_pool2d(z, m.kernel_size, m.stride, m.padding, m.ceil_mode, count_include_pad, divisor_override)
+
+            ones = torch.ones_like(x[:1])
+            c = pool(ones) / pool(ones, True, 1).clamp_min(1)
+            return _vjp(pool, x, h * c)
+        if isinstance(m, nn.AdaptiveAvgPool2d):  # c_o = 1 / (window height x width)
+            lh = _window_lengths(x.shape[-2], h.shape[-2], x.device)
+            lw = _window_lengths(x.shape[-1], h.shape[-1], x.device)
+            c = 1.0 / (lh[:, None] * lw[None, :]).to(h.dtype)
+            return _vjp(lambda z: F.adaptive_avg_pool2d(z, h.shape[-2:]), x, h * c)
+    raise TypeError(f"diagonal_recursion_hessians: no rule for {type(m).__name__}")  # unreachable: checked up front
+
+
+def diagonal_recursion_hessians(model: nn.Module, x: Tensor) -> Dict[str, Tensor]:
+    """BayesNAS's curvature: the diagonal of the pre-activation Gauss-Newton back-propagated from the
+    loss to the input, truncated to its diagonal at every layer (Botev et al. 2017's recursion as
+    the authors' code uses it, notes section 2.1), and the parameter curvatures it implies.
+
+    Runs its own forward pass ``model(x)`` and returns {module name: curvature, summed over the
+    batch} for every Switch ([1, 1]: H_s), Conv2d ([C_out, C_in/groups k_h k_w (+1 bias)]), Linear
+    ([out, in (+1)]) and affine BatchNorm ([C, 2]: weight, bias), in the layout of
+    ``GGNBlocks.compute(..., diagonal=True)`` so that the two are interchangeable (a layer that does
+    not reach the logits gets zeros). Divide by N for the per-example (mean-loss) value.
+
+    Why a function and not a ``GGNBlocks.compute`` mode: GGNBlocks differentiates through the
+    model's ordinary autograd graph after a plain forward pass, and ignores parameter-free layers.
+    The recursion instead needs every layer's backward replaced by a squared-Jacobian product
+    during the forward pass (the hooks must be in place before the graph is built), and needs the
+    parameter-free layers too (pooling coefficients are squared); so it owns its forward pass.
+
+    The math, with h = the kept diagonal of d^2 L / d(activation)^2, per example (shape of the
+    activation):
+
+    * loss, summed softmax cross-entropy with the model's predictive p (labels not needed):
+      h(logits)[n, c] = p_nc (1 - p_nc), the exact diagonal of diag(p) - p p^T. (The authors'
+      ``tail_pass`` kept only the target class y_n and set the others to 0.)
+    * a layer out = f(in) with Jacobian J (per example): the exact Gauss-Newton pull-back is
+      J^T H_out J; the recursion keeps diag(J^T diag(h_out) J) = (J o J)^T h_out. For Conv2d (any
+      stride, padding, dilation, groups) that is the transposed convolution of h_out with the squared
+      kernel; Linear: h_out W^2; eval BatchNorm: h_out gamma^2 / (running_var + eps) per channel;
+      Switch y = s x: s^2 h_y; average pooling: the pooling adjoint of h_out times the squared
+      coefficient (1/k^4 per window element, 1/(HW)^2 for a global pool); ReLU: h_out times the 0/1
+      derivative; max pooling: h_out routed (and summed) to the arg-max inputs; sums of branches:
+      h passed unchanged to each branch; concatenation: split; a tensor read by several layers:
+      the sum of their h (the recursion's fan-out rule). The Gauss-Newton "D" term (sigma'' g) is
+      zero for all these layers.
+    * parameters theta of a layer: (J_theta o J_theta)^T h_out, summed over examples. Switch:
+      H_s = sum_{n, elements} x^2 h_y (notes 2.1); Conv2d/Linear weights: sum over examples and
+      positions of (input)^2 h_out; bias: sum h_out.
+
+    Unlike the authors' code (notes 2.4) this does NOT reproduce: (1) the NCHW -> (NHW, C) ``view``
+    that mixes channels and positions (nothing is reshaped or averaged here); (2) the stride-1 fold
+    of strided convolutions (the transposed convolution uses the layer's stride); (3) the dilated
+    kernel holding only the last (out, in) slice (the whole kernel is squared); (4) the x_in0 / in1
+    mis-wiring (h follows the model's actual autograd graph); (5) batch (and position) means taken
+    before squaring, the target-class-only loss curvature, and unsquared pooling factors (the
+    authors' 1/k^2 and the constant 0.5 for the global pool). Max pooling sums h when overlapping
+    windows pick the same input (``max_unpool2d``, which the authors' code uses, would overwrite).
+
+    Approximations that remain, by design: the diagonal truncation at every layer (cross terms
+    between the elements of an activation, e.g. between positions and channels, and between the
+    consumers of a shared tensor, are dropped: for a switch the exact GGN is
+    sum_n sum_k (sum x S_k)^2 and this is sum_n sum x^2 sum_k S_k^2); the Gauss-Newton (not Hessian)
+    curvature; BatchNorm as a fixed affine map (eval mode, running statistics). There is NO batch
+    averaging: every example keeps its own h and derivatives, and the result is the exact sum over
+    the batch of the per-example truncated recursions.
+
+    Supported: the layers of :data:`DIAG_RECURSION_LAYERS`, and anywhere (in any module's forward)
+    operations with 0/1 Jacobians (ReLU, max pooling, +, cat, reshapes, zero padding, identity,
+    dropout in eval). Anything else raises naming the layer: a parametrised module of another type,
+    Conv2d with non-zero padding modes, BatchNorm in training mode (``model.eval()`` first), and any
+    other operation on the path to the logits (tanh, scaling, mean, subtraction, a parameter used
+    outside a supported layer, ...), named with the module whose forward ran it. Non-finite logits
+    raise ``ValueError``.
+
+    Args:
+        model: the network, in eval mode as far as BatchNorm is concerned; ``model(x)`` gives [N, C] logits.
+        x: the input batch (its gradient is not needed; a detached copy is used).
+    """
+    modules = dict(model.named_modules())
+    rules: Dict[str, nn.Module] = {}  # the layers with a rule, by module name
+    diags: Dict[str, Tensor] = {}  # their parameters' curvature (parametrised layers only), filled by the backward pass
+    for name, m in modules.items():
+        label = name or type(m).__name__
+        if list(m.parameters(recurse=False)) and not isinstance(m, DIAG_RECURSION_LAYERS):
+            raise TypeError(
+                f"diagonal_recursion_hessians: layer {label!r} ({type(m).__name__}) has parameters but is not supported; "
+                f"supported: {', '.join(t.__name__ for t in DIAG_RECURSION_LAYERS)}"
+            )
+        if not isinstance(m, DIAG_RECURSION_LAYERS):
+            continue
+        if isinstance(m, nn.Conv2d) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
+            raise TypeError(f"diagonal_recursion_hessians: layer {label!r}: only numeric zero padding is supported, got "
+                            f"padding={m.padding!r}, padding_mode={m.padding_mode!r}")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
+            raise ValueError(f"diagonal_recursion_hessians: BatchNorm layer {label!r} uses batch statistics (training mode "
+                             "or no running statistics); the recursion treats BatchNorm as a fixed affine map: call model.eval()")
+        if isinstance(m, nn.AdaptiveAvgPool2d) and getattr(m, "output_size", None) is None:
+            raise TypeError(f"diagonal_recursion_hessians: layer {label!r}: AdaptiveAvgPool2d needs an output size")
+        rules[name] = m
+        if getattr(m, "weight", None) is not None:  # Switch, Conv2d, Linear, affine BatchNorm
+            if isinstance(m, Switch):
+                shape = (1, 1)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                shape = (m.num_features, 2)
+            else:
+                shape = (m.weight.shape[0], m.weight[0].numel() + (m.bias is not None))
+            diags[name] = torch.zeros(shape, dtype=m.weight.dtype, device=m.weight.device)
+
+    x = x.detach().requires_grad_(True)
+    stack: List[Tuple[str, str]] = []
+    owners: dict = {}
+    handles = []
+
+    def push(name, m):
+        return lambda module, inputs: stack.append((name or type(m).__name__, type(m).__name__))
+
+    def pop(module, inputs, output):
+        stack.pop()
+
+    def replace(name, m):
+        def hook(module, inputs, output):
+            label = name or type(m).__name__
+            if len(inputs) != 1 or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
+                raise TypeError(f"diagonal_recursion_hessians: layer {label!r} must map one tensor to one tensor")
+            if isinstance(m, (nn.Conv2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)) and inputs[0].dim() != 4:
+                raise ValueError(f"diagonal_recursion_hessians: layer {label!r} needs a batched [N, C, H, W] input, "
+                                 f"got {tuple(inputs[0].shape)}")
+            if not inputs[0].requires_grad:
+                raise ValueError(f"diagonal_recursion_hessians: the input of layer {label!r} does not depend on the network input")
+            xin, diag = inputs[0].detach(), diags.get(name)
+            return _SquaredVJP.apply(inputs[0], output.detach(), lambda h: _diag_rule(m, xin, h, diag))
+
+        return hook
+
+    try:
+        for name, m in modules.items():
+            handles.append(m.register_forward_pre_hook(push(name, m)))
+            if name in rules:
+                handles.append(m.register_forward_hook(replace(name, m)))
+            handles.append(m.register_forward_hook(pop))
+        with _OpOwners(stack, owners):
+            logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(f"diagonal_recursion_hessians: the model must return [N, C] logits, got "
+                         f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("diagonal_recursion_hessians: the logits contain NaN or infinity")
+    if logits.grad_fn is None:
+        raise ValueError("diagonal_recursion_hessians: the logits do not depend on the input")
+    _check_zero_one_graph(logits, x, owners)
+    p = torch.softmax(logits.detach(), dim=-1)
+    torch.autograd.grad(logits, x, p * (1 - p))
+    return {(name or type(model).__name__): d for name, d in diags.items()}
+
+
+def _check_zero_one_graph(logits: Tensor, x: Tensor, owners: dict) -> None:
+    """Every autograd node between the logits and the input must be a layer with a rule
+    (:class:`_SquaredVJP`) or a 0/1-Jacobian operation; raise naming the module that ran anything else."""
+    seen, todo = set(), [logits.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        kind = type(node).__name__
+        (where, where_type), op = owners.get(node, (("?", "?"), "?"))
+        if kind == "AccumulateGrad":
+            if node.variable is not x:
+                raise TypeError(f"diagonal_recursion_hessians: a tensor of shape {tuple(node.variable.shape)} that needs a "
+                                f"gradient (a parameter?) is used by operation {op!r} in layer {where!r} ({where_type}) "
+                                "outside a supported layer")
+            continue
+        if kind != "_SquaredVJPBackward":
+            if kind not in _ZERO_ONE_OPS or getattr(node, "_saved_alpha", 1) != 1:
+                raise TypeError(
+                    f"diagonal_recursion_hessians: operation {op!r} ({kind}) in layer {where!r} ({where_type}) is not "
+                    "supported: outside the layers with a rule (Conv2d, Linear, eval BatchNorm, Switch, AvgPool2d, "
+                    "AdaptiveAvgPool2d) only operations with 0/1 Jacobians (ReLU, max pooling, +, cat, reshapes) are allowed"
+                )
+        todo.extend(f for f, _ in node.next_functions)

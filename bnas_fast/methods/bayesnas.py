@@ -13,7 +13,9 @@ the BayesNAS notes (``shared/notes/bayesnas.md`` beside this repository) section
    for each of ``search_epochs``: one epoch of SGD on weights and switches on
    NLL + sum_g lambda_g omega_g ||s_g||_2 (groups = the same switch in every cell of one type;
    lambda_edge for edge switches, lambda_op for operation switches), then the switch Hessians H_s
-   (exact or Monte-Carlo GGN by :class:`bnas_fast.curvature.GGNBlocks`, per example, averaged over
+   (exact or Monte-Carlo GGN by :class:`bnas_fast.curvature.GGNBlocks`, or with
+   ``hessian_mode="diag_recursion"`` the authors' truncated diagonal recursion by
+   :func:`bnas_fast.curvature.diagonal_recursion_hessians`; per example, averaged over
    ``hessian_batches`` batches) and the Laplace update of notes 3.2 per group
    (:func:`laplace_update`), then the hierarchical coupling gamma_op <- (1/gamma_op + 1/gamma_edge)^-1
    (:func:`couple`);
@@ -43,13 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnas_fast.curvature import GGNBlocks
+from bnas_fast.curvature import GGNBlocks, diagonal_recursion_hessians
 from bnas_fast.data.images import fashion_mnist_available, load_images
 from bnas_fast.methods._config import config_from_any, eval_accuracy, save_run, torch_threads
 from bnas_fast.nn.bayesnas import (
     CELL_EDGES, CELL_TYPES, NUM_NODES, OPERATIONS, BayesNASSupernet, build_network, count_parameters,
     node_inputs, random_architecture,
 )
+
+#: ``hessian_mode`` values: see :func:`switch_hessians`.
+HESSIAN_MODES = ("exact", "mc", "diag_recursion")
 
 __all__ = ["BayesNASConfig", "run", "laplace_update", "couple", "prune", "add_arguments", "main"]
 
@@ -149,8 +154,8 @@ class BayesNASConfig:
         number("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
         number("weight_decay", lambda v: v >= 0, ">= 0")
         number("threshold", lambda v: v >= 0, ">= 0")
-        if c.hessian_mode not in ("exact", "mc"):
-            raise ValueError(f"bayesnas: hessian_mode must be 'exact' or 'mc', got {c.hessian_mode!r}")
+        if c.hessian_mode not in HESSIAN_MODES:
+            raise ValueError(f"bayesnas: hessian_mode must be one of {HESSIAN_MODES}, got {c.hessian_mode!r}")
         if not isinstance(c.keep_one_input, bool):
             raise ValueError(f"bayesnas: keep_one_input must be a bool, got {c.keep_one_input!r}")
         return c
@@ -325,6 +330,11 @@ def switch_hessians(model: BayesNASSupernet, batches: Sequence[Tensor], mode: st
     predictive, per example (the summed-over-batch GGN divided by the batch size, matching the mean
     NLL of the search objective), averaged over ``batches``.
 
+    ``mode`` is "exact" or "mc" (:class:`GGNBlocks`: the exact GGN diagonal entry of each switch, or
+    its one-sample Monte-Carlo estimate), or "diag_recursion" (:func:`diagonal_recursion_hessians`:
+    the authors' cheaper recursion, the pre-activation Gauss-Newton truncated to its diagonal at
+    every layer, without their bugs; ``generator`` is unused).
+
     The model is put in eval mode: BatchNorm then uses its running statistics, so examples do not
     interact and GGNBlocks needs K backward passes per batch instead of N K (the train-mode path),
     and H_s is the curvature of the network as it predicts at test time. The search recalibrates the
@@ -336,9 +346,12 @@ def switch_hessians(model: BayesNASSupernet, batches: Sequence[Tensor], mode: st
     groups = model.switch_groups()
     total: Dict[str, float] = {}
     for xb in batches:
-        with GGNBlocks(model) as curvature:
-            logits = model(xb)
-        blocks = curvature.compute(logits, mode, generator)
+        if mode == "diag_recursion":
+            blocks = diagonal_recursion_hessians(model, xb)
+        else:
+            with GGNBlocks(model) as curvature:
+                logits = model(xb)
+            blocks = curvature.compute(logits, mode, generator)
         for key, members in groups.items():
             for s in members:
                 n = names[id(s)]
@@ -606,7 +619,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lambda-op", type=float, default=d.lambda_op)
     parser.add_argument("--threshold", type=float, default=d.threshold, help="prune switches whose gamma is below this")
     parser.add_argument("--no-keep-one-input", action="store_true", help="let a node whose inputs are all pruned die")
-    parser.add_argument("--hessian-mode", choices=("exact", "mc"), default=d.hessian_mode)
+    parser.add_argument("--hessian-mode", choices=HESSIAN_MODES, default=d.hessian_mode,
+                        help="exact or mc: GGN of the switches (GGNBlocks); diag_recursion: the authors' truncated diagonal recursion")
     parser.add_argument("--hessian-batches", type=int, default=d.hessian_batches)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--switch-lr", type=float, default=d.switch_lr)
