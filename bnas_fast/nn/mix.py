@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from bnas_fast.ops.mix import mix, mix_sparse
 
-__all__ = ["MixedOp"]
+__all__ = ["MixedOp", "mix_modules"]
 
 
 class MixedOp(nn.Module):
@@ -31,13 +31,16 @@ class MixedOp(nn.Module):
     * choosing the examples reads ``weights`` (one host sync). Under ``torch.compile`` the module
       takes the dense path, which has no data-dependent shapes, so ``fullgraph=True`` holds.
 
+    Candidates may also read different inputs (the incoming edges of a node, each with its own
+    transform): pass ``x`` as a list of K tensors, candidate k reading ``x[k]``.
+
     Args:
         candidates: K modules mapping [B, *in] to [B, *out] (the same output shape for all).
         sparse: run candidates only where they are used (see above).
 
     Shapes:
-        x: [B, *in]; weights: [B, K] with the dtype and device of the candidates' outputs;
-        returns [B, *out].
+        x: [B, *in], or a list of K tensors [B, *in_k]; weights: [B, K] with the dtype and device
+        of the candidates' outputs; returns [B, *out].
     """
 
     def __init__(self, candidates: Sequence[nn.Module], sparse: bool = True):
@@ -54,52 +57,68 @@ class MixedOp(nn.Module):
     def extra_repr(self) -> str:
         return f"num_candidates={len(self.candidates)}, sparse={self.sparse}"
 
-    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
-        num_candidates = len(self.candidates)
-        if not isinstance(weights, Tensor) or weights.dim() != 2 or weights.shape[1] != num_candidates:
-            shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
-            raise ValueError(f"MixedOp: weights must have shape [B, {num_candidates}], got {shape}")
-        if weights.shape[0] != x.shape[0]:
-            raise ValueError(f"MixedOp: weights has B = {weights.shape[0]} rows but x has batch {x.shape[0]}")
-        if not self.sparse or torch.compiler.is_compiling():
-            return mix([candidate(x) for candidate in self.candidates], weights)
-        return self._forward_sparse(x, weights)
+    def forward(self, x: Union[Tensor, Sequence[Tensor]], weights: Tensor) -> Tensor:
+        return mix_modules(self.candidates, x, weights, sparse=self.sparse)
 
-    def _forward_sparse(self, x: Tensor, weights: Tensor) -> Tensor:
-        batch, num_candidates = weights.shape
-        active = weights != 0
-        counts = active.sum(0).tolist()  # the one host sync: which candidates run on how many examples
-        if sum(counts) == 0:
-            # Every path dropped for every example: the output is zero. Its shape comes from one
-            # candidate probed on a single example in eval mode without autograd, so that no
-            # BatchNorm statistics move; the zeros stay connected to `weights` through mix_sparse.
-            probe = self.candidates[0]
-            was_training = probe.training
-            with torch.no_grad():
-                probe.eval()
-                try:
-                    rest = tuple(probe(x[:1]).shape[1:])
-                finally:
-                    probe.train(was_training)
-            empty = x.new_empty((0,) + rest, dtype=weights.dtype)
-            no_rows = torch.empty(0, dtype=torch.int64, device=x.device)
-            return mix_sparse([empty] * num_candidates, [no_rows] * num_candidates, weights)
-        ys: List[Tensor] = []
-        indices: List[Tensor] = []
-        missing: List[int] = []
-        for k, candidate in enumerate(self.candidates):
-            if counts[k] == batch:
-                indices.append(torch.arange(batch, device=x.device))
-                ys.append(candidate(x))
-            elif counts[k] == 0:
-                indices.append(torch.empty(0, dtype=torch.int64, device=x.device))
-                ys.append(x)  # placeholder, replaced below once an output shape is known
-                missing.append(k)
-            else:
-                idx = active[:, k].nonzero().flatten()
-                indices.append(idx)
-                ys.append(candidate(x.index_select(0, idx)))
-        computed = next(y for k, y in enumerate(ys) if k not in missing)
-        for k in missing:
-            ys[k] = computed.new_empty((0,) + tuple(computed.shape[1:]))
-        return mix_sparse(ys, indices, weights)
+
+def mix_modules(
+    candidates: Sequence[nn.Module], x: Union[Tensor, Sequence[Tensor]], weights: Tensor, sparse: bool = True
+) -> Tensor:
+    """What :class:`MixedOp` computes, for modules held elsewhere (e.g. in an ``nn.ModuleDict`` whose
+    state-dict keys a stand-alone model shares): ``sum_k weights[:, k] * candidates[k](x_k)``, with
+    candidate k run only on the rows it is used by when ``sparse`` (see :class:`MixedOp`)."""
+    candidates = list(candidates)
+    num_candidates = len(candidates)
+    if not isinstance(weights, Tensor) or weights.dim() != 2 or weights.shape[1] != num_candidates:
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"MixedOp: weights must have shape [B, {num_candidates}], got {shape}")
+    inputs = [x] * num_candidates if isinstance(x, Tensor) else list(x)
+    if len(inputs) != num_candidates or not all(isinstance(t, Tensor) for t in inputs):
+        raise ValueError(f"MixedOp: x must be a tensor or a list of {num_candidates} tensors, one per candidate")
+    for k, t in enumerate(inputs):
+        if t.shape[0] != weights.shape[0]:
+            name = "x" if isinstance(x, Tensor) else f"x[{k}]"
+            raise ValueError(f"MixedOp: weights has B = {weights.shape[0]} rows but {name} has batch {t.shape[0]}")
+    if not sparse or torch.compiler.is_compiling():
+        return mix([candidate(t) for candidate, t in zip(candidates, inputs)], weights)
+    return _mix_sparse_modules(candidates, inputs, weights)
+
+
+def _mix_sparse_modules(candidates: List[nn.Module], inputs: List[Tensor], weights: Tensor) -> Tensor:
+    batch, num_candidates = weights.shape
+    active = weights != 0
+    counts = active.sum(0).tolist()  # the one host sync: which candidates run on how many examples
+    if sum(counts) == 0:
+        # Every path dropped for every example: the output is zero. Its shape comes from one
+        # candidate probed on a single example in eval mode without autograd, so that no
+        # BatchNorm statistics move; the zeros stay connected to `weights` through mix_sparse.
+        probe = candidates[0]
+        was_training = probe.training
+        with torch.no_grad():
+            probe.eval()
+            try:
+                rest = tuple(probe(inputs[0][:1]).shape[1:])
+            finally:
+                probe.train(was_training)
+        empty = weights.new_empty((0,) + rest)
+        no_rows = torch.empty(0, dtype=torch.int64, device=weights.device)
+        return mix_sparse([empty] * num_candidates, [no_rows] * num_candidates, weights)
+    ys: List[Tensor] = []
+    indices: List[Tensor] = []
+    missing: List[int] = []
+    for k, (candidate, x) in enumerate(zip(candidates, inputs)):
+        if counts[k] == batch:
+            indices.append(torch.arange(batch, device=x.device))
+            ys.append(candidate(x))
+        elif counts[k] == 0:
+            indices.append(torch.empty(0, dtype=torch.int64, device=x.device))
+            ys.append(x)  # placeholder, replaced below once an output shape is known
+            missing.append(k)
+        else:
+            idx = active[:, k].nonzero().flatten()
+            indices.append(idx)
+            ys.append(candidate(x.index_select(0, idx)))
+    computed = next(y for k, y in enumerate(ys) if k not in missing)
+    for k in missing:
+        ys[k] = computed.new_empty((0,) + tuple(computed.shape[1:]))
+    return mix_sparse(ys, indices, weights)
