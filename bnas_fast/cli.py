@@ -6,6 +6,7 @@
     bnas-fast run nsa [--variant nsa|nsa_i|nsa_id] [--running-stats shared|per_arch] [--compare] ...
     bnas-fast run pgnas [--seeds 0 1 2] [--candidates C] [--epochs E] [--out DIR] [--quick] ...
     bnas-fast run bayesnas [--seeds 0 1] [--search-epochs E] [--threshold T] [--out DIR] [--quick] ...
+    bnas-fast run oneshot [--seeds 0 1] [-N 200] [--r 0.1] [--ghost-batch-size 32] [--out DIR] [--quick] ...
     bnas-fast report ldn DIR [--json FILE]
 
 ``bench`` runs the benchmark suite (every case of bnas_fast.bench) with 2 threads and prints a
@@ -131,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     info.set_defaults(func=_info)
 
     # `run <method>`: each method module owns its options (add_arguments) and its entry point (main).
-    from bnas_fast.methods import bayesnas, ldn, nsa, pgnas
+    from bnas_fast.methods import bayesnas, ldn, nsa, oneshot, pgnas
 
     run = sub.add_parser("run", help="run a method's reference training loop (see `run ldn --help`)")
     methods = run.add_subparsers(dest="method", metavar="method", required=True)
@@ -147,6 +148,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_bayesnas = methods.add_parser("bayesnas", help="BayesNAS (seed 003): switch Hessians, Laplace updates, pruned cells vs random")
     bayesnas.add_arguments(run_bayesnas)
     run_bayesnas.set_defaults(func=bayesnas.main)
+    run_oneshot = methods.add_parser("oneshot", help="one-shot search (seed 004): path dropout, ghost batches, one-shot vs stand-alone ranks")
+    oneshot.add_arguments(run_oneshot)
+    run_oneshot.set_defaults(func=oneshot.main)
 
     report = sub.add_parser("report", help="tabulate a method's runs (see `report ldn --help`)")
     reports = report.add_subparsers(dest="method", metavar="method", required=True)
