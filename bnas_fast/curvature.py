@@ -167,14 +167,23 @@ class GGNBlocks:
         if coupled:
             blocks = self._coupled(logits, v, outputs)
             return {k: b.diagonal(dim1=1, dim2=2).clone() for k, b in blocks.items()} if diagonal else blocks
-        # No coupling between examples: one backward pass per factor k gives every example's factor.
+        # No coupling between examples: back-propagating factor k of every example at once gives
+        # every example's factor k. The K factors go through one batched backward pass; its
+        # [K, N, *out] results are handed on as [N, K, *out] views, which unfolded_gram reads
+        # in place (no copy into N-major order).
         K = v.shape[1]
-        per_layer: List[List[Tensor]] = [[] for _ in outputs]
-        for k in range(K):
-            grads = torch.autograd.grad(logits, outputs, v[:, k], retain_graph=True, allow_unused=True)
-            for i, (g, out) in enumerate(zip(grads, outputs)):
-                per_layer[i].append(torch.zeros_like(out) if g is None else g)
-        return {r.name: self._blocks(r, torch.stack(s, 1), diagonal) for r, s in zip(self.records, per_layer)}
+        try:
+            grads = torch.autograd.grad(logits, outputs, v.movedim(1, 0), retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+        except RuntimeError:
+            # An op in the graph has no batching rule for vmap (e.g. a custom op): one pass per k.
+            per_k = [torch.autograd.grad(logits, outputs, v[:, k], retain_graph=True, allow_unused=True) for k in range(K)]
+            grads = tuple(None if per_k[0][i] is None else torch.stack([g[i] for g in per_k]) for i in range(len(outputs)))
+        factors = [
+            (torch.zeros((K,) + tuple(out.shape), dtype=out.dtype, device=out.device) if g is None else g).movedim(0, 1)
+            for g, out in zip(grads, outputs)
+        ]
+        return {r.name: self._blocks(r, f, diagonal) for r, f in zip(self.records, factors)}
 
     def _blocks(self, r: _Record, factors: Tensor, diagonal: bool) -> Tensor:
         """Blocks (or their diagonals) of one layer from its input and its factors [N, K, *output]."""

@@ -96,7 +96,12 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
   // The unfolded input of one group for the whole batch, [N, D', P] (what F.unfold makes; never
   // one per output channel), and J [N, K Og, D'] = [N K, Og, D'].
   auto rows = at::empty({g.N, Dp, P}, x.options().dtype(acc));
-  const auto factors_acc = factors_in.to(acc).reshape({g.N, g.K, g.C_out, P});
+  // Factors that come K-major ([K, N, ...] in memory, viewed as [N, K, ...]: what one batched
+  // backward pass over the K cotangents produces) are read in place, one GEMM batch per k,
+  // instead of being copied to [N, K, ...] order first.
+  const bool k_major = g.K > 1 && !factors_in.is_contiguous() && factors_in.transpose(0, 1).is_contiguous();
+  const auto factors_acc = k_major ? factors_in.transpose(0, 1).to(acc).reshape({g.K, g.N, g.C_out, P})
+                                   : factors_in.to(acc).reshape({g.N, g.K, g.C_out, P});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unfolded_gram", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -108,8 +113,19 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
         }
       });
       // J_n = S_n X_n^T for every example at once: [N, K Og, P] x [N, P, D'].
-      const auto s = factors_acc.narrow(2, group * Og, Og).reshape({g.N, g.K * Og, P});
-      const auto J = at::bmm(s, rows.transpose(1, 2)).view({g.N * g.K, Og, Dp});
+      at::Tensor J;
+      if (k_major) {
+        // J[k, n] = S[k, n] X_n^T: [N, Og, P] x [N, P, D'] for each k; (k, n) order is immaterial below.
+        J = at::empty({g.K, g.N, Og, Dp}, x.options().dtype(acc));
+        for (int64_t k = 0; k < g.K; ++k) {
+          auto Jk = J.select(0, k);
+          at::bmm_out(Jk, factors_acc.select(0, k).narrow(1, group * Og, Og), rows.transpose(1, 2));
+        }
+        J = J.view({g.K * g.N, Og, Dp});
+      } else {
+        const auto s = factors_acc.narrow(2, group * Og, Og).reshape({g.N, g.K * Og, P});
+        J = at::bmm(s, rows.transpose(1, 2)).view({g.N * g.K, Og, Dp});
+      }
       auto out = blocks.narrow(0, group * Og, Og);
       if (diagonal) {
         // diag G[o] = sum over (n, k) of J[(n, k), o]^2: no Gram product
