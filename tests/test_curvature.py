@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+
+import bnas_fast
 from torch import nn
 
 from bnas_fast.curvature import GGNBlocks, Switch
@@ -157,3 +159,33 @@ def test_diagonal_matches_backpack_diag_ggn_exact():
         torch.testing.assert_close(diagonals[index], diagonal)
         torch.testing.assert_close(diagonal[:, :-1].reshape(layer.weight.shape), layer.weight.diag_ggn_exact, rtol=1e-8, atol=1e-12)
         torch.testing.assert_close(diagonal[:, -1], layer.bias.diag_ggn_exact, rtol=1e-8, atol=1e-12)
+
+
+def test_blocks_through_a_bnas_fast_op_in_the_graph():
+    """A library op between layers (here `mix`) leaves the blocks unchanged: the same network with
+    the plain-PyTorch sum gives the same blocks (whether the batched backward or the per-factor
+    loop served it)."""
+
+    class Net(nn.Module):
+        def __init__(self, fused):
+            super().__init__()
+            self.a, self.b, self.head, self.fused = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3), fused
+
+        def forward(self, x):
+            ys = [self.a(x), self.b(x)]
+            w = torch.tensor([0.3, 0.7], dtype=x.dtype).expand(x.shape[0], 2)
+            h = bnas_fast.mix(ys, w) if self.fused else 0.3 * ys[0] + 0.7 * ys[1]
+            return self.head(torch.tanh(h))
+
+    torch.manual_seed(0)
+    fused, plain = Net(True).double(), Net(False).double()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(6, 4, dtype=torch.float64)
+    results = []
+    for model in (fused, plain):
+        with GGNBlocks(model) as curvature:
+            logits = model(x)
+        results.append(curvature.compute(logits))
+    assert set(results[0]) == {"a", "b", "head"}
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-12, atol=1e-12)
