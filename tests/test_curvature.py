@@ -8,10 +8,9 @@ import copy
 
 import pytest
 import torch
-
-import bnas_fast
 from torch import nn
 
+import bnas_fast
 from bnas_fast.curvature import GGNBlocks, Switch
 
 
