@@ -429,16 +429,17 @@ def _plots(c: OneShotConfig, r: Dict[str, Any]) -> Dict[str, str]:
 
     files = {}
     rows = r["retrained"]
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     colors = {"stratified": "C0", "top": "C3", "small_top": "C2"}
-    for role, label in (("stratified", "stratified sample"), ("top", "top"), ("small_top", "small-top")):
-        sel = [q for q in rows if q["role"] == role]
-        ax.scatter([100 * q["one_shot_val_accuracy"] for q in sel], [100 * q["standalone_val_accuracy"] for q in sel],
-                   c=colors[role], label=label)
-    ax.set_xlabel("one-shot validation accuracy (%)")
-    ax.set_ylabel("stand-alone validation accuracy (%)")
-    ax.set_title(f"Spearman {r['spearman']['one_shot_vs_standalone_val']:.2f} over {len(rows)} architectures")
-    ax.legend()
+    for ax, split in zip(axes, ("val", "test")):
+        for role, label in (("stratified", "stratified sample"), ("top", "top"), ("small_top", "small-top")):
+            sel = [q for q in rows if q["role"] == role]
+            ax.scatter([100 * q["one_shot_val_accuracy"] for q in sel], [100 * q[f"standalone_{split}_accuracy"] for q in sel],
+                       c=colors[role], label=label)
+        ax.set_xlabel("one-shot validation accuracy (%)")
+        ax.set_ylabel(f"stand-alone {'validation' if split == 'val' else 'test'} accuracy (%)")
+        ax.set_title(f"Spearman {r['spearman'][f'one_shot_vs_standalone_{split}']:.2f} over {len(rows)} architectures")
+    axes[0].legend()
     fig.tight_layout()
     files["oneshot_vs_standalone"] = os.path.join(c.out_dir, "oneshot_vs_standalone.png")
     fig.savefig(files["oneshot_vs_standalone"], dpi=120)
