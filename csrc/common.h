@@ -142,17 +142,25 @@ inline float fast_exp(float x) {
 }
 inline double fast_exp(double x) { return std::exp(x); }  // float64 keeps libm's accuracy
 
+// The range reduction of both float32 logs (here and gumbel_sigmoid_dropout.cpp's noise_log):
+// s = 2^e m with m in [sqrt(1/2), sqrt(2)), by integer arithmetic on the bits (vectorisable).
+inline float split_exponent(float s, int32_t& e) {
+  int32_t bits;
+  std::memcpy(&bits, &s, sizeof(bits));
+  e = (bits - 0x3f3504f3) >> 23;  // 0x3f3504f3 is sqrt(1/2)
+  const int32_t mantissa_bits = bits - (e << 23);
+  float m;
+  std::memcpy(&m, &mantissa_bits, sizeof(m));
+  return m;
+}
+
 // log(s) for a normal float32 s > 0, vectorisable
 // for the same reason as fast_exp: s = 2^e m with m in [sqrt(1/2), sqrt(2)), and
 // log m = 2 atanh(t) = 2 (t + t^3/3 + ... + t^9/9) with t = (m - 1) / (m + 1), |t| <= 0.172
 // (truncation error < 1e-9); e ln2 is added with ln2 split in two, as in fast_exp.
 inline float fast_log(float s) {
-  int32_t bits;
-  std::memcpy(&bits, &s, sizeof(bits));
-  const int32_t e = (bits - 0x3f3504f3) >> 23;  // 0x3f3504f3 is sqrt(1/2)
-  const int32_t mantissa_bits = bits - (e << 23);
-  float m;
-  std::memcpy(&m, &mantissa_bits, sizeof(m));
+  int32_t e;
+  const float m = split_exponent(s, e);
   const float t = (m - 1.0f) / (m + 1.0f);
   const float t2 = t * t;
   float p = 1.0f / 9.0f;

@@ -34,13 +34,12 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,7 @@ from torch import Tensor
 from bnas_fast.data.images import fashion_mnist_available, load_images
 from bnas_fast.methods._config import config_from_any, eval_accuracy, save_run, torch_threads
 from bnas_fast.methods.nsa import spearman
-from bnas_fast.nn.oneshot import OPERATIONS, Architecture, OneShotNet, PathMasks, sample_path_dropout_masks
+from bnas_fast.nn.oneshot import Architecture, OneShotNet, PathMasks, sample_path_dropout_masks
 from bnas_fast.sampling import PathDropoutSchedule
 
 __all__ = [

@@ -208,10 +208,6 @@ class PathMasks:
     inputs: List[Tensor]
     ops: List[Tensor]
 
-    @property
-    def batch_size(self) -> int:
-        return self.ops[0].shape[0]
-
     @staticmethod
     def cat(masks: Sequence["PathMasks"]) -> "PathMasks":
         """Concatenate along the batch: the rows of masks[0], then masks[1], ..."""
@@ -224,11 +220,6 @@ class PathMasks:
     def to(self, *args, **kwargs) -> "PathMasks":
         """Every mask through ``Tensor.to`` (0/1 are exact in any floating dtype)."""
         return PathMasks([m.to(*args, **kwargs) for m in self.inputs], [m.to(*args, **kwargs) for m in self.ops])
-
-    def repeat_interleave(self, repeats: int) -> "PathMasks":
-        """Each row ``repeats`` times in a row (one architecture per ghost batch -> per example)."""
-        return PathMasks([m.repeat_interleave(repeats, 0) for m in self.inputs],
-                         [m.repeat_interleave(repeats, 0) for m in self.ops])
 
 
 def sample_path_dropout_masks(
