@@ -308,6 +308,33 @@ inline void backward_segment(const float* __restrict noise, const scalar_t* __re
   }
 }
 
+// One row of the per-(example, group) path: out = in * factor, streamed when asked (see
+// store_block), and, with kDot, the row's dot product of in and x kept in kLanes partial sums for
+// the same reason as backward_segment's (their order depends only on P: thread-count independent).
+template <typename scalar_t, bool kDot, typename acc_t = acc_type<scalar_t>>
+inline acc_t scale_row(const scalar_t* __restrict in, const scalar_t* __restrict x, acc_t factor, int64_t P,
+                       scalar_t* __restrict out, bool streaming) {
+  acc_t lanes[kLanes] = {};
+  alignas(64) acc_t chunk[kLanes];
+  int64_t s = 0;
+  for (; s + kLanes <= P; s += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const acc_t v = static_cast<acc_t>(in[s + j]);
+      chunk[j] = v * factor;
+      if constexpr (kDot) lanes[j] += v * static_cast<acc_t>(x[s + j]);
+    }
+    store_block<kLanes>(out + s, chunk, streaming);
+  }
+  for (int64_t j = 0; s + j < P; ++j) {
+    const acc_t v = static_cast<acc_t>(in[s + j]);
+    out[s + j] = static_cast<scalar_t>(v * factor);
+    if constexpr (kDot) lanes[j] += v * static_cast<acc_t>(x[s + j]);
+  }
+  acc_t sum = 0;
+  for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
+  return sum;
+}
+
 // Per element: rows [row_begin, row_end) of x, in blocks of kBlock units. Forward writes y; backward
 // writes grad_x and row_sum[row] = sum_s grad_y * x * (k p r - t) (scale applied by the caller). Each
 // block's noise and outputs stay in stack buffers (8 KiB for float32, in L1); the outputs then go to
@@ -397,13 +424,12 @@ void forward_impl(const Config& cfg, const at::Tensor& x, const at::Tensor& drop
   }
   std::vector<acc_t> factor(B * C), coefficient(B * C);
   unit_factors<acc_t, kMode>(cfg, k, B, C, factor.data(), coefficient.data());
+  const bool streaming = static_cast<int64_t>(y.nbytes()) >= kStreamingBytes;
   at::parallel_for(0, B * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(P, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const acc_t f = factor[row];
-      const scalar_t* __restrict xr = xp + row * P;
-      scalar_t* __restrict yr = yp + row * P;
-      for (int64_t s = 0; s < P; ++s) yr[s] = static_cast<scalar_t>(static_cast<acc_t>(xr[s]) * f);
+      scale_row<scalar_t, false>(xp + row * P, xp + row * P, factor[row], P, yp + row * P, streaming);
     }
+    if (streaming) streaming_fence();
   });
 }
 
@@ -428,20 +454,13 @@ void backward_impl(const Config& cfg, const at::Tensor& grad_y, const at::Tensor
   } else {
     std::vector<acc_t> factor(B * C), coefficient(B * C);
     unit_factors<acc_t, kMode>(cfg, k, B, C, factor.data(), coefficient.data());
+    const bool streaming = static_cast<int64_t>(grad_x.nbytes()) >= kStreamingBytes;
     at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const acc_t f = factor[row];
-        const scalar_t* __restrict gr = gp + row * P;
-        const scalar_t* __restrict xr = xp + row * P;
-        scalar_t* __restrict gxr = gxp + row * P;
-        acc_t dot = 0;
-        for (int64_t s = 0; s < P; ++s) {
-          const acc_t g = static_cast<acc_t>(gr[s]);
-          gxr[s] = static_cast<scalar_t>(g * f);
-          dot += g * static_cast<acc_t>(xr[s]);
-        }
+        const acc_t dot = scale_row<scalar_t, true>(gp + row * P, xp + row * P, factor[row], P, gxp + row * P, streaming);
         row_sum[row] = dot * coefficient[row];
       }
+      if (streaming) streaming_fence();
     });
   }
   // grad_lambda_g = sum_b sum_{c in g} scale_c row_sum[b C + c], in a fixed order.
