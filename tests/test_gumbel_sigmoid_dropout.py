@@ -177,6 +177,24 @@ def test_op_matches_reference(dtype, case, rescale, mode):
     assert ((gl.double() - rl.double()).abs() <= tol["atol"] + tol["rtol"] * (magnitude + 1)).all(), (gl, rl)
 
 
+@pytest.mark.parametrize("per_element", [True, False])
+@pytest.mark.parametrize("P", [4096, 4100])  # rows 64-byte aligned (all streamed) or not (a mix)
+def test_outputs_of_4_mib_and_more_take_the_streaming_stores(P, per_element):
+    """Outputs of kStreamingBytes (4 MiB) and more are written with non-temporal stores where the
+    destination is aligned: the same values as the reference, forward and backward."""
+    x, drop_logit, grad_y = _inputs((4, 64, P), 1, torch.float32)
+    assert x.nbytes >= 4 << 20
+    args = (SEED_OFFSET, 0.3, 1, per_element, True, 0)
+    tol = TOLERANCES[torch.float32]
+    assert_within(torch.ops.bnas_fast.gumbel_sigmoid_dropout(x, drop_logit, *args),
+                  reference.gumbel_sigmoid_dropout(x, drop_logit, *args), tol, "y")
+    gx, gl = torch.ops.bnas_fast.gumbel_sigmoid_dropout_backward(grad_y, x, drop_logit, *args)
+    rx, rl = reference.gumbel_sigmoid_dropout_backward(grad_y, x, drop_logit, *args)
+    assert_within(gx, rx, tol, "grad_x")
+    magnitude = reference.gumbel_sigmoid_dropout_backward(grad_y.abs(), x.abs(), drop_logit, *args)[1].double().abs()
+    assert ((gl.double() - rl.double()).abs() <= tol["atol"] + tol["rtol"] * (magnitude + 1)).all(), (gl, rl)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_hard_masks_equal_the_reference_bit_for_bit(case):
     shape, group_size, per_element = case
