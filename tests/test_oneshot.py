@@ -309,6 +309,15 @@ def test_run_quick_digits_is_reproducible():
     assert a["one_shot"]["training"]["steps"] >= 1
 
 
+def test_run_averages_repeated_stand_alone_runs():
+    config = {"dataset": "digits", "quick": True, "progress": False, "plots": False, "threads": 1}
+    once, twice = oneshot.run(config), oneshot.run({**config, "retrain_repeats": 2})
+    for a, b in zip(once["retrained"], twice["retrained"]):
+        assert len(a["runs"]) == 1 and len(b["runs"]) == 2
+        assert b["runs"][0] == {**a["runs"][0], "seconds": b["runs"][0]["seconds"]}  # repeat 0 is the single run
+        assert b["standalone_test_accuracy"] == pytest.approx((b["runs"][0]["test"] + b["runs"][1]["test"]) / 2)
+
+
 def test_run_writes_results_and_plots(tmp_path):
     out = tmp_path / "run"
     oneshot.run({"dataset": "digits", "quick": True, "progress": False, "threads": 1, "out_dir": str(out)})
@@ -327,6 +336,7 @@ def test_run_writes_results_and_plots(tmp_path):
         ({"ghost_batch_size": 1}, "ghost_batch_size must be an int >= 2"),
         ({"dataset": "cifar"}, "dataset must be"),
         ({"num_architectures": 1}, "num_architectures must be an int >= 2"),
+        ({"retrain_repeats": 0}, "retrain_repeats must be an int >= 1"),
         ({"bogus": 1}, "unknown config key"),
     ],
 )
