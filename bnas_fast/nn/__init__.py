@@ -11,10 +11,13 @@ from bnas_fast.nn.depth import (
     resnet,
 )
 from bnas_fast.nn.gumbel_sigmoid_dropout import GumbelSigmoidDropout, InputDropoutConv2d, concrete_dropout_regularizer
-from bnas_fast.nn.mix import MixedOp
+from bnas_fast.nn.mix import MixedOp, mix_modules
+from bnas_fast.nn.oneshot import GhostBatchNorm2d
 
 __all__ = [
     "MixedOp",
+    "mix_modules",
+    "GhostBatchNorm2d",
     "ArchBatchNorm1d",
     "ArchBatchNorm2d",
     "LearntDepthNet",
