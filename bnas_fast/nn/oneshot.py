@@ -400,6 +400,8 @@ class OneShotNet(nn.Module):
         arch: None for the one-shot model, else the stand-alone model of that architecture.
         norm: "ghost" (ghost-batch statistics always; the one-shot model's) or "batch"
             (``nn.BatchNorm2d`` with running statistics; stand-alone models trained from scratch).
+            A one-shot model with "batch" normalises each path over the examples that run it, so
+            its fused and plain forms then differ (as for :class:`~bnas_fast.nn.MixedOp`).
         fused: the bnas_fast kernels (sparse path execution, fused ghost batch norm) or plain PyTorch.
         stem_stride: stride of the 3x3 stem convolution (2 halves the resolution of every cell).
 
