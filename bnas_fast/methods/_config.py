@@ -1,5 +1,6 @@
 """What the methods share: building their config dataclasses, running with a set thread count,
-measuring a model's accuracy, and writing a run's results and figures."""
+splitting off a validation set, measuring a model's accuracy, and writing a run's results and
+figures."""
 
 from __future__ import annotations
 
@@ -58,3 +59,19 @@ def eval_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batc
     model.eval()
     correct = sum(int((model(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum()) for i in range(0, x.shape[0], batch))
     return correct / x.shape[0]
+
+
+def images_with_validation_split(method: str, c: Any, min_train: int = 2):
+    """The method's images (``load_images`` with ``c``'s dataset, data_root, n_train, n_test and
+    seed), with ``c.n_val`` training images held out at random as a validation split (drawn from
+    ``c.seed``). Returns (data, (x_train, y_train), (x_val, y_val), (x_test, y_test))."""
+    from bnas_fast.data.images import load_images
+
+    n_train = None if c.n_train is None else c.n_train + c.n_val
+    data = load_images(c.dataset, c.data_root, n_train=n_train, n_test=c.n_test, seed=c.seed)
+    x, y = data.train.tensors
+    if x.shape[0] < c.n_val + min_train:
+        raise ValueError(f"{method}: n_val = {c.n_val} leaves fewer than {min_train} of {x.shape[0]} training images")
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(c.seed + 17))
+    val, train = order[: c.n_val], order[c.n_val :]
+    return data, (x[train], y[train]), (x[val], y[val]), data.test.tensors

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bnas_fast.data.images import fashion_mnist_available, load_images
-from bnas_fast.methods._config import config_from_any, eval_accuracy, save_run, torch_threads
+from bnas_fast.data.images import fashion_mnist_available
+from bnas_fast.methods._config import config_from_any, eval_accuracy, images_with_validation_split, save_run, torch_threads
 from bnas_fast.methods.nsa import spearman
 from bnas_fast.nn.oneshot import Architecture, OneShotNet, PathMasks, sample_path_dropout_masks
 from bnas_fast.sampling import PathDropoutSchedule
@@ -298,14 +298,7 @@ def _median_seconds(fn, repeats: int = 3) -> float:
 
 
 def _split(c: OneShotConfig):
-    n_train = None if c.n_train is None else c.n_train + c.n_val
-    data = load_images(c.dataset, c.data_root, n_train=n_train, n_test=c.n_test, seed=c.seed)
-    x, y = data.train.tensors
-    if x.shape[0] <= c.n_val + c.batch_size:
-        raise ValueError(f"oneshot: n_val = {c.n_val} leaves less than one batch of {x.shape[0]} training images")
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(c.seed + 17))
-    val, train = order[: c.n_val], order[c.n_val :]
-    return data, (x[train], y[train]), (x[val], y[val]), data.test.tensors
+    return images_with_validation_split("oneshot", c, min_train=c.batch_size)
 
 
 def run(config: Union[OneShotConfig, Dict[str, Any], None] = None) -> Dict[str, Any]:

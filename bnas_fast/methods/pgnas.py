@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bnas_fast.data.images import fashion_mnist_available, load_images
-from bnas_fast.methods._config import config_from_any, eval_accuracy, save_run, torch_threads
+from bnas_fast.data.images import fashion_mnist_available
+from bnas_fast.methods._config import config_from_any, eval_accuracy, images_with_validation_split, save_run, torch_threads
 from bnas_fast.nn.pgnas import PGNASNet
 
 __all__ = ["PGNASConfig", "run", "add_arguments", "main"]
@@ -247,14 +247,7 @@ def _expected_rate(model: PGNASNet) -> float:
 
 
 def _split(c: PGNASConfig):
-    n_train = None if c.n_train is None else c.n_train + c.n_val
-    data = load_images(c.dataset, c.data_root, n_train=n_train, n_test=c.n_test, seed=c.seed)
-    x, y = data.train.tensors
-    if x.shape[0] <= c.n_val + 1:
-        raise ValueError(f"pgnas: n_val = {c.n_val} leaves no training images out of {x.shape[0]}")
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(c.seed + 17))
-    val, train = order[: c.n_val], order[c.n_val :]
-    return data, (x[train], y[train]), (x[val], y[val]), data.test.tensors
+    return images_with_validation_split("pgnas", c, min_train=2)
 
 
 def run(config: Union[PGNASConfig, Dict[str, Any], None] = None) -> Dict[str, Any]:
