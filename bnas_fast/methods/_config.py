@@ -9,7 +9,9 @@ import copy
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, Iterator, Optional
+import statistics
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 
@@ -28,6 +30,28 @@ def config_from_any(cls: type, config: Any, method: str) -> Any:
             raise ValueError(f"{method}: unknown config key(s) {unknown}; known: {sorted(names)}")
         return cls(**config)
     raise TypeError(f"{method}: config must be an {cls.__name__} or a dict, got {type(config).__name__}")
+
+
+def check_int_fields(method: str, config: Any, minimums: Iterable[Tuple[str, int]]) -> None:
+    """Raise ValueError naming the field unless each ``getattr(config, key)`` is an int (not a bool)
+    of at least its minimum."""
+    for key, minimum in minimums:
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{method}: {key} must be an int >= {minimum}, got {value!r}")
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls (after one untimed call
+    when ``warmup``)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from bnas_fast.curvature import GGNBlocks, diagonal_recursion_hessians
 from bnas_fast.data.images import fashion_mnist_available, load_images
-from bnas_fast.methods._config import config_from_any, eval_accuracy, save_run, torch_threads
+from bnas_fast.methods._config import check_int_fields, config_from_any, eval_accuracy, save_run, torch_threads
 from bnas_fast.nn.bayesnas import (
     CELL_EDGES, CELL_TYPES, NUM_NODES, OPERATIONS, BayesNASSupernet, build_network, count_parameters,
     node_inputs, random_architecture,
@@ -130,13 +130,10 @@ class BayesNASConfig:
         if not isinstance(c.ops, (tuple, list)) or not c.ops or any(o not in OPERATIONS for o in c.ops) or len(set(c.ops)) != len(c.ops):
             raise ValueError(f"bayesnas: ops must be distinct operations of {OPERATIONS}, got {c.ops!r}")
         c.layout, c.ops = tuple(c.layout), tuple(c.ops)
-        for key, minimum in (
+        check_int_fields("bayesnas", c, (
             ("channels", 1), ("warmup_epochs", 0), ("search_epochs", 1), ("retrain_epochs", 0), ("batch_size", 2),
             ("hessian_batches", 1), ("hessian_batch_size", 1), ("random_candidates", 1), ("threads", 1),
-        ):
-            value = getattr(c, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"bayesnas: {key} must be an int >= {minimum}, got {value!r}")
+        ))
         for key in ("n_train", "n_test"):
             value = getattr(c, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):

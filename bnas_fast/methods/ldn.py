@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from bnas_fast.data import Splits, load_images, spirals
-from bnas_fast.methods._config import config_from_any, torch_threads
+from bnas_fast.methods._config import check_int_fields, config_from_any, median_ms, torch_threads
 from bnas_fast.nn.depth import (
     ConvBlocks,
     FCBlocks,
@@ -151,7 +151,7 @@ class LDNConfig:
         for key, value in defaults.items():
             if getattr(c, key) is None:
                 setattr(c, key, value)
-        for key, minimum in (
+        check_int_fields("ldn", c, (
             ("max_depth", 1),
             ("batch_size", 1),
             ("patience", 1),
@@ -160,10 +160,7 @@ class LDNConfig:
             ("width", 1),
             ("threads", 1),
             ("timing_repeats", 1),
-        ):
-            value = getattr(c, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"ldn: {key} must be an int >= {minimum}, got {value!r}")
+        ))
         if not c.lr > 0 or not 0 <= c.momentum < 1:
             raise ValueError(
                 f"ldn: lr must be > 0 and momentum in [0, 1), got lr={c.lr!r}, momentum={c.momentum!r}"
@@ -251,16 +248,6 @@ def _scores(log_probs: Tensor, targets: Tensor) -> Dict[str, float]:
         "accuracy": float((log_probs.argmax(1) == targets).to(torch.float64).mean()),
         "ece": expected_calibration_error(log_probs.exp(), targets, 15),
     }
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _load(c: LDNConfig) -> Splits:
@@ -442,8 +429,8 @@ def _run(c: LDNConfig) -> Dict[str, Any]:
 
         # ---- forward-time speed-up of pruning (eval mode, the whole test set, median of repeats)
         x_time = x_test[:chunk]
-        full_ms = _median_ms(lambda: net.log_predictive(x_time), c.timing_repeats)
-        pruned_ms = _median_ms(lambda: pruned["95"].log_predictive(x_time), c.timing_repeats)
+        full_ms = median_ms(lambda: net.log_predictive(x_time), c.timing_repeats)
+        pruned_ms = median_ms(lambda: pruned["95"].log_predictive(x_time), c.timing_repeats)
     timing = {
         "batch": int(x_time.shape[0]),
         "threads": c.threads,

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from bnas_fast.data import load_images
 from bnas_fast.data.images import fashion_mnist_available, load_digits, load_fashion_mnist
-from bnas_fast.methods._config import config_from_any, save_run, torch_threads
+from bnas_fast.methods._config import check_int_fields, config_from_any, save_run, torch_threads
 from bnas_fast.nn.depth import expected_calibration_error
 from bnas_fast.nn.nsa import VARIANTS, NSANet, sample_architectures
 
@@ -112,13 +112,10 @@ class NSAConfig:
             c.n_test = 128 if c.quick else (2_000 if fashion else None)
         if c.quick:
             c.num_archs, c.eval_archs, c.max_ensemble = min(c.num_archs, 6), min(c.eval_archs, 4), min(c.max_ensemble, 3)
-        for key, minimum in (
+        check_int_fields("nsa", c, (
             ("num_archs", 1), ("width", 1), ("num_stages", 1), ("num_nodes", 1), ("epochs", 1),
             ("batch_size", 2), ("eval_archs", 2), ("max_ensemble", 1), ("threads", 1),
-        ):
-            value = getattr(c, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"nsa: {key} must be an int >= {minimum}, got {value!r}")
+        ))
         if isinstance(c.seed, bool) or not isinstance(c.seed, int):
             raise TypeError(f"nsa: seed must be an int, got {type(c.seed).__name__}")
         if not c.lr > 0 or not 0 <= c.momentum < 1 or not c.weight_decay >= 0:

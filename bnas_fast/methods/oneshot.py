@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnas_fast.data.images import fashion_mnist_available
-from bnas_fast.methods._config import config_from_any, eval_accuracy, images_with_validation_split, save_run, torch_threads
+from bnas_fast.methods._config import check_int_fields, config_from_any, eval_accuracy, images_with_validation_split, median_ms, save_run, torch_threads
 from bnas_fast.methods.nsa import spearman
 from bnas_fast.nn.oneshot import Architecture, OneShotNet, PathMasks, sample_path_dropout_masks
 from bnas_fast.sampling import PathDropoutSchedule
@@ -129,14 +129,11 @@ class OneShotConfig:
         if c.quick:
             c.num_architectures, c.strata, c.per_stratum = min(c.num_architectures, 8), 2, 1
             c.throughput_architectures = min(c.throughput_architectures, 2)
-        for key, minimum in (
+        check_int_fields("oneshot", c, (
             ("channels", 1), ("num_blocks", 1), ("cells_per_stage", 1), ("num_stages", 1), ("ghost_batch_size", 2),
             ("batch_size", 2), ("epochs", 1), ("num_architectures", 2), ("archs_per_pass", 1), ("kl_examples", 1),
             ("strata", 1), ("per_stratum", 1), ("retrain_epochs", 1), ("retrain_repeats", 1), ("throughput_architectures", 1), ("n_val", 2), ("threads", 1),
-        ):
-            value = getattr(c, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"oneshot: {key} must be an int >= {minimum}, got {value!r}")
+        ))
         if isinstance(c.seed, bool) or not isinstance(c.seed, int):
             raise TypeError(f"oneshot: seed must be an int, got {type(c.seed).__name__}")
         g = c.ghost_batch_size
@@ -283,15 +280,6 @@ def _accuracy(log_probs: Tensor, y: Tensor) -> List[float]:
     return (log_probs.argmax(-1) == y).double().mean(-1).tolist()
 
 
-def _median_seconds(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 # ----------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------
@@ -353,8 +341,8 @@ def _run(c: OneShotConfig) -> Dict[str, Any]:
     batched = one_shot_log_probs(model, subset, x_val, c.archs_per_pass)
     separate = separate_models_log_probs(model, subset, x_val)
     agree = float((batched - separate).abs().max())
-    t_batched = _median_seconds(lambda: one_shot_log_probs(model, subset, x_val, c.archs_per_pass))
-    t_separate = _median_seconds(lambda: separate_models_log_probs(model, subset, x_val))
+    t_batched = median_ms(lambda: one_shot_log_probs(model, subset, x_val, c.archs_per_pass), 3, warmup=False) / 1e3
+    t_separate = median_ms(lambda: separate_models_log_probs(model, subset, x_val), 3, warmup=False) / 1e3
     throughput = {
         "architectures": len(subset), "val_images": int(x_val.shape[0]),
         "one_shot_archs_per_second": len(subset) / t_batched, "separate_models_archs_per_second": len(subset) / t_separate,

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnas_fast.data.images import fashion_mnist_available
-from bnas_fast.methods._config import config_from_any, eval_accuracy, images_with_validation_split, save_run, torch_threads
+from bnas_fast.methods._config import check_int_fields, config_from_any, eval_accuracy, images_with_validation_split, save_run, torch_threads
 from bnas_fast.nn.pgnas import PGNASNet
 
 __all__ = ["PGNASConfig", "run", "add_arguments", "main"]
@@ -116,13 +116,10 @@ class PGNASConfig:
         if c.quick:
             c.candidates, c.sweep = min(c.candidates, 4), tuple(s for s in c.sweep if s <= 4) or (1,)
         c.kernel_sizes, c.sweep = tuple(c.kernel_sizes), tuple(sorted(set(c.sweep)))
-        for key, minimum in (
+        check_int_fields("pgnas", c, (
             ("width", 1), ("num_stages", 1), ("blocks_per_stage", 1), ("epochs", 1), ("batch_size", 2),
             ("candidates", 1), ("ft_epochs", 0), ("n_val", 2), ("threads", 1),
-        ):
-            value = getattr(c, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"pgnas: {key} must be an int >= {minimum}, got {value!r}")
+        ))
         if isinstance(c.seed, bool) or not isinstance(c.seed, int):
             raise TypeError(f"pgnas: seed must be an int, got {type(c.seed).__name__}")
         if not (c.lr > 0 and c.logit_lr >= 0 and 0 <= c.momentum < 1 and c.weight_decay >= 0 and c.prior_weight_decay >= 0):
