@@ -18,6 +18,9 @@
 
 #include <torch/library.h>
 
+#include <atomic>
+#include <limits>
+
 namespace bnas_fast {
 namespace {
 
@@ -60,6 +63,75 @@ void unfold_example(const scalar_t* __restrict xn, const ConvGeometry& g, int64_
   if (g.bias) std::fill(rows + g.D() * P, rows + (g.D() + 1) * P, acc_t(1));
 }
 
+// Factors of rank one per (example, output channel). The K factors of example n at output channel o
+// form a K x P matrix S[n, :, o, :]. When it has rank one, S[n, k, o, :] = c_k w with w its largest
+// row, and the K factors add sum_k c_k^2 w w^T to G[o]: the single factor w sqrt(sum_k c_k^2) gives
+// the same block with 1/K of the GEMM work. Every layer that reaches the loss only through
+// elementwise operations and a global average pool (the last convolution of most classifiers) has
+// such factors, and so has every Linear layer (P = 1).
+//
+// S is the logical [N, K, C_out, P] view of the factors (either memory order; P contiguous).
+// Returns the compressed factors [N, 1, C_out, P], or an undefined tensor as soon as one (n, o)
+// is not rank one. "Rank one" allows rounding: every row's residual off w must be at most
+// 16 epsilon of its norm, so the blocks change by rounding only (first order in the residual).
+template <typename acc_t>
+at::Tensor rank_one_factors(const at::Tensor& S) {
+  const int64_t N = S.size(0), K = S.size(1), O = S.size(2), P = S.size(3);
+  const int64_t sn = S.stride(0), sk = S.stride(1), so = S.stride(2);
+  if (P > 1 && S.stride(3) != 1) return at::Tensor();  // an unusual layout: no compression
+  const acc_t tol = acc_t(16) * std::numeric_limits<acc_t>::epsilon();
+  const acc_t tol2 = tol * tol;
+  auto out = at::empty({N, 1, O, P}, S.options());
+  const acc_t* sp = S.data_ptr<acc_t>();
+  acc_t* op = out.data_ptr<acc_t>();
+  std::atomic<bool> rank_one{true};
+  at::parallel_for(0, N * O, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> norms(K);
+    for (int64_t i = begin; i < end && rank_one.load(std::memory_order_relaxed); ++i) {
+      const int64_t n = i / O, o = i % O;
+      const acc_t* base = sp + n * sn + o * so;
+      int64_t best = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t* row = base + k * sk;
+        acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t p = 0; p < P; ++p) s += row[p] * row[p];
+        norms[k] = s;
+        if (s > norms[best]) best = k;
+      }
+      const acc_t* w = base + best * sk;
+      const acc_t ww = norms[best];
+      acc_t* dst = op + i * P;
+      if (ww == acc_t(0)) {  // every row is zero (a dead unit): so is the compressed factor
+        std::fill(dst, dst + P, acc_t(0));
+        continue;
+      }
+      acc_t sum_c2 = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t* row = base + k * sk;
+        acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t p = 0; p < P; ++p) dot += row[p] * w[p];
+        const acc_t c = dot / ww;
+        acc_t residual = 0;
+#pragma omp simd reduction(+ : residual)
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t r = row[p] - c * w[p];
+          residual += r * r;
+        }
+        if (!(residual <= tol2 * norms[k])) {  // also false for NaN
+          rank_one.store(false, std::memory_order_relaxed);
+          break;
+        }
+        sum_c2 += c * c;
+      }
+      const acc_t scale = std::sqrt(sum_c2);
+      for (int64_t p = 0; p < P; ++p) dst[p] = w[p] * scale;
+    }
+  });
+  return rank_one.load() ? out : at::Tensor();
+}
+
 at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_in, at::IntArrayRef kernel_size,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                              bool bias, bool diagonal) {
@@ -99,11 +171,16 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
   // Factors that come K-major ([K, N, ...] in memory, viewed as [N, K, ...]: what one batched
   // backward pass over the K cotangents produces) are read in place, one GEMM batch per k,
   // instead of being copied to [N, K, ...] order first.
-  const bool k_major = g.K > 1 && !factors_in.is_contiguous() && factors_in.transpose(0, 1).is_contiguous();
-  const auto factors_acc = k_major ? factors_in.transpose(0, 1).to(acc).reshape({g.K, g.N, g.C_out, P})
-                                   : factors_in.to(acc).reshape({g.N, g.K, g.C_out, P});
+  bool k_major = g.K > 1 && !factors_in.is_contiguous() && factors_in.transpose(0, 1).is_contiguous();
+  auto factors_acc = k_major ? factors_in.transpose(0, 1).to(acc).reshape({g.K, g.N, g.C_out, P})
+                             : factors_in.to(acc).reshape({g.N, g.K, g.C_out, P});
+  int64_t K = g.K;  // the number of factors the GEMMs see (1 after a rank-one compression)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unfolded_gram", [&] {
     using acc_t = acc_type<scalar_t>;
+    if (K > 1) {
+      auto compressed = rank_one_factors<acc_t>(k_major ? factors_acc.transpose(0, 1) : factors_acc);
+      if (compressed.defined()) factors_acc = compressed, K = 1, k_major = false;
+    }
     const scalar_t* xp = x.data_ptr<scalar_t>();
     acc_t* rp = rows.data_ptr<acc_t>();
     for (int64_t group = 0; group < g.groups; ++group) {
@@ -116,15 +193,15 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
       at::Tensor J;
       if (k_major) {
         // J[k, n] = S[k, n] X_n^T: [N, Og, P] x [N, P, D'] for each k; (k, n) order is immaterial below.
-        J = at::empty({g.K, g.N, Og, Dp}, x.options().dtype(acc));
-        for (int64_t k = 0; k < g.K; ++k) {
+        J = at::empty({K, g.N, Og, Dp}, x.options().dtype(acc));
+        for (int64_t k = 0; k < K; ++k) {
           auto Jk = J.select(0, k);
           at::bmm_out(Jk, factors_acc.select(0, k).narrow(1, group * Og, Og), rows.transpose(1, 2));
         }
-        J = J.view({g.K * g.N, Og, Dp});
+        J = J.view({K * g.N, Og, Dp});
       } else {
-        const auto s = factors_acc.narrow(2, group * Og, Og).reshape({g.N, g.K * Og, P});
-        J = at::bmm(s, rows.transpose(1, 2)).view({g.N * g.K, Og, Dp});
+        const auto s = factors_acc.narrow(2, group * Og, Og).reshape({g.N, K * Og, P});
+        J = at::bmm(s, rows.transpose(1, 2)).view({g.N * K, Og, Dp});
       }
       auto out = blocks.narrow(0, group * Og, Og);
       if (diagonal) {

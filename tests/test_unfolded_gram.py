@@ -144,3 +144,44 @@ def test_direct_op_calls_are_checked_in_cpp():
         torch.ops.bnas_fast.unfolded_gram(x, factors, [3, 3], [2, 2], [1, 1], [1, 1], 1, True)
     with pytest.raises(ValueError, match=r"groups = 5 must divide"):
         torch.ops.bnas_fast.unfolded_gram(x, factors, [3, 3], [1, 1], [1, 1], [1, 1], 5, True)
+
+
+def _rank_one_factors(geometry, dtype, k_major=False, seed=2):
+    """Factors S[n, k, o] = c[n, k, o] w[n, o] (rank one per example and output channel), with
+    some (n, o) all zero: what a layer followed only by elementwise ops and a global average pool
+    receives. The kernel compresses them to one factor each."""
+    x, factors, conv = _inputs(geometry, dtype, seed)
+    N, K, C_out = factors.shape[:3]
+    gen = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn((N, 1) + tuple(factors.shape[2:]), generator=gen, dtype=torch.float64)
+    w = w * (torch.rand(w.shape, generator=gen, dtype=torch.float64) > 0.4)  # ReLU-like masks
+    c = torch.randn(N, K, C_out, 1, 1, generator=gen, dtype=torch.float64)
+    c[0, :, 0] = 0  # a dead unit: all K factors of (n=0, o=0) are zero
+    factors = (c * w).to(dtype)
+    if k_major:
+        factors = factors.transpose(0, 1).contiguous().transpose(0, 1)
+    return x, factors, conv
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("k_major", [False, True], ids=["n_major", "k_major"])
+def test_rank_one_factors_are_compressed_exactly(geometry, dtype, k_major):
+    x, factors, conv = _rank_one_factors(geometry, dtype, k_major)
+    args = (conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"], conv["groups"], conv["bias"])
+    expected = reference.unfolded_gram(x, factors, *args)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
+    assert_within(bnas_fast.unfolded_gram(x, factors, **conv), expected, tol, "blocks")
+    assert_within(bnas_fast.unfolded_gram(x, factors, **conv, diagonal=True), expected.diagonal(dim1=1, dim2=2), tol, "diagonal")
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:2])
+def test_nearly_rank_one_factors_are_not_compressed(geometry):
+    """A residual of 1e-6 off rank one is far above rounding: the kernel must keep all K factors
+    (compressing would change the blocks at the 1e-6 level, far outside 1e-11)."""
+    x, factors, conv = _rank_one_factors(geometry, torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    factors = factors + 1e-6 * torch.randn(factors.shape, generator=gen, dtype=torch.float64)
+    args = (conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"], conv["groups"], conv["bias"])
+    torch.testing.assert_close(bnas_fast.unfolded_gram(x, factors, **conv), reference.unfolded_gram(x, factors, *args),
+                               rtol=1e-11, atol=1e-11)
