@@ -584,7 +584,7 @@ def unfolded_gram(
     return gram.reshape(C_out, j.shape[4], j.shape[4])
 
 
-def softmax_ce_hessian_factors(logits: Tensor, mode: str = "exact", generator=None) -> Tensor:
+def softmax_ce_hessian_factors(logits: Tensor, mode: str = "exact", generator=None, minimal: bool = False) -> Tensor:
     """Square-root factors v [N, K, C] of the softmax cross-entropy Hessian wrt the logits.
 
     The loss is the SUM over the batch of the per-example losses L = sum_n -log softmax(f_n)[y_n],
@@ -593,6 +593,13 @@ def softmax_ce_hessian_factors(logits: Tensor, mode: str = "exact", generator=No
 
     * ``mode="exact"``: K = C, v[n, k] = sqrt(p_{n,k}) (e_k - p_n), so that
       sum_k v[n, k] v[n, k]^T = diag(p_n) - p_n p_n^T exactly.
+    * ``mode="exact"`` with ``minimal``: K = C - 1, the fewest factors there can be (H_n has rank
+      C - 1: H_n 1 = 0). With q = sqrt(p_n) (a unit vector), H_n = D (I - q q^T) D, D =
+      diag(q), and I - q q^T = B B^T for any orthonormal basis B [C, C - 1] of the complement of q.
+      B is the columns i != j of the Householder reflection Q = I - 2 u u^T / (u^T u) with
+      u = q + e_j, j = argmax q (Q q = -e_j; adding, not subtracting, e_j avoids cancellation),
+      and v[n, i] = D B[:, i]. Every later step (the backward pass, the Gram products) then does
+      (C - 1) / C of the work.
     * ``mode="mc"``: K = 1, v[n, 0] = e_y - p_n for a label y drawn from p_n
       (``torch.multinomial`` with ``generator``). E[(e_y - p)(e_y - p)^T] = diag(p) - 2 p p^T + p p^T
       = H_n, so the Gauss-Newton blocks built from these factors are unbiased.
@@ -601,14 +608,24 @@ def softmax_ce_hessian_factors(logits: Tensor, mode: str = "exact", generator=No
         logits: [N, C].
         mode: "exact" or "mc".
         generator: the torch.Generator of the Monte-Carlo draw (None: the default generator).
+        minimal: C - 1 exact factors instead of C (needs C >= 2; no effect on "mc").
 
     Returns:
-        [N, C, C] (exact) or [N, 1, C] (mc), in the dtype of ``logits`` (computed in the
-        accumulation dtype).
+        [N, C, C] (exact), [N, C - 1, C] (exact, minimal) or [N, 1, C] (mc), in the dtype of
+        ``logits`` (computed in the accumulation dtype).
     """
     acc = _accumulation_dtype(logits.dtype)
     p = torch.softmax(logits.to(acc), dim=-1)  # [N, C]
-    if mode == "exact":
+    C = p.shape[1]
+    if mode == "exact" and minimal and C >= 2:
+        q = p.sqrt()
+        j = q.argmax(1, keepdim=True)  # [N, 1]
+        u = q.scatter_add(1, j, torch.ones_like(j, dtype=acc))  # q + e_j; u^T u = 2 (1 + q_j) >= 2
+        reflection = torch.eye(C, dtype=acc, device=p.device) - (2 / (u * u).sum(1))[:, None, None] * u[:, :, None] * u[:, None, :]
+        keep = torch.ones_like(p, dtype=torch.bool).scatter_(1, j, False)  # the columns i != j
+        basis = reflection.transpose(1, 2)[keep].reshape(p.shape[0], C - 1, C)  # row i: column i of Q
+        v = basis * q[:, None, :]  # v[n, i, c] = q_c Q[c, i]
+    elif mode == "exact":
         eye = torch.eye(p.shape[1], dtype=acc, device=p.device)
         v = p.sqrt().unsqueeze(2) * (eye - p.unsqueeze(1))  # v[n, k, c] = sqrt(p_k) (1[k = c] - p_c)
     else:

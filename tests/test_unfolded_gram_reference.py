@@ -305,6 +305,23 @@ def test_exact_factors_reproduce_softmax_hessian(scale: float):
     assert_within(per_example, hessian, {"rtol": 0.0, "atol": 1e-12}, "autograd Hessian")
 
 
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0, 1000.0])
+@pytest.mark.parametrize("classes", [2, 7])
+def test_minimal_exact_factors_reproduce_softmax_hessian(scale: float, classes: int):
+    """C - 1 factors (a Householder basis of the complement of sqrt(p)) give the same Hessian, also
+    when p is nearly one-hot (scale 1000), where sqrt(p) is almost a basis vector."""
+    gen = torch.Generator().manual_seed(13)
+    logits = scale * torch.randn(6, classes, dtype=torch.float64, generator=gen)
+    v = reference.softmax_ce_hessian_factors(logits, "exact", minimal=True)
+    assert v.shape == (6, classes - 1, classes) and v.dtype == torch.float64
+    p = torch.softmax(logits, dim=-1)
+    hessian = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    assert_within(torch.einsum("nkc,nkd->ncd", v, v), hessian, {"rtol": 0.0, "atol": 1e-14}, "sum_k v v^T")
+    # float32 logits: computed in float32, still the Hessian to float32 rounding
+    v32 = reference.softmax_ce_hessian_factors(logits.float(), "exact", minimal=True)
+    assert_within(torch.einsum("nkc,nkd->ncd", v32, v32).double(), hessian, {"rtol": 0.0, "atol": 1e-6}, "float32")
+
+
 def test_mc_factors_are_one_hot_minus_p():
     gen = torch.Generator().manual_seed(12)
     logits = torch.randn(50, 4, dtype=torch.float64, generator=gen)
