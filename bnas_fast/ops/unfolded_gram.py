@@ -12,9 +12,13 @@ order, plus a last coordinate sum_p S[n,k,o,p] for the bias. G[o] is the GGN J^T
 restricted to (W[o], b[o]). A Linear layer is the 1x1 case (x [N, C_in], S [N, K, C_out]).
 
 The op computes curvature, not a differentiable quantity: it has no autograd formula, and the
-public function detaches its inputs. Work in progress for issue 6: the C++ kernel unfolds one group's
-input channels for the batch and runs two batched GEMMs (J = S X^T, then G = J^T J per output
-channel); there is no Triton kernel yet (CUDA runs the reference).
+public function detaches its inputs. The C++ kernel unfolds one group's input channels for the
+batch and runs two batched GEMMs (J = S X^T, then G = J^T J per output channel). Factors that are
+rank one per (example, output channel), S[n, k, o] = c[n, k, o] w[n, o] (a layer followed only by
+elementwise operations and a global average pool; every Linear layer), are first compressed to the
+single factor w sqrt(sum_k c^2), which gives the same blocks with 1/K of the GEMM work. The Triton kernel (:mod:`bnas_fast.triton.unfolded_gram`, CUDA) does the same two
+contractions with tl.dot, gathering the unfolding tile by tile from x instead of materialising it,
+and computes only the upper triangle of each symmetric block.
 """
 
 from __future__ import annotations
@@ -42,10 +46,17 @@ def _fake(x, factors, kernel_size, stride, padding, dilation, groups, bias, diag
     return x.new_empty(shape, dtype=reference._accumulation_dtype(x.dtype))
 
 
+def _triton_kernel(x, factors, kernel_size, stride, padding, dilation, groups, bias, diagonal=False):
+    from bnas_fast.triton import unfolded_gram as triton_unfolded_gram
+
+    return triton_unfolded_gram.unfolded_gram(
+        x, factors, kernel_size, stride, padding, dilation, groups, bias, diagonal
+    )
+
+
 _KERNELS = {
     "reference": {"unfolded_gram": reference.unfolded_gram},
-    # No Triton kernel yet: on CUDA the reference (unfold + einsum) runs.
-    "triton": {"unfolded_gram": reference.unfolded_gram},
+    "triton": {"unfolded_gram": _triton_kernel},
 }
 for _device, _backend_name in _backend.backends().items():
     if _backend_name in _KERNELS:  # "cpp" registered itself from C++
