@@ -1,4 +1,4 @@
-"""Per-filter Gauss-Newton (GGN) blocks of a network's layers (BayesNAS, seed 003; issue 6, in progress).
+"""Per-filter Gauss-Newton (GGN) blocks of a network's layers (BayesNAS, seed 003; issue 6).
 
     with bnas_fast.curvature.GGNBlocks(model) as curvature:
         logits = model(x)

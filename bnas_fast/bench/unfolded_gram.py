@@ -9,7 +9,7 @@ Providers:
 
 * ``eager``: :func:`bnas_fast.reference.unfolded_gram` (unfold the whole input, then two einsums);
 * ``compile``: ``torch.compile`` of that reference;
-* ``bnas_fast``: the op (C++: one example's unfolding at a time, GEMMs).
+* ``bnas_fast``: the op (C++: the batch's unfolding, two batched GEMMs, rank-one factors compressed).
 """
 
 from __future__ import annotations
