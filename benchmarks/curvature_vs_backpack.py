@@ -3,6 +3,9 @@ same blocks computed with the unfold + einsum reference, on issue 6's network.
 
     python benchmarks/curvature_vs_backpack.py
 
+runs under the default glibc settings, then again in a child process with
+MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 (no page faults on large temporaries).
+
 The network: 3x3 convolutions 3 -> 16 -> 32 -> 32 with ReLUs on 16x16 inputs, global average pool,
 linear to 10 classes; batch 32, float32, 2 threads. Prints the median of 7 calls of each, twice,
 and the peak memory of one call of each (bnas_fast.bench.peak_memory_bytes).
@@ -11,7 +14,10 @@ Not yet a `bnas-fast bench` case: the harness's providers are eager / compile / 
 """
 
 import copy
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -20,6 +26,7 @@ from torch import nn
 import bnas_fast.curvature
 from bnas_fast import reference
 from bnas_fast.bench import peak_memory_bytes
+from bnas_fast.cli import NO_MMAP_ENV, _malloc_label
 from bnas_fast.curvature import GGNBlocks
 
 
@@ -73,6 +80,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return 1e3 * statistics.median(times)
 
+    print(f"## malloc: {_malloc_label()}")
     for _ in range(2):
         a, b, c = median_ms(diag_ggn_exact), median_ms(blocks), median_ms(blocks_with_reference)
         print(
@@ -90,3 +98,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if _malloc_label() == "default":
+        sys.stdout.flush()
+        # glibc reads these variables at start-up: measure again in a child that has them.
+        sys.exit(subprocess.call([sys.executable, __file__], env={**os.environ, **NO_MMAP_ENV}))
