@@ -12,7 +12,8 @@
 // GEMM-based: the unfolding of x over one group's input channels goes to a scratch [N, D', P] (what
 // F.unfold would make; never one per output channel); J = S X^T is one batched GEMM over the
 // examples into J [N K, C_out / groups, D']; G = J^T J is one batched GEMM over the output
-// channels. No [C_out, N P, D] tensor exists. All index arithmetic is int64_t; every read of x is
+// channels. No [C_out, N P, D] tensor exists. Factors of rank one per (example, output channel) are
+// first compressed to one factor (rank_one_factors). All index arithmetic is int64_t; every read of x is
 // bounds-checked by construction (taps outside the padded input write 0).
 #include "common.h"
 
@@ -73,7 +74,8 @@ void unfold_example(const scalar_t* __restrict xn, const ConvGeometry& g, int64_
 // S is the logical [N, K, C_out, P] view of the factors (either memory order; P contiguous).
 // Returns the compressed factors [N, 1, C_out, P], or an undefined tensor as soon as one (n, o)
 // is not rank one. "Rank one" allows rounding: every row's residual off w must be at most
-// 16 epsilon of its norm, so the blocks change by rounding only (first order in the residual).
+// 16 epsilon of its norm. The blocks' error is first order in that residual, so it stays at the
+// level of the GEMMs' own rounding.
 template <typename acc_t>
 at::Tensor rank_one_factors(const at::Tensor& S) {
   const int64_t N = S.size(0), K = S.size(1), O = S.size(2), P = S.size(3);

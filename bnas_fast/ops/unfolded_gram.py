@@ -16,9 +16,10 @@ public function detaches its inputs. The C++ kernel unfolds one group's input ch
 batch and runs two batched GEMMs (J = S X^T, then G = J^T J per output channel). Factors that are
 rank one per (example, output channel), S[n, k, o] = c[n, k, o] w[n, o] (a layer followed only by
 elementwise operations and a global average pool; every Linear layer), are first compressed to the
-single factor w sqrt(sum_k c^2), which gives the same blocks with 1/K of the GEMM work. The Triton kernel (:mod:`bnas_fast.triton.unfolded_gram`, CUDA) does the same two
-contractions with tl.dot, gathering the unfolding tile by tile from x instead of materialising it,
-and computes only the upper triangle of each symmetric block.
+single factor w sqrt(sum_k c^2), which gives the same blocks with 1/K of the GEMM work. The
+Triton kernel (:mod:`bnas_fast.triton.unfolded_gram`, CUDA) does the same two contractions with
+tl.dot, gathering the unfolding tile by tile from x instead of materialising it, and computes only
+the upper triangle of each symmetric block (without the rank-one compression).
 """
 
 from __future__ import annotations
