@@ -22,22 +22,15 @@ from bnas_fast import reference
 from bnas_fast.triton import unfolded_gram as triton_ug
 
 from _tolerance import assert_within
-from test_unfolded_gram import GEOMETRIES, _inputs
+from test_unfolded_gram import GEOMETRIES, TOLERANCES, _inputs
 
 # The op module itself (bnas_fast.ops re-exports its public function under the same name).
 ops_ug = importlib.import_module("bnas_fast.ops.unfolded_gram")
 
-# |actual - expected| <= atol + rtol |expected|. The kernels and the reference contract the same
-# products in different orders (tiles of P, then of N K); entries are sums of N K P products of O(1)
-# numbers, up to ~1e3. float16/bfloat16 inputs are converted exactly to float32 by both (the
-# interpreter's widening casts are exact; only its narrowing bfloat16 cast truncates, and no output
-# here is narrowed) and accumulated there, so they share float32's tolerance.
-TOLERANCES = {
-    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
-    torch.float32: {"rtol": 1e-4, "atol": 1e-3},
-    torch.bfloat16: {"rtol": 1e-4, "atol": 1e-3},
-    torch.float16: {"rtol": 1e-4, "atol": 1e-3},
-}
+# TOLERANCES are the CPU op's: the kernels and the reference contract the same products in
+# different orders (tiles of P, then of N K). float16/bfloat16 inputs are converted exactly to
+# float32 by both (the interpreter's widening casts are exact; only its narrowing bfloat16 cast
+# truncates, and no output here is narrowed) and accumulated there, so they share float32's.
 
 
 def dtype_id(dtype):
