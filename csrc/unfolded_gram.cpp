@@ -76,6 +76,15 @@ void unfold_example(const scalar_t* __restrict xn, const ConvGeometry& g, int64_
 // is not rank one. "Rank one" allows rounding: every row's residual off w must be at most
 // 16 epsilon of its norm. The blocks' error is first order in that residual, so it stays at the
 // level of the GEMMs' own rounding.
+// sum_p a[p] b[p], vectorised (omp simd lets the compiler reorder the sum).
+template <typename acc_t>
+inline acc_t dot_product(const acc_t* __restrict a, const acc_t* __restrict b, int64_t P) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t p = 0; p < P; ++p) s += a[p] * b[p];
+  return s;
+}
+
 template <typename acc_t>
 at::Tensor rank_one_factors(const at::Tensor& S) {
   const int64_t N = S.size(0), K = S.size(1), O = S.size(2), P = S.size(3);
@@ -95,9 +104,7 @@ at::Tensor rank_one_factors(const at::Tensor& S) {
       int64_t best = 0;
       for (int64_t k = 0; k < K; ++k) {
         const acc_t* row = base + k * sk;
-        acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t p = 0; p < P; ++p) s += row[p] * row[p];
+        const acc_t s = dot_product(row, row, P);
         norms[k] = s;
         if (s > norms[best]) best = k;
       }
@@ -111,10 +118,7 @@ at::Tensor rank_one_factors(const at::Tensor& S) {
       acc_t sum_c2 = 0;
       for (int64_t k = 0; k < K; ++k) {
         const acc_t* row = base + k * sk;
-        acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t p = 0; p < P; ++p) dot += row[p] * w[p];
-        const acc_t c = dot / ww;
+        const acc_t c = dot_product(row, w, P) / ww;
         acc_t residual = 0;
 #pragma omp simd reduction(+ : residual)
         for (int64_t p = 0; p < P; ++p) {
