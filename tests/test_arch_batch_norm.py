@@ -410,6 +410,64 @@ def test_per_arch_cumulative_average_counts_batches_per_architecture():
     assert bn.num_batches_tracked.tolist() == [3, 2]
 
 
+class _TwoNorms(nn.Module):
+    """nn.BatchNorm2d then ArchBatchNorm2d (per-architecture statistics): calibration must reach both."""
+
+    def __init__(self):
+        super().__init__()
+        self.plain = nn.BatchNorm2d(3, momentum=0.3)
+        self.conditional = bnas_fast.nn.ArchBatchNorm2d(3, num_archs=4, running_stats="per_arch")
+
+    def forward(self, x, arch):
+        return self.conditional(self.plain(x) * 2 + 1, arch)
+
+
+def test_recalibrate_batch_norm_averages_the_batches_statistics_and_restores_the_model():
+    torch.manual_seed(3)
+    model = _TwoNorms()
+    for _ in range(5):  # stale statistics from "training" on other data
+        model(torch.randn(8, 3, 4, 4) * 5 - 2, torch.randint(0, 4, (8,)))
+    model.eval()
+    batches = [torch.randn(6, 3, 4, 4) * (1 + i) + i for i in range(3)]
+    arch = torch.full((6,), 2, dtype=torch.long)
+    assert bnas_fast.nn.recalibrate_batch_norm(model, [(x, arch) for x in batches]) == 3
+    # nn.BatchNorm2d: equal-weight average of the batch means and of the unbiased batch variances
+    means = torch.stack([x.mean((0, 2, 3)) for x in batches])
+    variances = torch.stack([x.transpose(0, 1).reshape(3, -1).var(1) for x in batches])
+    torch.testing.assert_close(model.plain.running_mean, means.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.plain.running_var, variances.mean(0), rtol=1e-5, atol=1e-5)
+    assert int(model.plain.num_batches_tracked) == 3
+    # per-architecture statistics: only architecture 2 ran, the other rows are back at their reset values
+    assert model.conditional.num_batches_tracked.tolist() == [0, 0, 3, 0]
+    for s in (0, 1, 3):
+        assert torch.equal(model.conditional.running_mean[s], torch.zeros(3))
+        assert torch.equal(model.conditional.running_var[s], torch.ones(3))
+    assert not torch.equal(model.conditional.running_mean[2], torch.zeros(3))
+    # momentum and eval mode restored
+    assert model.plain.momentum == 0.3 and model.conditional.momentum == 0.1 and not model.training
+
+
+def test_recalibrated_eval_mode_matches_batch_statistics_on_the_calibration_batch():
+    """With one large calibration batch, eval mode afterwards normalises it as train mode did (up to
+    the unbiased variance's n / (n - 1))."""
+    torch.manual_seed(4)
+    bn = bnas_fast.nn.ArchBatchNorm2d(3, num_archs=2, running_stats="per_arch", momentum=0.1)
+    x, arch = torch.randn(64, 3, 8, 8) * 3 + 1, torch.ones(64, dtype=torch.long)
+    expected = bn(x, arch)  # train mode: batch statistics
+    bnas_fast.nn.recalibrate_batch_norm(bn, [(x, arch)])
+    bn.eval()
+    torch.testing.assert_close(bn(x, arch), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_recalibrate_batch_norm_bad_input():
+    with pytest.raises(ValueError, match="no batch norm layer with running statistics"):
+        bnas_fast.nn.recalibrate_batch_norm(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False)), [torch.randn(3, 2)])
+    model = nn.BatchNorm1d(2, momentum=0.2)
+    with pytest.raises(ValueError, match="batches is empty"):
+        bnas_fast.nn.recalibrate_batch_norm(model, [])
+    assert model.momentum == 0.2 and model.training  # restored even so
+
+
 def test_state_dict_broadcast_into_many_architectures_and_round_trip():
     ref = nn.BatchNorm2d(4)
     with torch.no_grad():

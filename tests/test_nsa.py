@@ -140,7 +140,8 @@ def test_run_end_to_end_writes_json_and_plots_and_is_reproducible(tmp_path):
     with open(tmp_path / "a" / "results.json") as fh:
         saved = json.load(fh)
     arch = saved["architectures"]
-    assert len(arch["accuracy_eval_bn"]) == len(arch["accuracy_train_bn"]) == 3
+    assert len(arch["accuracy_eval_bn"]) == len(arch["accuracy_train_bn"]) == len(arch["accuracy_calibrated_bn"]) == 3
+    assert -1.0 <= arch["spearman_train_vs_calibrated_bn"] <= 1.0 and arch["calibrated_bn_std"] >= 0
     assert [e["T"] for e in saved["ensemble"]] == [1, 2, 3]
     assert 0.0 <= saved["uncertainty"]["auroc"] <= 1.0 and saved["uncertainty"]["ood_source"]
     assert 0.0 <= saved["seen_unseen"]["auc"] <= 1.0
@@ -159,6 +160,29 @@ def test_compare_runs_every_variant(tmp_path):
     # per-architecture and conditional variants have no seen/unseen AUC (their unseen wirings have no parameters)
     by = {(r["variant"], r["running_stats"]): r for r in result["rows"]}
     assert by[("nsa_id", "shared")]["seen_unseen_auc"] is None and by[("nsa_i", "shared")]["seen_unseen_auc"] is not None
+
+
+def test_calibration_repairs_stale_statistics_of_one_architecture_and_can_be_switched_off(tmp_path):
+    """BN calibration per architecture: on a model whose running statistics are garbage, calibrating
+    on the test images themselves gives eval-mode predictions equal to train mode's on those images
+    (one batch: the batch statistics, up to n / (n - 1) in the variance)."""
+    torch.manual_seed(0)
+    model = NSANet(1, 3, width=4, num_stages=2, num_nodes=2, num_archs=3)
+    for m in model.modules():
+        if hasattr(m, "running_var") and m.running_var is not None:
+            m.running_var.fill_(100.0)
+    x = torch.randn(200, 1, 8, 8)
+    model.train()
+    with torch.no_grad():
+        expected = torch.softmax(model(x, 1), -1)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibrated = nsa._calibrated_probs(model, x, x, 1, batches=1, batch=200)
+    torch.testing.assert_close(calibrated, expected, rtol=0, atol=2e-3)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # calibrated a copy
+    assert not model.training
+    off = nsa.run(_tiny(tmp_path, calibration_batches=0, plots=False))["architectures"]
+    assert "accuracy_calibrated_bn" not in off and "accuracy_eval_bn" in off
 
 
 def test_compare_table_averages_over_seeds():
@@ -186,6 +210,7 @@ def test_compare_table_averages_over_seeds():
         (dict(num_archs=0), r"num_archs must be an int >= 1"),
         (dict(batch_size=1), r"batch_size must be an int >= 2"),
         (dict(lr=0.0), r"lr > 0"),
+        (dict(calibration_batches=-1), r"calibration_batches must be an int >= 0"),
         (dict(dataset="cifar"), r"dataset must be"),
         (dict(unknown_key=1), r"unknown config key"),
     ],

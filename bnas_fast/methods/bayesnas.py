@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from bnas_fast.curvature import GGNBlocks, diagonal_recursion_hessians
 from bnas_fast.data.images import fashion_mnist_available, load_images
 from bnas_fast.methods._config import check_int_fields, config_from_any, eval_accuracy, save_run, torch_threads
+from bnas_fast.nn.arch_batch_norm import recalibrate_batch_norm as calibrate_batch_norm
 from bnas_fast.nn.bayesnas import (
     CELL_EDGES, CELL_TYPES, NUM_NODES, OPERATIONS, BayesNASSupernet, build_network, count_parameters,
     node_inputs, random_architecture,
@@ -293,23 +294,14 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, c: BayesNASConfig, epochs: in
     return {"epoch_nll": nll_hist, "epoch_penalty": pen_hist}
 
 
-@torch.no_grad()
 def recalibrate_batch_norm(model: nn.Module, x_train: Tensor, batches: int = 20, batch_size: int = 256) -> None:
-    """Recompute every BatchNorm's running statistics of ``model`` in place on training batches with
-    the weights fixed (a cumulative average; Bender et al.'s "statistics computed on the fly"). The
-    running statistics lag the switches while they move; training itself uses batch statistics, so
-    this changes only what eval mode sees."""
-    was_training = model.training
-    saved = {m: m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    for m in saved:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for i in range(min(batches, math.ceil(x_train.shape[0] / batch_size))):
-        model(x_train[i * batch_size : (i + 1) * batch_size])
-    for m, momentum in saved.items():
-        m.momentum = momentum
-    model.train(was_training)
+    """Recompute every BatchNorm's running statistics of ``model`` in place on the first ``batches``
+    training batches with the weights fixed (:func:`bnas_fast.nn.recalibrate_batch_norm`: a
+    cumulative average; Bender et al.'s "statistics computed on the fly"). The running statistics
+    lag the switches while they move; training itself uses batch statistics, so this changes only
+    what eval mode sees."""
+    count = min(batches, math.ceil(x_train.shape[0] / batch_size))
+    calibrate_batch_norm(model, (x_train[i * batch_size : (i + 1) * batch_size] for i in range(count)))
 
 
 def recalibrated_accuracy(model: nn.Module, x_train: Tensor, x_test: Tensor, y_test: Tensor, batches: int = 20,

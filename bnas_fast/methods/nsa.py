@@ -13,12 +13,14 @@ or ``bnas-fast run nsa --variant nsa_i`` / ``bnas-fast run nsa --compare``. One 
 3. evaluation on K architectures of the training space: test accuracy with BN in train mode (batch
    statistics of each test batch, every example running that architecture) and in eval mode (running
    statistics), the Spearman correlation of the two rankings (section 3) and the spread of the
-   eval-mode accuracies; ensembles of the first T = 1..T_max architectures (mean of their softmaxes:
+   eval-mode accuracies; the same with BN calibrated per architecture (running statistics recomputed
+   from ``calibration_batches`` training batches run with that architecture alone, on a copy of the
+   model, as single-path one-shot NAS does); ensembles of the first T = 1..T_max architectures (mean of their softmaxes:
    accuracy and ECE, figure 4); the mutual information H[mean_t p_t] - mean_t H[p_t] over 5
    architectures on the test set and on an out-of-distribution set, and the AUROC of telling them
    apart by it (section 5.2); for shared-weight variants, the accuracies of K unseen architectures and
    the AUC of telling seen from unseen by accuracy (table 1);
-4. ``results.json`` and PNG plots: histograms of the architectures' accuracies in both BN modes
+4. ``results.json`` and PNG plots: histograms of the architectures' accuracies in the BN modes
    (figures 2-3) and ensemble accuracy against T (figure 4).
 
 The out-of-distribution set: Fashion-MNIST downsampled to 8x8 for a digits model when the Debian
@@ -51,6 +53,7 @@ from torch import Tensor
 from bnas_fast.data import load_images
 from bnas_fast.data.images import fashion_mnist_available, load_digits, load_fashion_mnist
 from bnas_fast.methods._config import check_int_fields, config_from_any, save_run, torch_threads
+from bnas_fast.nn.arch_batch_norm import recalibrate_batch_norm
 from bnas_fast.nn.depth import expected_calibration_error
 from bnas_fast.nn.nsa import VARIANTS, NSANet, sample_architectures
 
@@ -63,8 +66,9 @@ class NSAConfig:
 
     Defaults: digits (the fallback here) 40 epochs, Fashion-MNIST 4 epochs on a 10,000 / 2,000
     subset; width 8, 3 stages of 4 nodes, S = 50 training architectures, batch 64, SGD lr 0.05
-    momentum 0.9 weight decay 5e-4 with a cosine schedule; K = 20 evaluated architectures, ensembles
-    up to T = 10. ``quick`` shrinks everything for a smoke run.
+    momentum 0.9 weight decay 5e-4 with a cosine schedule; K = 20 evaluated architectures, each also
+    with BN calibrated on 10 training batches of 256; ensembles up to T = 10. ``quick`` shrinks
+    everything for a smoke run.
     """
 
     dataset: str = "fashion"
@@ -84,6 +88,7 @@ class NSAConfig:
     n_test: Optional[int] = None
     eval_archs: int = 20
     max_ensemble: int = 10
+    calibration_batches: int = 10
     data_root: Optional[str] = None
     out_dir: Optional[str] = None
     plots: bool = True
@@ -112,9 +117,10 @@ class NSAConfig:
             c.n_test = 128 if c.quick else (2_000 if fashion else None)
         if c.quick:
             c.num_archs, c.eval_archs, c.max_ensemble = min(c.num_archs, 6), min(c.eval_archs, 4), min(c.max_ensemble, 3)
+            c.calibration_batches = min(c.calibration_batches, 2)
         check_int_fields("nsa", c, (
             ("num_archs", 1), ("width", 1), ("num_stages", 1), ("num_nodes", 1), ("epochs", 1),
-            ("batch_size", 2), ("eval_archs", 2), ("max_ensemble", 1), ("threads", 1),
+            ("batch_size", 2), ("eval_archs", 2), ("max_ensemble", 1), ("threads", 1), ("calibration_batches", 0),
         ))
         if isinstance(c.seed, bool) or not isinstance(c.seed, int):
             raise TypeError(f"nsa: seed must be an int, got {type(c.seed).__name__}")
@@ -237,6 +243,17 @@ def _probs(model: NSANet, x: Tensor, arch: int, bn_train: bool, batch: int = 256
     return out
 
 
+def _calibrated_probs(model: NSANet, x_train: Tensor, x_test: Tensor, arch: int, batches: int, batch: int = 256) -> Tensor:
+    """Softmax of architecture ``arch`` in eval mode after recomputing, on a copy of the model, every
+    BN's running statistics from ``batches`` training batches run with that architecture
+    (:func:`bnas_fast.nn.recalibrate_batch_norm`): BN calibration per architecture, as single-path
+    one-shot NAS does before scoring a candidate."""
+    twin = copy.deepcopy(model)
+    count = min(batches, math.ceil(x_train.shape[0] / batch))
+    recalibrate_batch_norm(twin, ((x_train[i * batch : (i + 1) * batch], arch) for i in range(count)))
+    return _probs(twin, x_test, arch, bn_train=False)
+
+
 def _accuracy(probs: Tensor, y: Tensor) -> float:
     return float((probs.argmax(-1) == y).double().mean())
 
@@ -278,6 +295,16 @@ def _run(c: NSAConfig) -> Dict[str, Any]:
     acc_eval = [_accuracy(p, y_test) for p in probs_eval]
     acc_train_bn = [_accuracy(_probs(model, x_test, a, bn_train=True), y_test) for a in range(K)]
     single_ece = [expected_calibration_error(p, y_test) for p in probs_eval]
+    calibrated: Dict[str, Any] = {}
+    if c.calibration_batches > 0:
+        acc_calibrated = [_accuracy(_calibrated_probs(model, x, x_test, a, c.calibration_batches), y_test) for a in range(K)]
+        calibrated = {
+            "accuracy_calibrated_bn": acc_calibrated,
+            "spearman_train_vs_calibrated_bn": spearman(acc_train_bn, acc_calibrated),
+            "calibrated_bn_std": statistics.pstdev(acc_calibrated),
+            "calibrated_bn_range": max(acc_calibrated) - min(acc_calibrated),
+            "mean_calibrated_accuracy": statistics.fmean(acc_calibrated),
+        }
 
     ensemble = []
     # the first architectures' eval-mode softmaxes are already in probs_eval
@@ -329,6 +356,8 @@ def _run(c: NSAConfig) -> Dict[str, Any]:
             "mean_single_ece": statistics.fmean(single_ece),
             # mean top-class probability: below the accuracy means under-confident
             "mean_single_confidence": statistics.fmean(float(p.max(-1).values.mean()) for p in probs_eval),
+            # BN calibrated per architecture (empty when calibration_batches = 0)
+            **calibrated,
         },
         "ensemble": ensemble,
         "uncertainty": uncertainty,
@@ -353,6 +382,8 @@ def _plots(c: NSAConfig, r: Dict[str, Any]) -> Dict[str, str]:
     bins = 15
     ax.hist([100 * a for a in arch["accuracy_train_bn"]], bins=bins, alpha=0.6, label="BN train mode")
     ax.hist([100 * a for a in arch["accuracy_eval_bn"]], bins=bins, alpha=0.6, label="BN eval mode")
+    if "accuracy_calibrated_bn" in arch:
+        ax.hist([100 * a for a in arch["accuracy_calibrated_bn"]], bins=bins, alpha=0.6, label="BN calibrated per architecture")
     ax.set_xlabel("test accuracy of one architecture (%)")
     ax.set_ylabel("architectures")
     ax.set_title(f"{c.variant} ({c.running_stats} BN statistics): Spearman {arch['spearman_train_vs_eval_bn']:.2f}")
@@ -394,6 +425,9 @@ _COMPARE_COLUMNS = (
     ("spearman", "Spearman (train vs eval BN)", lambda v: f"{v:.2f}"),
     ("eval_std", "eval-BN acc std (pts)", lambda v: f"{100 * v:.2f}"),
     ("eval_range", "eval-BN acc range (pts)", lambda v: f"{100 * v:.2f}"),
+    ("spearman_calibrated", "Spearman (train vs calibrated BN)", lambda v: f"{v:.2f}"),
+    ("calibrated_std", "calibrated-BN acc std (pts)", lambda v: f"{100 * v:.2f}"),
+    ("mean_calibrated_accuracy", "mean calibrated acc", lambda v: f"{100 * v:.2f}%"),
     ("mean_single_accuracy", "mean single acc", lambda v: f"{100 * v:.2f}%"),
     ("mean_single_ece", "mean single ECE", lambda v: f"{v:.4f}"),
     ("ensemble_accuracy", "ensemble of 5 acc", lambda v: f"{100 * v:.2f}%"),
@@ -413,6 +447,9 @@ def _compare_row(variant: str, stats: str, seed: int, r: Dict[str, Any]) -> Dict
         "spearman": a["spearman_train_vs_eval_bn"],
         "eval_std": a["eval_bn_std"],
         "eval_range": a["eval_bn_range"],
+        "spearman_calibrated": a.get("spearman_train_vs_calibrated_bn"),
+        "calibrated_std": a.get("calibrated_bn_std"),
+        "mean_calibrated_accuracy": a.get("mean_calibrated_accuracy"),
         "mean_single_accuracy": a["mean_single_accuracy"],
         "mean_single_ece": a["mean_single_ece"],
         "ensemble_T": five["T"],
@@ -446,7 +483,7 @@ def compare_table(rows: Sequence[Dict[str, Any]]) -> str:
         group = [w for w in rows if (w["variant"], w["running_stats"]) == (variant, stats)]
         cells = []
         for key, _, show in _COMPARE_COLUMNS:
-            mean, se = _mean_and_standard_error([w[key] for w in group])
+            mean, se = _mean_and_standard_error([w.get(key) for w in group])  # a column an older row lacks shows "-"
             cells.append("-" if mean is None else show(mean) + ("" if se is None else " ± " + show(se).rstrip("%")))
         lines.append(f"| {variant} | {stats} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n(seeds {', '.join(map(str, seeds))}; ± is the standard error over seeds)"
@@ -497,6 +534,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--eval-archs", type=int, default=20, help="K architectures evaluated")
+    parser.add_argument("--calibration-batches", type=int, default=10,
+                        help="training batches of 256 for BN calibration per evaluated architecture (0: off)")
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--n-test", type=int, default=None)
     parser.add_argument("--data-root", default=None)
@@ -511,7 +550,7 @@ def main(args: argparse.Namespace) -> int:
     config = NSAConfig(
         dataset=args.dataset, variant=args.variant, running_stats=args.running_stats, seed=args.seed,
         num_archs=args.num_archs, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        eval_archs=args.eval_archs, n_train=args.n_train, n_test=args.n_test, data_root=args.data_root,
+        eval_archs=args.eval_archs, calibration_batches=args.calibration_batches, n_train=args.n_train, n_test=args.n_test, data_root=args.data_root,
         threads=args.threads, quick=args.quick, plots=not args.no_plots, progress=not args.no_progress,
     )
     if args.seeds is not None and not args.compare:

@@ -1,6 +1,6 @@
 """Drop-in modules built on the fused ops."""
 
-from bnas_fast.nn.arch_batch_norm import ArchBatchNorm1d, ArchBatchNorm2d
+from bnas_fast.nn.arch_batch_norm import ArchBatchNorm1d, ArchBatchNorm2d, recalibrate_batch_norm
 from bnas_fast.nn.depth import (
     ConvBlocks,
     DepthPosterior,
@@ -20,6 +20,7 @@ __all__ = [
     "GhostBatchNorm2d",
     "ArchBatchNorm1d",
     "ArchBatchNorm2d",
+    "recalibrate_batch_norm",
     "LearntDepthNet",
     "DepthPosterior",
     "ResNet",

@@ -22,14 +22,14 @@ to every architecture.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from bnas_fast.ops.arch_batch_norm import arch_batch_norm
 
-__all__ = ["ArchBatchNorm1d", "ArchBatchNorm2d"]
+__all__ = ["ArchBatchNorm1d", "ArchBatchNorm2d", "recalibrate_batch_norm"]
 
 _RUNNING_STATS = ("shared", "per_arch")
 
@@ -172,3 +172,46 @@ class ArchBatchNorm2d(_ArchBatchNorm):
     """Architecture-conditional BatchNorm2d: x is [B, C, H, W] (module docstring)."""
 
     _expected_dims = (4,)
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Union[Tensor, Sequence]]) -> int:
+    """Recompute, in place, the running statistics of every batch norm of ``model`` that keeps them
+    (``nn.BatchNorm1d/2d/3d`` and :class:`ArchBatchNorm1d/2d`), with the weights fixed.
+
+    The statistics are reset, the model runs ``model(batch)`` (or ``model(*batch)`` for a tuple or
+    list) on every batch in train mode without gradients, and each layer averages the batches'
+    statistics with equal weight (``momentum=None``). Momentum and train/eval mode are restored.
+
+    This is the batch-norm calibration of one-shot NAS (Bender et al. §3.2 compute the statistics
+    "on the fly"; single-path one-shot NAS recomputes them per candidate): run with one architecture
+    fixed, eval mode then sees that architecture's statistics instead of those of the mixture of
+    architectures seen in training (the train/eval disparity of §3 of the NSA paper).
+
+    Returns the number of batches used. Raises ValueError when ``batches`` is empty or ``model``
+    has no batch norm that keeps running statistics.
+    """
+    layers = [
+        m for m in model.modules()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, _ArchBatchNorm)) and m.track_running_stats
+    ]
+    if not layers:
+        raise ValueError("recalibrate_batch_norm: the model has no batch norm layer with running statistics")
+    was_training = model.training
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    used = 0
+    try:
+        model.train()
+        for batch in batches:
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+            used += 1
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    if used == 0:
+        raise ValueError("recalibrate_batch_norm: batches is empty (the statistics were reset and nothing replaced them)")
+    return used
