@@ -75,6 +75,18 @@ class _Record:
     calls: int = 0  # forward calls since the context was entered
 
 
+def _graph_nodes(root) -> set:
+    """Every autograd node that ``root`` reaches (root included; empty for None)."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return seen
+
+
 def _batch_norm_input(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
     """x normalised as the module normalised it (batch statistics in training, running ones in eval)."""
     dims = [0] + list(range(2, x.dim()))
@@ -157,6 +169,12 @@ class GGNBlocks:
         for r in self.records:
             if not bool(torch.isfinite(r.input).all()):
                 raise ValueError(f"GGNBlocks.compute: the input of layer {r.name!r} contains NaN or infinity")
+        reached = _graph_nodes(logits.grad_fn)
+        if not any(r.output.grad_fn in reached for r in self.records):
+            raise ValueError(
+                "GGNBlocks.compute: the logits do not depend on any layer output recorded in the context (a tensor "
+                "from another forward pass?); pass the output of the forward pass run inside the context"
+            )
         # exact: C - 1 factors per example (the Hessian's rank), not C: a tenth less work at C = 10
         v = reference.softmax_ce_hessian_factors(logits.detach(), mode, generator, minimal=True)  # [N, K, C]
         # batch statistics couple the examples: every example's output depends on every input

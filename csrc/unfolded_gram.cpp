@@ -164,6 +164,8 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
   TORCH_CHECK_VALUE(factors_in.size(0) == g.N, op, ": factors has N = ", factors_in.size(0), " but x has N = ", g.N);
   const int64_t Ho = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   const int64_t Wo = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK_VALUE(Ho >= 1 && Wo >= 1, op, ": the kernel is larger than the padded input (", g.H + 2 * g.ph, "x",
+                    g.W + 2 * g.pw, "): the convolution has no output");
   TORCH_CHECK_VALUE(g.Ho == Ho && g.Wo == Wo, op, ": factors' output size ", g.Ho, "x", g.Wo,
                     " does not match the convolution's ", Ho, "x", Wo);
 

@@ -176,10 +176,12 @@ def test_large_offset_keeps_variance_accurate():
     torch.testing.assert_close(invstd[0].double(), torch.rsqrt(var + 1e-5), rtol=1e-4, atol=0)
 
 
-def test_empty_batch_is_rejected_in_training_but_channel_affine_is_fine():
+def test_empty_batch_gives_an_empty_output_and_channel_affine_is_fine():
     x = torch.randn(0, 3, 4, 4)
-    with pytest.raises(ValueError, match="value per channel"):
-        bnas_fast.arch_batch_norm(x, torch.zeros(0, dtype=torch.long), torch.ones(1, 3), torch.zeros(1, 3))
+    y = bnas_fast.arch_batch_norm(x, torch.zeros(0, dtype=torch.long), torch.ones(1, 3), torch.zeros(1, 3))
+    assert y.shape == x.shape  # as torch.nn.functional.batch_norm
+    with pytest.raises(ValueError, match="value per channel"):  # one value per channel is still rejected
+        bnas_fast.arch_batch_norm(torch.randn(1, 3), torch.zeros(1, dtype=torch.long))
     assert bnas_fast.channel_affine(x, torch.ones(0, 3), torch.zeros(0, 3)).shape == x.shape
 
 
@@ -617,3 +619,59 @@ def test_module_needs_arch_with_several_architectures_and_the_right_rank():
         bn(torch.randn(4, 3, 2, 2))
     with pytest.raises(ValueError, match="expected a 4D input"):
         bn(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(track_running_stats=False), dict(running_stats="per_arch")])
+def test_module_without_affine_accepts_every_architecture(kwargs):
+    """affine=False and shared statistics leave nothing [S, C] in the call: the module passes num_archs."""
+    bn = bnas_fast.nn.ArchBatchNorm2d(3, num_archs=4, affine=False, **kwargs)
+    x, arch = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 2, 3, 3, 2])
+    torch.testing.assert_close(bn(x, arch), F.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match="out of range for S"):
+        bn(x, torch.tensor([0, 1, 2, 3, 4, 0]))
+    with pytest.raises(ValueError, match="num_archs = 2 but weight"):
+        bnas_fast.arch_batch_norm(x, arch, torch.ones(4, 3), None, num_archs=2)
+
+
+def test_empty_batches_give_empty_outputs_and_leave_the_statistics_alone():
+    for shape in [(0, 4, 5, 5), (6, 4, 0, 5)]:
+        ours, theirs = bnas_fast.nn.ArchBatchNorm2d(4, num_archs=2), nn.BatchNorm2d(4)
+        x = torch.randn(shape, requires_grad=True)
+        arch = torch.zeros(shape[0], dtype=torch.long)
+        y = ours(x, arch)
+        assert y.shape == theirs(x).shape == shape
+        y.sum().backward()
+        assert x.grad.shape == shape and torch.equal(ours.weight.grad, torch.zeros(2, 4))
+        assert torch.equal(ours.running_mean, torch.zeros(4)) and torch.equal(ours.running_var, torch.ones(4))
+
+
+@pytest.mark.parametrize(
+    "arch_momentum, pattern",
+    [
+        (torch.full((3,), float("nan")), r"arch_momentum must have every value in \[0, 1\]"),
+        (torch.full((3,), -0.5), r"arch_momentum must have every value in \[0, 1\]"),
+        (torch.full((2,), 0.5), r"arch_momentum must be a floating \[S\] = \[3\] tensor"),
+        (torch.ones(3, dtype=torch.long), r"arch_momentum must be a floating"),
+        ([0.5, 0.5, 0.5], r"arch_momentum must be a torch.Tensor"),
+    ],
+)
+def test_bad_arch_momentum_names_the_argument(arch_momentum, pattern):
+    x, arch = torch.randn(4, 2, 3, 3), torch.tensor([0, 1, 2, 0])
+    rm, rv = torch.zeros(3, 2), torch.ones(3, 2)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        bnas_fast.arch_batch_norm(x, arch, None, None, rm, rv, arch_momentum=arch_momentum)
+    assert torch.equal(rm, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="per-architecture \\[S, C\\] running statistics only"):
+        bnas_fast.arch_batch_norm(x, arch, None, None, torch.zeros(2), torch.ones(2), arch_momentum=torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize("running_stats", ["shared", "per_arch"])
+def test_rejected_arch_does_not_advance_the_batch_count(running_stats):
+    bn = bnas_fast.nn.ArchBatchNorm2d(2, num_archs=2, running_stats=running_stats, momentum=None)
+    x = torch.randn(4, 2, 3, 3)
+    for bad, error in [(torch.tensor([0, 1, -1, 0]), IndexError), (torch.zeros(4), ValueError), (torch.zeros(1, 4, dtype=torch.long), ValueError)]:
+        with pytest.raises(error, match="arch"):
+            bn(x, bad)
+    assert int(bn.num_batches_tracked.sum()) == 0
+    bn(x, torch.tensor([0, 1, 1, 0]))
+    assert int(bn.num_batches_tracked.sum()) == (1 if running_stats == "shared" else 2)

@@ -128,6 +128,12 @@ def test_unsupported_layers_and_misuse_raise():
         logits = model(torch.full((5, 3), float("inf")))
     with pytest.raises(ValueError, match=r"NaN or infinity"):
         curvature.compute(logits)
+    # logits of another forward pass (outside the context), or an unrelated tensor: not zero blocks but an error
+    with curvature:
+        model(torch.randn(5, 3))
+    for foreign in (model(torch.randn(5, 3)), torch.randn(7, 2, requires_grad=True)):
+        with pytest.raises(ValueError, match=r"logits do not depend on any layer output recorded in the context"):
+            curvature.compute(foreign)
 
 
 def test_diagonal_matches_backpack_diag_ggn_exact():

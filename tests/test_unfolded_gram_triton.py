@@ -154,6 +154,7 @@ def test_no_examples():
     [
         (dict(stride=(2, 2)), ValueError, r"factors' output size 7x6 does not match the convolution's 4x3"),
         (dict(groups=5), ValueError, r"groups = 5 must divide"),
+        (dict(kernel_size=(9, 9), padding=(0, 0), factors=torch.randn(3, 3, 6, 0, 0)), ValueError, r"kernel is larger than the padded input"),
         (dict(x=torch.randn(2, 4, 7, 6)), ValueError, r"factors has N = 3 but x has N = 2"),
         (dict(factors=torch.randn(3, 3, 6, 7, 6, dtype=torch.float64)), TypeError, r"factors has dtype"),
     ],

@@ -27,11 +27,20 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from bnas_fast import _checks
 from bnas_fast.ops.arch_batch_norm import arch_batch_norm
 
 __all__ = ["ArchBatchNorm1d", "ArchBatchNorm2d", "recalibrate_batch_norm"]
 
 _RUNNING_STATS = ("shared", "per_arch")
+
+
+def _check_arch(arch: Tensor, batch: int, num_archs: int, op: str) -> None:
+    """arch: a [B] int64 tensor with values in [0, S) (the functional's own check, needed earlier here)."""
+    _checks.check_tensor("arch", arch, op)
+    if arch.dtype != torch.int64 or arch.dim() != 1 or arch.shape[0] != batch:
+        raise ValueError(f"{op}: arch must be a [B] = [{batch}] int64 tensor, got {arch.dtype} {tuple(arch.shape)}")
+    _checks.check_index_range("arch", arch, num_archs, op, what="S architectures")
 
 
 class _ArchBatchNorm(nn.Module):
@@ -117,19 +126,24 @@ class _ArchBatchNorm(nn.Module):
             arch = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         use_batch_stats = self.training or not self.track_running_stats
         momentum, arch_momentum = self.momentum if self.momentum is not None else 0.0, None
+        # The batch counts advance only once the call has succeeded (a rejected arch must not skew
+        # the cumulative average); the momentum they give is worked out beforehand.
+        counts = None
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 if self.running_stats == "shared":
-                    self.num_batches_tracked.add_(1)
+                    counts = self.num_batches_tracked + 1
                     if self.momentum is None:
-                        momentum = 1.0 / float(self.num_batches_tracked)
+                        momentum = 1.0 / float(counts)
                 else:
+                    if not torch.compiler.is_compiling():  # bincount needs a valid arch: check it first
+                        _check_arch(arch, x.shape[0], self.num_archs, name)
                     present = torch.bincount(arch, minlength=self.num_archs)[: self.num_archs] > 0
-                    self.num_batches_tracked.add_(present.long())
+                    counts = self.num_batches_tracked + present.long()
                     if self.momentum is None:
-                        arch_momentum = 1.0 / self.num_batches_tracked.clamp(min=1).to(torch.float64)
+                        arch_momentum = 1.0 / counts.clamp(min=1).to(torch.float64)
         running = self.track_running_stats and (self.training or not use_batch_stats)
-        return arch_batch_norm(
+        y = arch_batch_norm(
             x,
             arch,
             self.weight,
@@ -141,7 +155,11 @@ class _ArchBatchNorm(nn.Module):
             eps=self.eps,
             group_size=self.group_size,
             arch_momentum=arch_momentum,
+            num_archs=self.num_archs,
         )
+        if counts is not None:
+            self.num_batches_tracked.copy_(counts)
+        return y
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # A BatchNorm state_dict has [C] weight and bias (and [C] running statistics, a scalar

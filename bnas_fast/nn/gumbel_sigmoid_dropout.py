@@ -46,7 +46,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from bnas_fast.ops.gumbel_sigmoid_dropout import GRANULARITIES, MODES, gumbel_sigmoid_dropout
+from bnas_fast.ops.gumbel_sigmoid_dropout import GRANULARITIES, MODES, _check_temperature, gumbel_sigmoid_dropout
 
 __all__ = ["GumbelSigmoidDropout", "InputDropoutConv2d", "concrete_dropout_regularizer"]
 
@@ -92,8 +92,7 @@ class GumbelSigmoidDropout(nn.Module):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"{owner}: shape must give at least one drop rate, got {shape!r}")
         p = _check_probability("init_drop", init_drop, owner)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"{owner}: temperature must be a finite number > 0, got {temperature!r}")
+        _check_temperature(temperature, owner)
         if granularity not in GRANULARITIES:
             raise ValueError(f"{owner}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if mode not in MODES:
@@ -127,10 +126,12 @@ class GumbelSigmoidDropout(nn.Module):
             units = x.shape[1] // self._unit_channels()
             if self.fixed_keep.shape != (units,):
                 raise ValueError(f"GumbelSigmoidDropout: fixed_keep must be [{units}] for an input of {x.shape[1]} channels, got {tuple(self.fixed_keep.shape)}")
-            keep = self.fixed_keep.to(x.dtype)
+            # in the compute dtype (float32 for float16 / bfloat16, where 1 + exp overflows), rounded once
+            compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+            keep = self.fixed_keep.to(compute)
             if self.rescale:
-                keep = keep * (1.0 + torch.exp(self.drop_logit.to(x.dtype))).expand(units)
-            keep = keep.repeat_interleave(self._unit_channels())
+                keep = keep * (1.0 + torch.exp(self.drop_logit.to(compute))).expand(units)
+            keep = keep.repeat_interleave(self._unit_channels()).to(x.dtype)
             return x * keep.reshape((1, x.shape[1]) + (1,) * (x.dim() - 2))
         return gumbel_sigmoid_dropout(
             x,

@@ -238,6 +238,18 @@ def _update_running_stats(
     running_var.copy_((new_second - new_mean**2).clamp(min=0).to(running_var.dtype))
 
 
+def _check_arch_momentum(arch_momentum, running_mean: Optional[Tensor], S: int, x: Tensor, op: str) -> None:
+    """arch_momentum: an [S] floating tensor with values in [0, 1], for [S, C] running statistics only."""
+    _checks.check_tensor("arch_momentum", arch_momentum, op)
+    if running_mean is None or running_mean.dim() != 2:
+        raise ValueError(f"{op}: arch_momentum applies to per-architecture [S, C] running statistics only")
+    if not arch_momentum.is_floating_point() or tuple(arch_momentum.shape) != (S,):
+        raise ValueError(f"{op}: arch_momentum must be a floating [S] = [{S}] tensor, got {arch_momentum.dtype} {tuple(arch_momentum.shape)}")
+    _checks.check_same_device("arch_momentum", arch_momentum, "x", x, op)
+    if not torch.compiler.is_compiling() and not bool(((arch_momentum >= 0) & (arch_momentum <= 1)).all()):
+        raise ValueError(f"{op}: arch_momentum must have every value in [0, 1] (no NaN), got {arch_momentum.tolist()}")
+
+
 def arch_batch_norm(
     x: Tensor,
     arch: Tensor,
@@ -250,6 +262,7 @@ def arch_batch_norm(
     eps: float = 1e-5,
     group_size: Optional[int] = None,
     arch_momentum: Optional[Tensor] = None,
+    num_archs: Optional[int] = None,
 ) -> Tensor:
     """Architecture-conditional batch norm, like ``torch.nn.functional.batch_norm`` with per-example
     affine parameters ``weight[arch[b]]``, ``bias[arch[b]]``.
@@ -266,11 +279,14 @@ def arch_batch_norm(
         eps: added to the variance.
         group_size: examples per statistics group (ghost batches; consecutive examples); None or B
             for the whole batch. Must divide B. Running statistics are taken over the whole batch.
-        arch_momentum: optional [S] per-architecture momentum for [S, C] running statistics (the
-            cumulative average of ``ArchBatchNorm2d(momentum=None)``).
+        arch_momentum: optional [S] per-architecture momentum in [0, 1] for [S, C] running
+            statistics (the cumulative average of ``ArchBatchNorm2d(momentum=None)``).
+        num_archs: S, when neither weight, bias nor [S, C] running statistics give it (default 1):
+            the range of ``arch``.
 
     Returns:
-        y, the shape and dtype of x.
+        y, the shape and dtype of x. A batch with no elements (B = 0 or an empty spatial size)
+        gives an empty y and leaves the running statistics alone, as torch.nn.BatchNorm does.
     """
     op = "arch_batch_norm"
     _checks.check_tensor("x", x, op)
@@ -297,6 +313,12 @@ def arch_batch_norm(
     for name, value in (("running_mean", running_mean), ("running_var", running_var)):
         if value is not None and S is None and value.dim() == 2:
             S = value.shape[0]
+    if num_archs is not None:
+        if isinstance(num_archs, bool) or not isinstance(num_archs, int) or num_archs < 1:
+            raise ValueError(f"{op}: num_archs must be an int >= 1, got {num_archs!r}")
+        if S is not None and S != num_archs:
+            raise ValueError(f"{op}: num_archs = {num_archs} but weight, bias or the running statistics have S = {S}")
+        S = num_archs
     if S is None:
         S = 1
     _check_running("running_mean", running_mean, S, C, x, op)
@@ -309,6 +331,8 @@ def arch_batch_norm(
         )
     if not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    if arch_momentum is not None:
+        _check_arch_momentum(arch_momentum, running_mean, S, x, op)
     if weight is None:
         weight = x.new_ones((S, C))
     if bias is None:
@@ -327,8 +351,11 @@ def arch_batch_norm(
         shift = bias.to(acc)[arch] - rm * scale
         return torch.ops.bnas_fast.channel_affine(x, scale, shift)
 
+    if x.numel() == 0:
+        # as torch: an empty output still in the graph of x, weight and bias; no statistics to update
+        return x.clone() + 0 * (weight.sum() + bias.sum())
     if group_size is None:
-        group_size = max(B, 1)  # B = 0 then fails the values-per-channel check below, as torch does
+        group_size = B
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or B % group_size:
         raise ValueError(f"{op}: group_size must be an int >= 1 that divides the batch size B = {B}, got {group_size!r}")
     if group_size == 1 and B > 1:

@@ -130,11 +130,19 @@ def draw_seed_offset(generator: Optional[torch.Generator] = None) -> Tensor:
     return torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64)
 
 
+#: The smallest temperature accepted: the kernels multiply by 1 / temperature in float32, which
+#: overflows below about 2.9e-39 (and a gradient then turns into 0 * inf = NaN).
+MIN_TEMPERATURE = 1e-30
+
+
 def _check_temperature(temperature: object, op: str) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"{op}: temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
+        raise ValueError(
+            f"{op}: temperature must be a finite number >= {MIN_TEMPERATURE:g} (1 / temperature must stay finite "
+            f"in float32 for the backward's slope), got {temperature!r}"
+        )
     return float(temperature)
 
 
@@ -230,9 +238,14 @@ def gumbel_sigmoid_dropout(
                 )
     table = table.expand(num_groups)
     if not training:
-        keep = torch.sigmoid(-table).repeat_interleave(group_size)
-        scale = (1.0 + torch.exp(table)).repeat_interleave(group_size) if rescale else torch.ones_like(keep)
-        return x * (keep * scale).reshape((1, C) + (1,) * (x.dim() - 2))
+        # E[keep] * scale per channel, worked out in the compute dtype (float32 for float16 and
+        # bfloat16: 1 + exp(drop_logit) overflows float16 above drop_logit = 11) and rounded once.
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        table_c = table.to(compute)
+        keep = torch.sigmoid(-table_c)
+        factor = keep * (1.0 + torch.exp(table_c)) if rescale else keep
+        factor = factor.repeat_interleave(group_size).to(x.dtype)
+        return x * factor.reshape((1, C) + (1,) * (x.dim() - 2))
     if seed_offset is None:
         seed_offset = draw_seed_offset(generator)
     else:

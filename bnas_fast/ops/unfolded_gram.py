@@ -66,7 +66,12 @@ for _device, _backend_name in _backend.backends().items():
 
 
 def _pair(name: str, value: Union[int, Sequence[int]], minimum: int, op: str) -> Tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)):
+        pair = tuple(value)
+    else:
+        raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
         raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return pair
@@ -122,6 +127,11 @@ def unfolded_gram(
         raise ValueError(f"{op}: groups = {groups} must divide C_in = {C_in} and C_out = {C_out}")
     Ho = (H + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
     Wo = (W + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"{op}: the kernel ({kernel_size[0]}x{kernel_size[1]}, dilation {dilation}) is larger than the padded input "
+            f"({H + 2 * padding[0]}x{W + 2 * padding[1]}): the convolution has no output"
+        )
     if tuple(factors.shape[3:]) != (Ho, Wo):
         raise ValueError(f"{op}: factors' output size {tuple(factors.shape[3:])} does not match the convolution's ({Ho}, {Wo})")
     return torch.ops.bnas_fast.unfolded_gram(

@@ -247,6 +247,8 @@ def _check(x: Tensor, factors: Tensor, kernel_size, stride, padding, dilation, g
         raise ValueError(f"{op}: factors has N = {factors.shape[0]} but x has N = {N}")
     Ho = (H + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
     Wo = (W + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"{op}: the kernel is larger than the padded input: the convolution has no output")
     if tuple(factors.shape[3:]) != (Ho, Wo):
         raise ValueError(
             f"{op}: factors' output size {factors.shape[3]}x{factors.shape[4]} does not match the "
