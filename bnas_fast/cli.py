@@ -162,7 +162,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     report_ldn.set_defaults(func=ldn.report_main)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    method = getattr(args, "method", None)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, IndexError) as error:
+        # A method's checks of its own options start their message with the method's name: show
+        # those as usage errors (one line, exit status 2, as argparse does). Anything else is a bug
+        # or a library error and keeps its traceback.
+        if method is None or not str(error).startswith(f"{method}:"):
+            raise
+        parser.exit(2, f"bnas-fast {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -235,3 +235,11 @@ def test_recalibrated_accuracy_repairs_stale_batch_norm_statistics_on_a_copy():
     bayesnas.recalibrate_batch_norm(model, x)  # in place: statistics repaired, momentum and mode restored
     assert abs(float((model(x).argmax(1) == y).float().mean()) - good) < 0.02
     assert model[1].momentum == 0.1 and not model.training
+
+
+def test_quick_does_not_override_an_explicit_hessian_batches():
+    assert bayesnas.BayesNASConfig(quick=True).resolved().hessian_batches == 1
+    assert bayesnas.BayesNASConfig().resolved().hessian_batches == 4
+    assert bayesnas.BayesNASConfig(quick=True, hessian_batches=3).resolved().hessian_batches == 3
+    with pytest.raises(ValueError, match="hessian_batches must be an int >= 1, got 0"):
+        bayesnas.BayesNASConfig(quick=True, hessian_batches=0).resolved()

@@ -207,7 +207,8 @@ def test_compare_table_averages_over_seeds():
     [
         (dict(variant="nsa_x"), r"variant must be one of"),
         (dict(running_stats="per_example"), r"running_stats must be"),
-        (dict(num_archs=0), r"num_archs must be an int >= 1"),
+        (dict(num_archs=1), r"num_archs must be an int >= 2"),
+        (dict(n_train=1), r"need at least 2 training images"),
         (dict(batch_size=1), r"batch_size must be an int >= 2"),
         (dict(lr=0.0), r"lr > 0"),
         (dict(calibration_batches=-1), r"calibration_batches must be an int >= 0"),
@@ -251,3 +252,18 @@ def test_per_arch_statistics_keep_a_shared_affine_for_nsa_i():
     assert norm.norm.num_batches_tracked.tolist() == [1, 1, 0, 1, 0]
     conditional = NSANet(1, 3, width=4, num_stages=1, num_nodes=2, num_archs=5, variant="nsa_id", running_stats="per_arch")
     assert conditional.stages[0].norms[0].weight.shape == (5, 4)
+
+
+def test_cli_option_errors_are_one_line_usage_errors(capsys):
+    """A method's own option checks exit with status 2 and one line on stderr (no traceback)."""
+    from bnas_fast.cli import main
+
+    for argv, message in [
+        (["run", "nsa", "--quick", "--epochs", "-1"], "nsa: epochs must be an int >= 1, got -1"),
+        (["run", "nsa", "--seeds", "0", "1"], "nsa: --seeds goes with --compare"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1

@@ -343,3 +343,12 @@ def test_run_writes_results_and_plots(tmp_path):
 def test_run_bad_config(change, match):
     with pytest.raises(ValueError, match=match):
         oneshot.run({"dataset": "digits", "quick": True, "progress": False, **change})
+
+
+def test_quick_does_not_override_explicit_strata():
+    quick = oneshot.OneShotConfig(quick=True).resolved()
+    assert (quick.strata, quick.per_stratum) == (2, 1)
+    explicit = oneshot.OneShotConfig(quick=True, strata=5, per_stratum=3).resolved()
+    assert (explicit.strata, explicit.per_stratum) == (5, 3)
+    full = oneshot.OneShotConfig().resolved()
+    assert (full.strata, full.per_stratum) == (4, 3)

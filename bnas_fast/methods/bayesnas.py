@@ -89,7 +89,7 @@ class BayesNASConfig:
     lambda_edge: float = 0.01
     lambda_op: float = 0.01
     hessian_mode: str = "exact"
-    hessian_batches: int = 4
+    hessian_batches: Optional[int] = None
     hessian_batch_size: int = 64
     init_gamma: float = 1.0
     init_omega: float = 1.0
@@ -124,8 +124,10 @@ class BayesNASConfig:
             c.n_train = 256 if c.quick else (5_000 if fashion else None)
         if c.n_test is None:
             c.n_test = 128 if c.quick else (2_000 if fashion else None)
+        if c.hessian_batches is None:
+            c.hessian_batches = 1 if c.quick else 4
         if c.quick:
-            c.hessian_batches, c.random_candidates = 1, min(c.random_candidates, 20)
+            c.random_candidates = min(c.random_candidates, 20)
         if not isinstance(c.layout, (tuple, list)) or not c.layout or any(t not in CELL_TYPES for t in c.layout):
             raise ValueError(f"bayesnas: layout must be a non-empty sequence of {CELL_TYPES}, got {c.layout!r}")
         if not isinstance(c.ops, (tuple, list)) or not c.ops or any(o not in OPERATIONS for o in c.ops) or len(set(c.ops)) != len(c.ops):
@@ -610,7 +612,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-keep-one-input", action="store_true", help="let a node whose inputs are all pruned die")
     parser.add_argument("--hessian-mode", choices=HESSIAN_MODES, default=d.hessian_mode,
                         help="exact or mc: GGN of the switches (GGNBlocks); diag_recursion: the authors' truncated diagonal recursion")
-    parser.add_argument("--hessian-batches", type=int, default=d.hessian_batches)
+    parser.add_argument("--hessian-batches", type=int, default=None, help="default 4 (1 with --quick)")
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--switch-lr", type=float, default=d.switch_lr)
     parser.add_argument("--n-train", type=int, default=None)

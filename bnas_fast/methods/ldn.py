@@ -44,6 +44,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -51,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from bnas_fast.data import Splits, load_images, spirals
+from bnas_fast.data.images import FASHION_MNIST_DIR, fashion_mnist_available
 from bnas_fast.methods._config import check_int_fields, config_from_any, median_ms, torch_threads
 from bnas_fast.nn.depth import (
     ConvBlocks,
@@ -124,6 +126,11 @@ class LDNConfig:
             raise ValueError(f"ldn: dataset must be one of {DATASETS}, got {c.dataset!r}")
         if isinstance(c.seed, bool) or not isinstance(c.seed, int):
             raise TypeError(f"ldn: seed must be an int, got {type(c.seed).__name__}")
+        if c.dataset == "fashion" and not fashion_mnist_available(c.data_root or FASHION_MNIST_DIR):
+            # load_images would fall back to digits anyway: say so now, so that the defaults, the run
+            # directory and the report follow the data actually used
+            warnings.warn(f"ldn: Fashion-MNIST not found under {c.data_root or FASHION_MNIST_DIR}; using sklearn digits")
+            c.dataset = "digits"
         spiral = c.dataset == "spirals"
         if spiral:
             defaults = dict(
@@ -200,14 +207,14 @@ def parse_det_depths(spec: Union[str, Sequence[int]], max_depth: int) -> List[in
             depths = [int(part) for part in text.split(",") if part.strip()]
         except ValueError:
             raise ValueError(
-                "det_depths must be 'all', 'none', 'auto', 'count:N', 'stride:K' (N, K >= 1) or depths like "
+                "ldn: det_depths must be 'all', 'none', 'auto', 'count:N', 'stride:K' (N, K >= 1) or depths like "
                 f"'1,5,10'; got {spec!r}"
             ) from None
     else:
         depths = list(spec)
     for d in depths:
         if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= max_depth:
-            raise ValueError(f"det_depths: each depth must be an int in [0, D = {max_depth}], got {d!r}")
+            raise ValueError(f"ldn: det_depths: each depth must be an int in [0, D = {max_depth}], got {d!r}")
     return sorted(set(depths))
 
 
@@ -918,8 +925,9 @@ def main(args: argparse.Namespace) -> int:
             plots=not args.no_plots,
             progress=not args.no_progress,
         )
-        D = config.resolved().max_depth
-        config.out_dir = os.path.join(args.out, f"{args.dataset}_D{D}_seed{seed}")
+        resolved = config.resolved()
+        config.out_dir = os.path.join(args.out, f"{resolved.dataset}_D{resolved.max_depth}_seed{seed}")
+        D = resolved.max_depth
         r = run(config)
         runs.append(r)
         comp = r["comparison"]
@@ -938,7 +946,7 @@ def main(args: argparse.Namespace) -> int:
     if len(runs) > 1:
         summary = summarize(runs)
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"summary_{args.dataset}_D{runs[0]['config']['max_depth']}.json")
+        path = os.path.join(args.out, f"summary_{runs[0]['config']['dataset']}_D{runs[0]['config']['max_depth']}.json")
         with open(path, "w") as fh:
             json.dump(summary, fh, indent=2)
         print(json.dumps({k: summary[k] for k in summary if not k.startswith("ddn_test_ll_by")}, indent=1))

@@ -119,7 +119,7 @@ class NSAConfig:
             c.num_archs, c.eval_archs, c.max_ensemble = min(c.num_archs, 6), min(c.eval_archs, 4), min(c.max_ensemble, 3)
             c.calibration_batches = min(c.calibration_batches, 2)
         check_int_fields("nsa", c, (
-            ("num_archs", 1), ("width", 1), ("num_stages", 1), ("num_nodes", 1), ("epochs", 1),
+            ("num_archs", 2), ("width", 1), ("num_stages", 1), ("num_nodes", 1), ("epochs", 1),
             ("batch_size", 2), ("eval_archs", 2), ("max_ensemble", 1), ("threads", 1), ("calibration_batches", 0),
         ))
         if isinstance(c.seed, bool) or not isinstance(c.seed, int):
@@ -287,6 +287,8 @@ def _run(c: NSAConfig) -> Dict[str, Any]:
     data = load_images(c.dataset, c.data_root, n_train=c.n_train, n_test=c.n_test, seed=c.seed)
     x, y = data.train.tensors
     x_test, y_test = data.test.tensors
+    if x.shape[0] < 2:
+        raise ValueError(f"nsa: need at least 2 training images (batch statistics), got n_train = {x.shape[0]}")
     model = _build_model(c, data.input_shape[0], data.num_classes)
     training = _train(model, x, y, c)
 

@@ -92,8 +92,8 @@ class OneShotConfig:
     num_architectures: int = 200
     archs_per_pass: int = 8
     kl_examples: int = 64
-    strata: int = 4
-    per_stratum: int = 3
+    strata: Optional[int] = None
+    per_stratum: Optional[int] = None
     retrain_epochs: Optional[int] = None
     retrain_repeats: int = 1
     throughput_architectures: int = 16
@@ -126,8 +126,12 @@ class OneShotConfig:
             c.n_val = 2 * c.ghost_batch_size if c.quick else (1_024 if fashion else 320)
         if c.n_test is None:
             c.n_test = 128 if c.quick else (2_000 if fashion else None)
+        if c.strata is None:
+            c.strata = 2 if c.quick else 4
+        if c.per_stratum is None:
+            c.per_stratum = 1 if c.quick else 3
         if c.quick:
-            c.num_architectures, c.strata, c.per_stratum = min(c.num_architectures, 8), 2, 1
+            c.num_architectures = min(c.num_architectures, 8)
             c.throughput_architectures = min(c.throughput_architectures, 2)
         check_int_fields("oneshot", c, (
             ("channels", 1), ("num_blocks", 1), ("cells_per_stage", 1), ("num_stages", 1), ("ghost_batch_size", 2),
@@ -497,8 +501,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ghost-batch-size", type=int, default=d.ghost_batch_size)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--num-architectures", "-N", type=int, default=d.num_architectures)
-    parser.add_argument("--strata", type=int, default=d.strata)
-    parser.add_argument("--per-stratum", type=int, default=d.per_stratum)
+    parser.add_argument("--strata", type=int, default=None, help="default 4 (2 with --quick)")
+    parser.add_argument("--per-stratum", type=int, default=None, help="default 3 (1 with --quick)")
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--n-val", type=int, default=None)
     parser.add_argument("--n-test", type=int, default=None)
