@@ -562,6 +562,6 @@ def test_report_groups_by_depth_and_reuses_baselines(tmp_path, capsys):
 def test_fashion_without_its_files_falls_back_to_digits_under_the_digits_name(tmp_path):
     """The fallback to sklearn digits is made explicit in the config, so the run directory, the
     defaults and `report ldn` all say digits."""
-    with pytest.warns(UserWarning, match="Fashion-MNIST not found"):
+    with pytest.warns(RuntimeWarning, match="Fashion-MNIST not found"):
         c = ldn.LDNConfig(dataset="fashion", data_root=str(tmp_path / "absent"), quick=True).resolved()
     assert c.dataset == "digits"
