@@ -129,7 +129,8 @@ class LDNConfig:
         if c.dataset == "fashion" and not fashion_mnist_available(c.data_root or FASHION_MNIST_DIR):
             # load_images would fall back to digits anyway: say so now, so that the defaults, the run
             # directory and the report follow the data actually used
-            warnings.warn(f"ldn: Fashion-MNIST not found under {c.data_root or FASHION_MNIST_DIR}; using sklearn digits", RuntimeWarning)
+            root = c.data_root or FASHION_MNIST_DIR
+            warnings.warn(f"ldn: Fashion-MNIST not found under {root}; using sklearn digits", RuntimeWarning)
             c.dataset = "digits"
         spiral = c.dataset == "spirals"
         if spiral:

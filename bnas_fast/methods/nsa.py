@@ -15,8 +15,8 @@ or ``bnas-fast run nsa --variant nsa_i`` / ``bnas-fast run nsa --compare``. One 
    statistics), the Spearman correlation of the two rankings (section 3) and the spread of the
    eval-mode accuracies; the same with BN calibrated per architecture (running statistics recomputed
    from ``calibration_batches`` training batches run with that architecture alone, on a copy of the
-   model, as single-path one-shot NAS does); ensembles of the first T = 1..T_max architectures (mean of their softmaxes:
-   accuracy and ECE, figure 4); the mutual information H[mean_t p_t] - mean_t H[p_t] over 5
+   model, as single-path one-shot NAS does); ensembles of the first T = 1..T_max architectures
+   (mean of their softmaxes: accuracy and ECE, figure 4); the mutual information H[mean_t p_t] - mean_t H[p_t] over 5
    architectures on the test set and on an out-of-distribution set, and the AUROC of telling them
    apart by it (section 5.2); for shared-weight variants, the accuracies of K unseen architectures and
    the AUC of telling seen from unseen by accuracy (table 1);
@@ -243,7 +243,9 @@ def _probs(model: NSANet, x: Tensor, arch: int, bn_train: bool, batch: int = 256
     return out
 
 
-def _calibrated_probs(model: NSANet, x_train: Tensor, x_test: Tensor, arch: int, batches: int, batch: int = 256) -> Tensor:
+def _calibrated_probs(
+    model: NSANet, x_train: Tensor, x_test: Tensor, arch: int, batches: int, batch: int = 256
+) -> Tensor:
     """Softmax of architecture ``arch`` in eval mode after recomputing, on a copy of the model, every
     BN's running statistics from ``batches`` training batches run with that architecture
     (:func:`bnas_fast.nn.recalibrate_batch_norm`): BN calibration per architecture, as single-path
@@ -299,7 +301,9 @@ def _run(c: NSAConfig) -> Dict[str, Any]:
     single_ece = [expected_calibration_error(p, y_test) for p in probs_eval]
     calibrated: Dict[str, Any] = {}
     if c.calibration_batches > 0:
-        acc_calibrated = [_accuracy(_calibrated_probs(model, x, x_test, a, c.calibration_batches), y_test) for a in range(K)]
+        acc_calibrated = [
+            _accuracy(_calibrated_probs(model, x, x_test, a, c.calibration_batches), y_test) for a in range(K)
+        ]
         calibrated = {
             "accuracy_calibrated_bn": acc_calibrated,
             "spearman_train_vs_calibrated_bn": spearman(acc_train_bn, acc_calibrated),
@@ -385,7 +389,8 @@ def _plots(c: NSAConfig, r: Dict[str, Any]) -> Dict[str, str]:
     ax.hist([100 * a for a in arch["accuracy_train_bn"]], bins=bins, alpha=0.6, label="BN train mode")
     ax.hist([100 * a for a in arch["accuracy_eval_bn"]], bins=bins, alpha=0.6, label="BN eval mode")
     if "accuracy_calibrated_bn" in arch:
-        ax.hist([100 * a for a in arch["accuracy_calibrated_bn"]], bins=bins, alpha=0.6, label="BN calibrated per architecture")
+        calibrated = [100 * a for a in arch["accuracy_calibrated_bn"]]
+        ax.hist(calibrated, bins=bins, alpha=0.6, label="BN calibrated per architecture")
     ax.set_xlabel("test accuracy of one architecture (%)")
     ax.set_ylabel("architectures")
     ax.set_title(f"{c.variant} ({c.running_stats} BN statistics): Spearman {arch['spearman_train_vs_eval_bn']:.2f}")
@@ -552,7 +557,8 @@ def main(args: argparse.Namespace) -> int:
     config = NSAConfig(
         dataset=args.dataset, variant=args.variant, running_stats=args.running_stats, seed=args.seed,
         num_archs=args.num_archs, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        eval_archs=args.eval_archs, calibration_batches=args.calibration_batches, n_train=args.n_train, n_test=args.n_test, data_root=args.data_root,
+        eval_archs=args.eval_archs, calibration_batches=args.calibration_batches, n_train=args.n_train,
+        n_test=args.n_test, data_root=args.data_root,
         threads=args.threads, quick=args.quick, plots=not args.no_plots, progress=not args.no_progress,
     )
     if args.seeds is not None and not args.compare:

@@ -231,5 +231,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Union[Tensor, Seq
             m.momentum = momentum
         model.train(was_training)
     if used == 0:
-        raise ValueError("recalibrate_batch_norm: batches is empty (the statistics were reset and nothing replaced them)")
+        raise ValueError(
+            "recalibrate_batch_norm: batches is empty (the statistics were reset and nothing replaced them)"
+        )
     return used

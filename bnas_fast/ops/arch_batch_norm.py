@@ -244,10 +244,15 @@ def _check_arch_momentum(arch_momentum, running_mean: Optional[Tensor], S: int, 
     if running_mean is None or running_mean.dim() != 2:
         raise ValueError(f"{op}: arch_momentum applies to per-architecture [S, C] running statistics only")
     if not arch_momentum.is_floating_point() or tuple(arch_momentum.shape) != (S,):
-        raise ValueError(f"{op}: arch_momentum must be a floating [S] = [{S}] tensor, got {arch_momentum.dtype} {tuple(arch_momentum.shape)}")
+        raise ValueError(
+            f"{op}: arch_momentum must be a floating [S] = [{S}] tensor, got {arch_momentum.dtype} "
+            f"{tuple(arch_momentum.shape)}"
+        )
     _checks.check_same_device("arch_momentum", arch_momentum, "x", x, op)
     if not torch.compiler.is_compiling() and not bool(((arch_momentum >= 0) & (arch_momentum <= 1)).all()):
-        raise ValueError(f"{op}: arch_momentum must have every value in [0, 1] (no NaN), got {arch_momentum.tolist()}")
+        raise ValueError(
+            f"{op}: arch_momentum must have every value in [0, 1] (no NaN), got {arch_momentum.tolist()}"
+        )
 
 
 def arch_batch_norm(

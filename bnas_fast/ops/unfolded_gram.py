@@ -129,8 +129,8 @@ def unfolded_gram(
     Wo = (W + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
     if Ho < 1 or Wo < 1:
         raise ValueError(
-            f"{op}: the kernel ({kernel_size[0]}x{kernel_size[1]}, dilation {dilation}) is larger than the padded input "
-            f"({H + 2 * padding[0]}x{W + 2 * padding[1]}): the convolution has no output"
+            f"{op}: the kernel ({kernel_size[0]}x{kernel_size[1]}, dilation {dilation}) is larger than the "
+            f"padded input ({H + 2 * padding[0]}x{W + 2 * padding[1]}): the convolution has no output"
         )
     if tuple(factors.shape[3:]) != (Ho, Wo):
         raise ValueError(f"{op}: factors' output size {tuple(factors.shape[3:])} does not match the convolution's ({Ho}, {Wo})")
