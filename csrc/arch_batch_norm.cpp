@@ -7,12 +7,16 @@
 //      exact, unlike sum of squares minus squared sum);
 //   2. per (group k, channel c): mean = average of the group's row means (equal counts), M2 = sum of
 //      row_m2 + L sum (row_mean - mean)^2 (Chan et al.), invstd = 1 / sqrt(M2 / N + eps);
-//   3. per row: y = x * scale + shift with scale = invstd w[arch[b], c], shift = bias[arch[b], c] - mean scale.
-// Backward, two passes over (grad_y, x): per-row sums A = sum g and Bs = sum g (x - mean); per (k, c)
-// the two group means of the standard batch-norm backward; then grad_x = g a + x b + c0 per row.
+//   3. per row: y = (x - mean) * scale + bias[arch[b], c] with scale = invstd w[arch[b], c].
+// Backward, two passes over (grad_y, x): per-row sums A = sum g, Bs = sum g (x - mean) and
+// D = sum (x - mean) (the residual of the float32 mean); per (k, c)
+// the two group means of the standard batch-norm backward; then grad_x = g a + (x - mean) b + c0 per row.
 // Every reduction runs in a fixed order (rows in parallel, groups and architectures serially per
 // channel), so results do not depend on the thread count. Sums over a row keep kLanes partial sums
-// so that the compiler vectorises them (a single running float sum may not be reordered).
+// so that the compiler vectorises them (a single running float sum may not be reordered), and add
+// each block of kSumBlock values into a double: a float32 sum of ~1e6 values with a large mean would
+// otherwise lose digits to rounding (the mean of 1e6 values of about 1e4 was off by 130). Sums across
+// rows (per group and channel) and the parameter gradients accumulate in double for the same reason.
 #include "common.h"
 
 #include <torch/library.h>
@@ -22,34 +26,47 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 
-// sum of f(v) over a row of L values, in kLanes partial sums added in a fixed order.
-template <typename scalar_t, typename acc_t, typename F>
-inline acc_t row_reduce(const scalar_t* __restrict x, int64_t L, F f) {
+// Values per block of a row sum: its kLanes partial sums run in acc_t, then go into a double total.
+constexpr int64_t kSumBlock = 1024;
+static_assert(kSumBlock % kLanes == 0, "a block holds whole groups of lanes");
+
+// sum over a block of n <= kSumBlock values of f(x[l]) (or f(g[l], x[l])), in kLanes partial sums.
+template <typename acc_t, typename Load>
+inline acc_t block_reduce(int64_t n, Load load) {
   acc_t lanes[kLanes] = {};
-  const int64_t full = L - L % kLanes;
+  const int64_t full = n - n % kLanes;
   for (int64_t l0 = 0; l0 < full; l0 += kLanes) {
-    const scalar_t* __restrict xb = x + l0;
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += f(static_cast<acc_t>(xb[j]));
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += load(l0 + j);
   }
-  for (int64_t l = full; l < L; ++l) lanes[l - full] += f(static_cast<acc_t>(x[l]));
+  for (int64_t l = full; l < n; ++l) lanes[l - full] += load(l);
   acc_t total = 0;
   for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
   return total;
 }
 
+// sum of f(v) over a row of L values: blocks of kSumBlock in acc_t, the blocks added in double.
+template <typename scalar_t, typename acc_t, typename F>
+inline double row_reduce(const scalar_t* __restrict x, int64_t L, F f) {
+  double total = 0;
+  for (int64_t l0 = 0; l0 < L; l0 += kSumBlock) {
+    const scalar_t* __restrict xb = x + l0;
+    total += block_reduce<acc_t>(std::min(kSumBlock, L - l0),
+                                 [&](int64_t l) { return f(static_cast<acc_t>(xb[l])); });
+  }
+  return total;
+}
+
 // sum over a row of f(g, x), same scheme.
 template <typename scalar_t, typename acc_t, typename F>
-inline acc_t row_reduce2(const scalar_t* __restrict g, const scalar_t* __restrict x, int64_t L, F f) {
-  acc_t lanes[kLanes] = {};
-  const int64_t full = L - L % kLanes;
-  for (int64_t l0 = 0; l0 < full; l0 += kLanes) {
+inline double row_reduce2(const scalar_t* __restrict g, const scalar_t* __restrict x, int64_t L, F f) {
+  double total = 0;
+  for (int64_t l0 = 0; l0 < L; l0 += kSumBlock) {
     const scalar_t* __restrict gb = g + l0;
     const scalar_t* __restrict xb = x + l0;
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += f(static_cast<acc_t>(gb[j]), static_cast<acc_t>(xb[j]));
+    total += block_reduce<acc_t>(std::min(kSumBlock, L - l0), [&](int64_t l) {
+      return f(static_cast<acc_t>(gb[l]), static_cast<acc_t>(xb[l]));
+    });
   }
-  for (int64_t l = full; l < L; ++l) lanes[l - full] += f(static_cast<acc_t>(g[l]), static_cast<acc_t>(x[l]));
-  acc_t total = 0;
-  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
   return total;
 }
 
@@ -144,31 +161,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> arch_batc
     acc_t* rm2 = row_m2.data_ptr<acc_t>();
     acc_t* mp = mean.data_ptr<acc_t>();
     acc_t* ip = invstd.data_ptr<acc_t>();
-    const acc_t inv_L = acc_t(1) / static_cast<acc_t>(L);
     // 1. per-row mean and M2
     at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = xp + r * L;
-        const acc_t m = row_reduce<scalar_t, acc_t>(row, L, [](acc_t v) { return v; }) * inv_L;
+        const acc_t m = static_cast<acc_t>(row_reduce<scalar_t, acc_t>(row, L, [](acc_t v) { return v; }) /
+                                           static_cast<double>(L));
         rm[r] = m;
-        rm2[r] = row_reduce<scalar_t, acc_t>(row, L, [m](acc_t v) { return (v - m) * (v - m); });
+        rm2[r] = static_cast<acc_t>(row_reduce<scalar_t, acc_t>(row, L, [m](acc_t v) { return (v - m) * (v - m); }));
       }
     });
     // 2. per (group, channel): Chan's combination of the group's rows (all of them have L values)
     at::parallel_for(0, d.G * C, 64, [&](int64_t begin, int64_t end) {
       for (int64_t kc = begin; kc < end; ++kc) {
         const int64_t k = kc / C, c = kc % C;
-        acc_t sum_means = 0;
+        double sum_means = 0;
         for (int64_t b = k * g; b < (k + 1) * g; ++b) sum_means += rm[b * C + c];
-        const acc_t m = sum_means / static_cast<acc_t>(g);
-        acc_t m2 = 0;
+        const double m = sum_means / static_cast<double>(g);
+        double m2 = 0;
         for (int64_t b = k * g; b < (k + 1) * g; ++b) {
-          const acc_t delta = rm[b * C + c] - m;
-          m2 += rm2[b * C + c] + static_cast<acc_t>(L) * delta * delta;
+          const double delta = rm[b * C + c] - m;
+          m2 += rm2[b * C + c] + static_cast<double>(L) * delta * delta;
         }
-        const acc_t var = m2 / static_cast<acc_t>(g * L);
-        mp[kc] = m;
-        ip[kc] = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+        const double var = m2 / static_cast<double>(g * L);
+        mp[kc] = static_cast<acc_t>(m);
+        ip[kc] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
       }
     });
     // 3. y = x * scale + shift per row
@@ -176,11 +193,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> arch_batc
     at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / C, c = r % C, kc = (b / g) * C + c, sc = ap[b] * C + c;
+        // (x - mean) scale + bias, not x scale + (bias - mean scale): with a mean large against the
+        // spread, x scale and mean scale are large and cancel
         const acc_t scale = ip[kc] * static_cast<acc_t>(wp[sc]);
-        const acc_t shift = static_cast<acc_t>(bp[sc]) - mp[kc] * scale;
+        const acc_t mean = mp[kc], shift = static_cast<acc_t>(bp[sc]);
         const scalar_t* __restrict row = xp + r * L;
         write_row<scalar_t, acc_t>(yp + r * L, L, streaming,
-                                   [=](int64_t l) { return static_cast<acc_t>(row[l]) * scale + shift; });
+                                   [=](int64_t l) { return (static_cast<acc_t>(row[l]) - mean) * scale + shift; });
       }
       if (streaming) streaming_fence();
     });
@@ -215,11 +234,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> arch_batch_norm_backward_cpu(
   const int64_t B = d.B, C = d.C, L = d.L, g = d.group_size, S = d.S;
   const auto acc_options = x.options().dtype(acc);
   auto grad_x = empty_output(x.sizes(), x.options());
-  auto sum_g = at::empty({B, C}, acc_options);       // A[b, c]  = sum_l g
-  auto sum_g_dx = at::empty({B, C}, acc_options);    // Bs[b, c] = sum_l g (x - mean)
-  auto coef = at::empty({d.G, C, 2}, acc_options);   // per (k, c): mean(dxhat), mean(dxhat xhat)
-  auto grad_weight_acc = at::zeros({S, C}, acc_options);
-  auto grad_bias_acc = at::zeros({S, C}, acc_options);
+  const auto row_options = acc_options.dtype(at::kDouble);
+  auto sum_g = at::empty({B, C}, row_options);       // A[b, c]  = sum_l g
+  auto sum_g_dx = at::empty({B, C}, row_options);    // Bs[b, c] = sum_l g (x - mean)
+  auto sum_dx = at::empty({B, C}, row_options);      // D[b, c]  = sum_l (x - mean)
+  auto coef = at::empty({d.G, C, 3}, acc_options);   // per (k, c): mean(dxhat), mean(dxhat xhat), delta
+  auto grad_weight_acc = at::zeros({S, C}, acc_options.dtype(at::kDouble));
+  auto grad_bias_acc = at::zeros({S, C}, acc_options.dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "arch_batch_norm_backward", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -228,56 +249,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> arch_batch_norm_backward_cpu(
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     const acc_t* mp = mean.data_ptr<acc_t>();
     const acc_t* ip = invstd.data_ptr<acc_t>();
-    acc_t* A = sum_g.data_ptr<acc_t>();
-    acc_t* Bs = sum_g_dx.data_ptr<acc_t>();
+    double* A = sum_g.data_ptr<double>();
+    double* Bs = sum_g_dx.data_ptr<double>();
+    double* D = sum_dx.data_ptr<double>();
     acc_t* cp = coef.data_ptr<acc_t>();
-    acc_t* gw = grad_weight_acc.data_ptr<acc_t>();
-    acc_t* gb = grad_bias_acc.data_ptr<acc_t>();
+    double* gw = grad_weight_acc.data_ptr<double>();
+    double* gb = grad_bias_acc.data_ptr<double>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    // 1. per-row sums of g and g (x - mean)
+    // 1. per-row sums of g, g (x - mean) and x - mean. The last two run in double: x - mean rounded
+    //    to float32 has the same error for every x of a binade (x is on the float grid, the mean is
+    //    fixed), a bias that a large mean of g sums up over the batch. And mean is itself rounded
+    //    (to 1e-3 at 1e4): D gives its residual delta = mean(x) - mean, which step 2 takes out.
     at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / C, c = r % C;
-        const acc_t m = mp[(b / g) * C + c];
+        const double m = mp[(b / g) * C + c];
         A[r] = row_reduce<scalar_t, acc_t>(gp + r * L, L, [](acc_t v) { return v; });
-        Bs[r] = row_reduce2<scalar_t, acc_t>(gp + r * L, xp + r * L, L,
-                                             [m](acc_t gv, acc_t xv) { return gv * (xv - m); });
+        Bs[r] = row_reduce2<scalar_t, double>(gp + r * L, xp + r * L, L,
+                                              [m](double gv, double xv) { return gv * (xv - m); });
+        D[r] = row_reduce<scalar_t, double>(xp + r * L, L, [m](double xv) { return xv - m; });
       }
     });
     // 2. per channel: the group means of dxhat = g w and of dxhat xhat, and the parameter gradients
-    //    (each channel owns its column of grad_weight / grad_bias; examples are added in order).
-    const acc_t inv_N = acc_t(1) / static_cast<acc_t>(g * L);
+    //    (each channel owns its column of grad_weight / grad_bias; examples are added in order), with
+    //    x - mean(x) = (x - mean) - delta, so sum g (x - mean(x)) = Bs - delta A.
+    const double inv_N = 1.0 / static_cast<double>(g * L);
     at::parallel_for(0, C, 8, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         for (int64_t k = 0; k < d.G; ++k) {
-          const acc_t r = ip[k * C + c];
-          acc_t sa = 0, sb = 0;
+          const double r = ip[k * C + c];
+          double sum_d = 0;
+          for (int64_t b = k * g; b < (k + 1) * g; ++b) sum_d += D[b * C + c];
+          const double delta = sum_d * inv_N;
+          double sa = 0, sb = 0;
           for (int64_t b = k * g; b < (k + 1) * g; ++b) {
             const int64_t s = ap[b];
-            const acc_t w = static_cast<acc_t>(wp[s * C + c]);
+            const double w = static_cast<acc_t>(wp[s * C + c]);
+            const double centred = Bs[b * C + c] - delta * A[b * C + c];
             sa += w * A[b * C + c];
-            sb += w * Bs[b * C + c];
-            gw[s * C + c] += r * Bs[b * C + c];
+            sb += w * centred;
+            gw[s * C + c] += r * centred;
             gb[s * C + c] += A[b * C + c];
           }
-          cp[(k * C + c) * 2] = sa * inv_N;
-          cp[(k * C + c) * 2 + 1] = r * sb * inv_N;
+          cp[(k * C + c) * 3] = static_cast<acc_t>(sa * inv_N);
+          cp[(k * C + c) * 3 + 1] = static_cast<acc_t>(r * sb * inv_N);
+          cp[(k * C + c) * 3 + 2] = static_cast<acc_t>(delta);
         }
       }
     });
-    // 3. grad_x = r (g w - m1 - xhat m2) = g (r w) + x (-r^2 m2) + (mean r^2 m2 - r m1)
+    // 3. grad_x = r (g w - m1 - xhat m2) = g (r w) + (x - mean) (-r^2 m2) - r m1 + delta r^2 m2
+    //    (x - mean, for the reason of the forward's step 3)
     const bool streaming = stream_output(grad_x);
     at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / C, c = r % C, kc = (b / g) * C + c;
-        const acc_t rs = ip[kc], m = mp[kc], m1 = cp[kc * 2], m2 = cp[kc * 2 + 1];
+        const acc_t rs = ip[kc], m = mp[kc], m1 = cp[kc * 3], m2 = cp[kc * 3 + 1], delta = cp[kc * 3 + 2];
         const acc_t a = rs * static_cast<acc_t>(wp[ap[b] * C + c]);
         const acc_t bx = -rs * rs * m2;
-        const acc_t c0 = m * rs * rs * m2 - rs * m1;
+        const acc_t c0 = -rs * m1 - delta * bx;
         const scalar_t* __restrict grow = gp + r * L;
         const scalar_t* __restrict xrow = xp + r * L;
         write_row<scalar_t, acc_t>(gxp + r * L, L, streaming, [=](int64_t l) {
-          return static_cast<acc_t>(grow[l]) * a + static_cast<acc_t>(xrow[l]) * bx + c0;
+          return static_cast<acc_t>(grow[l]) * a + (static_cast<acc_t>(xrow[l]) - m) * bx + c0;
         });
       }
       if (streaming) streaming_fence();
@@ -360,8 +393,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_backward_cpu(const
     at::parallel_for(0, B * C, row_grain(L), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* grow = gp + r * L;
-        gsp[r] = row_reduce2<scalar_t, acc_t>(grow, xp + r * L, L, [](acc_t gv, acc_t xv) { return gv * xv; });
-        ghp[r] = row_reduce<scalar_t, acc_t>(grow, L, [](acc_t v) { return v; });
+        gsp[r] = static_cast<acc_t>(
+            row_reduce2<scalar_t, acc_t>(grow, xp + r * L, L, [](acc_t gv, acc_t xv) { return gv * xv; }));
+        ghp[r] = static_cast<acc_t>(row_reduce<scalar_t, acc_t>(grow, L, [](acc_t v) { return v; }));
         const acc_t a = sp[r];
         write_row<scalar_t, acc_t>(gxp + r * L, L, streaming, [=](int64_t l) { return static_cast<acc_t>(grow[l]) * a; });
       }

@@ -16,6 +16,11 @@
 // with r = 1 when rescaling by 1 / (1 - p), else 0. bnas_fast/reference.py is the specification;
 // the Philox words are bit-identical to it and to the Triton kernels, L agrees to a few ulp.
 //
+// The kernels compute the scaled keep soft * scale as 1 / (1 / scale + exp(z - log scale)) with
+// z = (lambda + L) / temperature, and t * scale as that times the exp term: with lambda near the
+// limit of the float32 rescale (about 87.7), soft alone underflows (it is e^-z) while soft * scale
+// is of order 1, and exp(z) clamped at 88 gave dropped units a factor e^(lambda - 88) instead of 0.
+//
 // Nothing of the noise is stored: the backward regenerates it from (seed, offset). Per element, the
 // work is split over rows (b, c) and every row is walked in blocks of kBlock units aligned to
 // absolute multiples of kBlock, so the Philox calls and every row sum are the same whatever the
@@ -179,19 +184,23 @@ inline void block_noise(uint64_t seed, uint64_t offset, int64_t block_start, int
 // Per-channel constants, in the accumulation type, expanded from the per-group logits.
 template <typename acc_t>
 struct ChannelConstants {
-  std::vector<acc_t> lambda, scale, p_rescale;  // lambda_g, 1 + r exp(lambda_g), p_g r
+  // lambda_g, scale = 1 + r exp(lambda_g), its inverse and log, p_g r
+  std::vector<acc_t> lambda, scale, inv_scale, log_scale, p_rescale;
 };
 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 ChannelConstants<acc_t> channel_constants(const at::Tensor& drop_logit, int64_t C, int64_t group_size, bool rescale) {
   const scalar_t* logit = drop_logit.data_ptr<scalar_t>();
   ChannelConstants<acc_t> k;
-  k.lambda.resize(C), k.scale.resize(C), k.p_rescale.resize(C);
+  k.lambda.resize(C), k.scale.resize(C), k.inv_scale.resize(C), k.log_scale.resize(C), k.p_rescale.resize(C);
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t lambda = static_cast<acc_t>(logit[c / group_size]);
-    k.lambda[c] = lambda;
-    k.scale[c] = rescale ? acc_t(1) + std::exp(lambda) : acc_t(1);
-    k.p_rescale[c] = rescale ? acc_t(1) / (acc_t(1) + std::exp(-lambda)) : acc_t(0);
+    const double lambda = static_cast<double>(logit[c / group_size]);
+    k.lambda[c] = static_cast<acc_t>(lambda);
+    k.scale[c] = static_cast<acc_t>(rescale ? 1.0 + std::exp(lambda) : 1.0);
+    k.inv_scale[c] = static_cast<acc_t>(rescale ? 1.0 / (1.0 + std::exp(lambda)) : 1.0);
+    // log(1 + e^lambda), without overflow for large lambda
+    k.log_scale[c] = static_cast<acc_t>(rescale ? std::max(lambda, 0.0) + std::log1p(std::exp(-std::abs(lambda))) : 0.0);
+    k.p_rescale[c] = static_cast<acc_t>(rescale ? 1.0 / (1.0 + std::exp(-lambda)) : 0.0);
   }
   return k;
 }
@@ -233,25 +242,26 @@ Config make_config(const at::Tensor& x, const at::Tensor& drop_logit, const at::
                 per_element, rescale, mode};
 }
 
-// One unit's keep factor and the slope t = soft (1 - soft) / temperature (0 in hard mode).
+// One unit's keep factor times scale, and its slope times scale: t scale = soft (1 - soft) scale /
+// temperature (0 in hard mode). With e = exp(z - log scale), z = (lambda + L) / temperature:
+// soft scale = 1 / (1 / scale + e) and 1 - soft = e soft scale (see the header).
 template <typename acc_t, int64_t kMode>
-inline void unit_keep(acc_t lambda, float noise, acc_t inv_temperature, acc_t& keep, acc_t& slope) {
+inline void scaled_keep(acc_t lambda, float noise, acc_t inv_temperature, acc_t scale, acc_t inv_scale,
+                        acc_t log_scale, acc_t& keep_scaled, acc_t& slope_scaled) {
   const acc_t sum = lambda + static_cast<acc_t>(noise);
-  const acc_t hard = sum < acc_t(0) ? acc_t(1) : acc_t(0);
+  const acc_t hard_scaled = sum < acc_t(0) ? scale : acc_t(0);
   if constexpr (kMode == 2) {
-    keep = hard;
-    slope = acc_t(0);
+    keep_scaled = hard_scaled;
+    slope_scaled = acc_t(0);
   } else {
-    const acc_t soft = acc_t(1) / (acc_t(1) + fast_exp(sum * inv_temperature));
-    keep = kMode == 0 ? soft : hard;
-    slope = soft * (acc_t(1) - soft) * inv_temperature;
+    // exp's argument at most 88 (float32: fast_exp clamps there) or 700 (float64): e stays finite, so
+    // e * soft_scaled is about 1 and not inf * 0 at a tiny temperature
+    constexpr acc_t kMaxExponent = sizeof(acc_t) == 4 ? acc_t(88) : acc_t(700);
+    const acc_t e = fast_exp(std::min(sum * inv_temperature - log_scale, kMaxExponent));
+    const acc_t soft_scaled = acc_t(1) / (inv_scale + e);
+    keep_scaled = kMode == 0 ? soft_scaled : hard_scaled;
+    slope_scaled = soft_scaled * (e * soft_scaled) * inv_temperature;
   }
-}
-
-// The soft keep 1 / (1 + exp((lambda + L) / temperature)) of a unit, from sum = lambda + L.
-template <typename acc_t>
-inline acc_t soft_keep(acc_t sum, acc_t inv_temperature) {
-  return acc_t(1) / (acc_t(1) + fast_exp(sum * inv_temperature));
 }
 
 // The row sums of the backward are kept in kLanes partial sums, lane j taking the units i = j mod
@@ -261,60 +271,70 @@ inline acc_t soft_keep(acc_t sum, acc_t inv_temperature) {
 // absolute block boundaries, whatever the thread count.
 constexpr int64_t kLanes = 16;
 
-// One row segment of n units of channel constants (lambda, scale, p_rescale): the forward writes
-// y = x k scale to out; the backward writes grad_x = grad_y k scale to out and adds the units'
-// grad_y x (k p r - t) to lanes. The loops over units are plain arithmetic that GCC vectorises.
+// One row segment of n units of channel c: the forward writes y = x k scale to out; the backward
+// writes grad_x = grad_y k scale to out and adds the units' grad_y x scale (k p r - t) to lanes. The
+// loops over units are plain arithmetic that GCC vectorises.
 template <typename scalar_t, int64_t kMode, typename acc_t = acc_type<scalar_t>>
-inline void forward_segment(const float* __restrict noise, const scalar_t* __restrict x, int64_t n, acc_t lambda,
-                            acc_t scale, acc_t inv_temperature, acc_t* __restrict out) {
+inline void forward_segment(const float* __restrict noise, const scalar_t* __restrict x, int64_t n,
+                            const ChannelConstants<acc_t>& k, int64_t c, acc_t inv_temperature,
+                            acc_t* __restrict out) {
+  const acc_t lambda = k.lambda[c], scale = k.scale[c], inv_scale = k.inv_scale[c], log_scale = k.log_scale[c];
   for (int64_t i = 0; i < n; ++i) {
     const acc_t sum = lambda + static_cast<acc_t>(noise[i]);
     // mode 0 needs only the soft keep, modes 1 and 2 only the hard one (no exp)
-    const acc_t keep = kMode == 0 ? soft_keep(sum, inv_temperature) : (sum < acc_t(0) ? acc_t(1) : acc_t(0));
-    out[i] = static_cast<acc_t>(x[i]) * keep * scale;
+    // (the forward needs no clamp: 1 / (inv_scale + inf) is the right 0)
+    const acc_t keep_scaled = kMode == 0 ? acc_t(1) / (inv_scale + fast_exp(sum * inv_temperature - log_scale))
+                                         : (sum < acc_t(0) ? scale : acc_t(0));
+    out[i] = static_cast<acc_t>(x[i]) * keep_scaled;
   }
 }
 
 template <typename scalar_t, int64_t kMode, typename acc_t = acc_type<scalar_t>>
-inline void backward_unit(float noise, scalar_t grad_y, scalar_t x, acc_t lambda, acc_t scale, acc_t p_rescale,
-                          acc_t inv_temperature, acc_t& grad_x, acc_t& lane) {
-  const acc_t sum = lambda + static_cast<acc_t>(noise);
-  const acc_t hard = sum < acc_t(0) ? acc_t(1) : acc_t(0);
-  acc_t keep = hard, slope = acc_t(0);
-  if constexpr (kMode != 2) {
-    const acc_t soft = soft_keep(sum, inv_temperature);
-    if constexpr (kMode == 0) keep = soft;
-    slope = soft * (acc_t(1) - soft) * inv_temperature;
-  }
+inline void backward_unit(float noise, scalar_t grad_y, scalar_t x, acc_t lambda, acc_t scale, acc_t inv_scale,
+                          acc_t log_scale, acc_t p_rescale, acc_t inv_temperature, acc_t& grad_x, acc_t& lane) {
+  acc_t keep_scaled, slope_scaled;
+  scaled_keep<acc_t, kMode>(lambda, noise, inv_temperature, scale, inv_scale, log_scale, keep_scaled, slope_scaled);
   const acc_t g = static_cast<acc_t>(grad_y);
-  grad_x = g * keep * scale;
-  lane += g * static_cast<acc_t>(x) * (keep * p_rescale - slope);
+  grad_x = g * keep_scaled;
+  lane += g * static_cast<acc_t>(x) * (keep_scaled * p_rescale - slope_scaled);
 }
 
 template <typename scalar_t, int64_t kMode, typename acc_t = acc_type<scalar_t>>
 inline void backward_segment(const float* __restrict noise, const scalar_t* __restrict grad_y,
-                             const scalar_t* __restrict x, int64_t n, acc_t lambda, acc_t scale, acc_t p_rescale,
+                             const scalar_t* __restrict x, int64_t n, const ChannelConstants<acc_t>& k, int64_t c,
                              acc_t inv_temperature, acc_t* __restrict out, acc_t* __restrict lanes) {
+  const acc_t lambda = k.lambda[c], scale = k.scale[c], inv_scale = k.inv_scale[c], log_scale = k.log_scale[c];
+  const acc_t p_rescale = k.p_rescale[c];
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int64_t j = 0; j < kLanes; ++j) {
-      backward_unit<scalar_t, kMode>(noise[i + j], grad_y[i + j], x[i + j], lambda, scale, p_rescale, inv_temperature,
-                                     out[i + j], lanes[j]);
+      backward_unit<scalar_t, kMode>(noise[i + j], grad_y[i + j], x[i + j], lambda, scale, inv_scale, log_scale,
+                                     p_rescale, inv_temperature, out[i + j], lanes[j]);
     }
   }
   for (int64_t j = 0; i + j < n; ++j) {
-    backward_unit<scalar_t, kMode>(noise[i + j], grad_y[i + j], x[i + j], lambda, scale, p_rescale, inv_temperature,
-                                   out[i + j], lanes[j]);
+    backward_unit<scalar_t, kMode>(noise[i + j], grad_y[i + j], x[i + j], lambda, scale, inv_scale, log_scale,
+                                   p_rescale, inv_temperature, out[i + j], lanes[j]);
   }
 }
 
 // One row of the per-(example, group) path: out = in * factor, streamed when asked (see
 // store_block), and, with kDot, the row's dot product of in and x kept in kLanes partial sums for
 // the same reason as backward_segment's (their order depends only on P: thread-count independent).
+// Every kBlock values the lanes are added into a double, so that long rows keep their digits.
+template <typename acc_t>
+inline double flush_lanes(acc_t* lanes) {
+  acc_t sum = 0;
+  for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
+  std::fill(lanes, lanes + kLanes, acc_t(0));
+  return static_cast<double>(sum);
+}
+
 template <typename scalar_t, bool kDot, typename acc_t = acc_type<scalar_t>>
-inline acc_t scale_row(const scalar_t* __restrict in, const scalar_t* __restrict x, acc_t factor, int64_t P,
-                       scalar_t* __restrict out, bool streaming) {
+inline double scale_row(const scalar_t* __restrict in, const scalar_t* __restrict x, acc_t factor, int64_t P,
+                        scalar_t* __restrict out, bool streaming) {
   acc_t lanes[kLanes] = {};
+  double total = 0;
   alignas(64) acc_t chunk[kLanes];
   int64_t s = 0;
   for (; s + kLanes <= P; s += kLanes) {
@@ -324,30 +344,30 @@ inline acc_t scale_row(const scalar_t* __restrict in, const scalar_t* __restrict
       if constexpr (kDot) lanes[j] += v * static_cast<acc_t>(x[s + j]);
     }
     store_block<kLanes>(out + s, chunk, streaming);
+    if (kDot && (s + kLanes) % kBlock == 0) total += flush_lanes(lanes);
   }
   for (int64_t j = 0; s + j < P; ++j) {
     const acc_t v = static_cast<acc_t>(in[s + j]);
     out[s + j] = static_cast<scalar_t>(v * factor);
     if constexpr (kDot) lanes[j] += v * static_cast<acc_t>(x[s + j]);
   }
-  acc_t sum = 0;
-  for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
-  return sum;
+  return total + flush_lanes(lanes);
 }
 
 // Per element: rows [row_begin, row_end) of x, in blocks of kBlock units. Forward writes y; backward
-// writes grad_x and row_sum[row] = sum_s grad_y * x * (k p r - t) (scale applied by the caller). Each
+// writes grad_x and row_sum[row] = sum_s grad_y * x * scale * (k p r - t) (in double). Each
 // block's noise and outputs stay in stack buffers (8 KiB for float32, in L1); the outputs then go to
 // memory in one pass, streamed past the caches when `streaming` (outputs of kStreamingBytes and more,
 // common.h).
 template <typename scalar_t, int64_t kMode, bool kBackward>
 void per_element_rows(const Config& cfg, const ChannelConstants<acc_type<scalar_t>>& k, const scalar_t* __restrict in,
-                      const scalar_t* __restrict x, scalar_t* __restrict out, acc_type<scalar_t>* __restrict row_sum,
+                      const scalar_t* __restrict x, scalar_t* __restrict out, double* __restrict row_sum,
                       int64_t C, int64_t P, int64_t row_begin, int64_t row_end, bool streaming) {
   using acc_t = acc_type<scalar_t>;
   alignas(64) float noise[kBlock];
   alignas(64) acc_t result[kBlock];
-  acc_t lanes[kLanes] = {};  // the current row's partial sums (backward)
+  acc_t lanes[kLanes] = {};  // the current segment's partial sums (backward)
+  double row_total = 0;      // the current row's sum: its segments' lanes added in double
   const acc_t inv_temperature = static_cast<acc_t>(cfg.inv_temperature);
   int64_t e = row_begin * P;
   const int64_t end = row_end * P;
@@ -361,16 +381,13 @@ void per_element_rows(const Config& cfg, const ChannelConstants<acc_type<scalar_
       const int64_t segment_end = std::min((row + 1) * P, block_end);
       const int64_t c = row % C, i0 = e - block_start, n = segment_end - e;
       if constexpr (!kBackward) {
-        forward_segment<scalar_t, kMode>(noise + i0, in + e, n, k.lambda[c], k.scale[c], inv_temperature,
-                                         result + i0);
+        forward_segment<scalar_t, kMode>(noise + i0, in + e, n, k, c, inv_temperature, result + i0);
       } else {
-        backward_segment<scalar_t, kMode>(noise + i0, in + e, x + e, n, k.lambda[c], k.scale[c], k.p_rescale[c],
-                                          inv_temperature, result + i0, lanes);
+        backward_segment<scalar_t, kMode>(noise + i0, in + e, x + e, n, k, c, inv_temperature, result + i0, lanes);
+        row_total += flush_lanes(lanes);
         if (segment_end == (row + 1) * P) {
-          acc_t sum = 0;
-          for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
-          row_sum[row] = sum;
-          std::fill(lanes, lanes + kLanes, acc_t(0));
+          row_sum[row] = row_total;
+          row_total = 0;
         }
       }
       e = segment_end;
@@ -385,8 +402,8 @@ void per_element_rows(const Config& cfg, const ChannelConstants<acc_type<scalar_
   if (streaming) streaming_fence();
 }
 
-// Per (example, group): factor[b C + c] = k(b, g) scale_c and slope_row[b C + c] = the unit's
-// (k p r - t) for every channel of the group. B G units: a serial pass over blocks of kBlock.
+// Per (example, group): factor[b C + c] = k(b, g) scale_c and coefficient[b C + c] = the unit's
+// scale_c (k p r - t) for every channel of the group. B G units: a serial pass over blocks of kBlock.
 template <typename acc_t, int64_t kMode>
 void unit_factors(const Config& cfg, const ChannelConstants<acc_t>& k, int64_t B, int64_t C, acc_t* factor,
                   acc_t* coefficient) {
@@ -399,10 +416,11 @@ void unit_factors(const Config& cfg, const ChannelConstants<acc_t>& k, int64_t B
     for (int64_t i = 0; i < n; ++i) {
       const int64_t u = block_start + i, b = u / G, g = u % G;
       for (int64_t c = g * cfg.group_size; c < (g + 1) * cfg.group_size; ++c) {
-        acc_t keep, slope;
-        unit_keep<acc_t, kMode>(k.lambda[c], noise[i], inv_temperature, keep, slope);
-        factor[b * C + c] = keep * k.scale[c];
-        coefficient[b * C + c] = keep * k.p_rescale[c] - slope;
+        acc_t keep_scaled, slope_scaled;
+        scaled_keep<acc_t, kMode>(k.lambda[c], noise[i], inv_temperature, k.scale[c], k.inv_scale[c],
+                                  k.log_scale[c], keep_scaled, slope_scaled);
+        factor[b * C + c] = keep_scaled;
+        coefficient[b * C + c] = keep_scaled * k.p_rescale[c] - slope_scaled;
       }
     }
   }
@@ -442,9 +460,9 @@ void backward_impl(const Config& cfg, const at::Tensor& grad_y, const at::Tensor
   const scalar_t* gp = grad_y.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-  // row_sum[b C + c]: sum over the row of grad_y * x * (k p r - t); times scale_c it is the row's
-  // share of grad_lambda.
-  std::vector<acc_t> row_sum(B * C, acc_t(0));
+  // row_sum[b C + c]: sum over the row of grad_y * x * scale_c * (k p r - t), the row's share of
+  // grad_lambda (in double: grad_lambda may sum millions of rows).
+  std::vector<double> row_sum(B * C, 0.0);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(P, 1));
   if (cfg.per_element) {
     const bool streaming = static_cast<int64_t>(grad_x.nbytes()) >= kStreamingBytes;
@@ -457,16 +475,16 @@ void backward_impl(const Config& cfg, const at::Tensor& grad_y, const at::Tensor
     const bool streaming = static_cast<int64_t>(grad_x.nbytes()) >= kStreamingBytes;
     at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const acc_t dot = scale_row<scalar_t, true>(gp + row * P, xp + row * P, factor[row], P, gxp + row * P, streaming);
-        row_sum[row] = dot * coefficient[row];
+        const double dot = scale_row<scalar_t, true>(gp + row * P, xp + row * P, factor[row], P, gxp + row * P, streaming);
+        row_sum[row] = dot * static_cast<double>(coefficient[row]);
       }
       if (streaming) streaming_fence();
     });
   }
-  // grad_lambda_g = sum_b sum_{c in g} scale_c row_sum[b C + c], in a fixed order.
-  std::vector<acc_t> total(G, acc_t(0));
+  // grad_lambda_g = sum_b sum_{c in g} row_sum[b C + c], in a fixed order.
+  std::vector<double> total(G, 0.0);
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t c = 0; c < C; ++c) total[c / cfg.group_size] += k.scale[c] * row_sum[b * C + c];
+    for (int64_t c = 0; c < C; ++c) total[c / cfg.group_size] += row_sum[b * C + c];
   }
   scalar_t* out = grad_logit.data_ptr<scalar_t>();
   for (int64_t g = 0; g < G; ++g) out[g] = static_cast<scalar_t>(total[g]);

@@ -75,7 +75,9 @@ void unfold_example(const scalar_t* __restrict xn, const ConvGeometry& g, int64_
 // Returns the compressed factors [N, 1, C_out, P], or an undefined tensor as soon as one (n, o)
 // is not rank one. "Rank one" allows rounding: every row's residual off w must be at most
 // 16 epsilon of its norm. The blocks' error is first order in that residual, so it stays at the
-// level of the GEMMs' own rounding.
+// level of the GEMMs' own rounding. The test runs on a copy of the K x P matrix scaled by a power
+// of two to a largest magnitude in [1/2, 1): squared norms of factors below about 1e-19 (float32)
+// would otherwise underflow to 0 and make a live channel look dead.
 // sum_p a[p] b[p], vectorised (omp simd lets the compiler reorder the sum).
 template <typename acc_t>
 inline acc_t dot_product(const acc_t* __restrict a, const acc_t* __restrict b, int64_t P) {
@@ -97,27 +99,40 @@ at::Tensor rank_one_factors(const at::Tensor& S) {
   acc_t* op = out.data_ptr<acc_t>();
   std::atomic<bool> rank_one{true};
   at::parallel_for(0, N * O, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> norms(K);
+    std::vector<acc_t> norms(K), scaled(K * P);
     for (int64_t i = begin; i < end && rank_one.load(std::memory_order_relaxed); ++i) {
       const int64_t n = i / O, o = i % O;
       const acc_t* base = sp + n * sn + o * so;
+      acc_t* dst = op + i * P;
+      acc_t largest = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t p = 0; p < P; ++p) largest = std::max(largest, std::abs(base[k * sk + p]));
+      }
+      if (!std::isfinite(largest)) {  // (NaN compares false in max: also caught by the residual test)
+        rank_one.store(false, std::memory_order_relaxed);
+        break;
+      }
+      if (largest == acc_t(0)) {  // every row is zero (a dead unit): so is the compressed factor
+        std::fill(dst, dst + P, acc_t(0));
+        continue;
+      }
+      int exponent;
+      std::frexp(largest, &exponent);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t p = 0; p < P; ++p) scaled[k * P + p] = std::ldexp(base[k * sk + p], -exponent);  // exact
+      }
       int64_t best = 0;
       for (int64_t k = 0; k < K; ++k) {
-        const acc_t* row = base + k * sk;
+        const acc_t* row = scaled.data() + k * P;
         const acc_t s = dot_product(row, row, P);
         norms[k] = s;
         if (s > norms[best]) best = k;
       }
-      const acc_t* w = base + best * sk;
+      const acc_t* w = scaled.data() + best * P;
       const acc_t ww = norms[best];
-      acc_t* dst = op + i * P;
-      if (ww == acc_t(0)) {  // every row is zero (a dead unit): so is the compressed factor
-        std::fill(dst, dst + P, acc_t(0));
-        continue;
-      }
       acc_t sum_c2 = 0;
       for (int64_t k = 0; k < K; ++k) {
-        const acc_t* row = base + k * sk;
+        const acc_t* row = scaled.data() + k * P;
         const acc_t c = dot_product(row, w, P) / ww;
         acc_t residual = 0;
 #pragma omp simd reduction(+ : residual)
@@ -131,8 +146,10 @@ at::Tensor rank_one_factors(const at::Tensor& S) {
         }
         sum_c2 += c * c;
       }
+      if (!rank_one.load(std::memory_order_relaxed)) break;
       const acc_t scale = std::sqrt(sum_c2);
-      for (int64_t p = 0; p < P; ++p) dst[p] = w[p] * scale;
+      const acc_t* w_original = base + best * sk;  // c_k is the same for the scaled rows
+      for (int64_t p = 0; p < P; ++p) dst[p] = w_original[p] * scale;
     }
   });
   return rank_one.load() ? out : at::Tensor();

@@ -176,6 +176,72 @@ def test_large_offset_keeps_variance_accurate():
     torch.testing.assert_close(invstd[0].double(), torch.rsqrt(var + 1e-5), rtol=1e-4, atol=0)
 
 
+def _float64_truth(x, arch, g, w, b):
+    """Forward and backward of the reference in float64 from the same float32 values."""
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = reference.arch_batch_norm(x64, arch, w64, b.double(), x.shape[0], 1e-5)[0]
+    y64.backward(g.double())
+    return y64, x64.grad, w64.grad
+
+
+def test_a_million_rows_at_a_large_mean_keep_float32_accuracy():
+    """x [1e6, 1] at mean 1e4: summing the rows' statistics one at a time in float32 put the mean 130
+    off and y up to 5.8 off; the kernel now adds blocks in double and normalises x - mean."""
+    gen = torch.Generator().manual_seed(7)
+    B = 1_000_000
+    x = (1e4 + torch.randn(B, 1, generator=gen, dtype=torch.float64)).float()
+    g = torch.randn(B, 1, generator=gen, dtype=torch.float64).float()
+    arch = torch.zeros(B, dtype=torch.long)
+    w, b = torch.ones(1, 1), torch.zeros(1, 1)
+    y64, gx64, gw64 = _float64_truth(x, arch, g, w, b)
+    xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = bnas_fast.arch_batch_norm(xk, arch, wk, b)
+    y.backward(g)
+    # float32 torch reaches ~1e-3 on y here (x itself is rounded to 1e-3 at 1e4)
+    assert float((y.double() - y64).abs().max()) < 2e-3
+    assert float((xk.grad.double() - gx64).abs().max()) < 2e-3 * float(gx64.abs().max())
+    torch.testing.assert_close(wk.grad.double(), gw64, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("x_mean", [0.0, 1e4])
+def test_a_large_mean_of_the_gradient(x_mean):
+    """grad_y at mean 1e3, over two rows of 1e6 values. float32 x - mean has the same rounding error
+    for every x of a binade (x is on the float grid), a bias that the gradient's mean summed to 0.7%
+    of grad_weight; rounding the mean itself to float32 adds sum(g) times that rounding. The kernel
+    sums in double and subtracts the mean's residual sum(x - mean) / N: grad_weight comes out within
+    1e-7 relative (float32 torch.nn.functional.batch_norm: 2% at x_mean = 0, and 1e5 times the
+    gradient's size on grad_x at x_mean = 1e4)."""
+    gen = torch.Generator().manual_seed(8)
+    x = (x_mean + torch.randn(2, 1, 1_000_000, generator=gen, dtype=torch.float64)).float()
+    g = (1e3 + torch.randn(2, 1, 1_000_000, generator=gen, dtype=torch.float64)).float()
+    arch = torch.zeros(2, dtype=torch.long)
+    w, b = torch.ones(1, 1), torch.zeros(1, 1)
+    y64, gx64, gw64 = _float64_truth(x, arch, g, w, b)
+    xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
+    bnas_fast.arch_batch_norm(xk, arch, wk, b).backward(g)
+    xt, wt = x.clone().requires_grad_(), w[0].clone().requires_grad_()
+    F.batch_norm(xt, None, None, wt, b[0], training=True).backward(g)
+    ours_w, torch_w = float((wk.grad.double() - gw64).abs().max()), float((wt.grad.double() - gw64).abs().max())
+    ours_x, torch_x = float((xk.grad.double() - gx64).abs().max()), float((xt.grad.double() - gx64).abs().max())
+    assert ours_w < 1e-6 * float(gw64.abs().max()) and ours_w < torch_w, (ours_w, torch_w)
+    assert ours_x < 1e-4 * float(gx64.abs().max()) and ours_x < torch_x, (ours_x, torch_x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_per_arch_running_variance_at_a_large_mean(dtype):
+    """Mean 1e4 (float32) or 1e8 (float64) with unit spread: through E[x^2] - mean^2 the running
+    variance cancelled to 0; the mixture formula keeps it."""
+    mean = 1e4 if dtype == torch.float32 else 1e8
+    gen = torch.Generator().manual_seed(9)
+    bn = bnas_fast.nn.ArchBatchNorm2d(2, num_archs=3, running_stats="per_arch", momentum=0.1).to(dtype)
+    bn.running_mean.fill_(mean)  # start from the right mean, as after some batches
+    for _ in range(60):
+        x = (mean + torch.randn(12, 2, 4, 4, generator=gen, dtype=torch.float64)).to(dtype)
+        bn(x, torch.arange(12) % 3)
+    # running_var started at 1 and has seen ~1: it must stay near 1 (the variance of x)
+    assert ((bn.running_var - 1.0).abs() < 0.15).all(), bn.running_var
+
+
 def test_empty_batch_gives_an_empty_output_and_channel_affine_is_fine():
     x = torch.randn(0, 3, 4, 4)
     y = bnas_fast.arch_batch_norm(x, torch.zeros(0, dtype=torch.long), torch.ones(1, 3), torch.zeros(1, 3))

@@ -180,6 +180,21 @@ def test_rank_one_factors_are_compressed_exactly(geometry, dtype, k_major):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[:2])
+def test_rank_one_factors_too_small_to_square_are_kept(geometry):
+    """Rank-one float32 factors of about 1e-24: their squared norms underflow to 0, and the test for
+    rank one once took every channel for dead (zero blocks). With a large input the blocks are
+    representable (about 1e-20) and must match the float64 reference."""
+    x, factors, conv = _rank_one_factors(geometry, torch.float64)
+    x, factors = (x * 1e14).float(), (factors * 1e-24).float()
+    args = (conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"], conv["groups"], conv["bias"])
+    expected = reference.unfolded_gram(x.double(), factors.double(), *args)
+    assert float(expected.abs().max()) > 1e-20
+    got = bnas_fast.unfolded_gram(x, factors, **conv).double()
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got / scale, expected / scale, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:2])
 def test_nearly_rank_one_factors_are_not_compressed(geometry):
     """A residual of 1e-6 off rank one is far above rounding: the kernel must keep all K factors
     (compressing would change the blocks at the 1e-6 level, far outside 1e-11)."""

@@ -229,13 +229,17 @@ def _update_running_stats(
     weight = weight.unsqueeze(1)
     # Average the first two moments, not the per-batch variances: an architecture meets few
     # examples per batch (one, with S = 50 and B = 64), and the variance within those misses the
-    # variance between examples. E[x^2] = var + mean^2 averaged over batches keeps it (the law of
-    # total variance), so running_var estimates the variance over all of the architecture's examples.
+    # variance between examples. Mixing the old statistics (weight 1 - w) with the batch's (w) as two
+    # populations, the law of total variance gives the variance of the mixture:
+    #   (1 - w) old_var + w var + w (1 - w) (mean - old_mean)^2,
+    # so running_var estimates the variance over all of the architecture's examples. (Written
+    # through E[x^2] - mean^2 instead, it cancels to 0 when the mean is large against the spread.)
     old_mean, old_var = running_mean.to(mean.dtype), running_var.to(var.dtype)
-    new_mean = old_mean + weight * (mean - old_mean)
-    new_second = old_var + old_mean**2 + weight * (var + mean**2 - old_var - old_mean**2)
+    delta = mean - old_mean
+    new_mean = old_mean + weight * delta
+    new_var = old_var + weight * (var - old_var) + weight * (1 - weight) * delta**2
     running_mean.copy_(new_mean.to(running_mean.dtype))
-    running_var.copy_((new_second - new_mean**2).clamp(min=0).to(running_var.dtype))
+    running_var.copy_(new_var.to(running_var.dtype))
 
 
 def _check_arch_momentum(arch_momentum, running_mean: Optional[Tensor], S: int, x: Tensor, op: str) -> None:
