@@ -275,6 +275,31 @@ def test_temperatures(same_noise, temperature):
             check(x, drop_logit, grad_y, so, 2, per_element, True, mode, temperature=temperature)
 
 
+@pytest.mark.parametrize("drop_logit_value,temperature", [(80.0, 0.2), (87.5, 0.2), (87.5, 1.0)])
+@pytest.mark.parametrize("layout", [(True, 1), (False, 1)], ids=layout_id)
+def test_soft_mode_near_the_rescale_limit(same_noise, drop_logit_value, temperature, layout):
+    """float32 kernels against the float64 reference with a drop logit near the float32 limit of
+    the rescale (87.7): soft keep underflows while keep * (1 + e^lambda) is of order 1. Multiplying
+    by scale after summing once gave a NaN grad_lambda here."""
+    per_element, group_size = layout
+    x, _, grad_y = make_inputs((4, 2, 64), group_size, torch.float32, seed=7)
+    drop_logit = torch.full((2,), drop_logit_value)
+    so = seed_offset(2**33 + 12345, 2**32 - 3)
+    for mode in (0, 1):
+        args = (so, temperature, group_size, per_element, True, mode)
+        y = triton_gsd.gumbel_sigmoid_dropout(x, drop_logit, *args)
+        _, grad_logit = triton_gsd.gumbel_sigmoid_dropout_backward(grad_y, x, drop_logit, *args)
+        y64 = reference.gumbel_sigmoid_dropout(x.double(), drop_logit.double(), *args)
+        _, grad_logit64 = reference.gumbel_sigmoid_dropout_backward(grad_y.double(), x.double(), drop_logit.double(), *args)
+        size = max(float(y64.abs().max()), 1.0)
+        assert float((y.double() - y64).abs().max()) < 1e-5 * size, f"mode {mode}: y"
+        # grad_lambda sums terms of the size of y (soft) or of grad_lambda itself (straight-through,
+        # where y is 0): float32 leaves ~1e-6 of them
+        size = max(size, float(grad_logit64.abs().max()))
+        assert torch.isfinite(grad_logit).all(), f"mode {mode}: grad_lambda {grad_logit}"
+        assert float((grad_logit.double() - grad_logit64).abs().max()) < 1e-5 * size, f"mode {mode}: grad_lambda"
+
+
 def test_gradients_match_autograd(same_noise):
     """The backward equals autograd of the reference forward (not only the explicit formulas)."""
     so = seed_offset(123, 456)

@@ -49,9 +49,13 @@ The design:
   the log is ``tl.log`` (libdevice's logf on NVIDIA, within 1 ulp; numpy's float32 log under the
   interpreter, within 4), not correctly rounded, and neither is torch.log: the noise may differ from
   the reference's by a few ulp, which flips a hard mask only when lambda + L is within those ulp of
-  0 (about 1e-8 per unit). The soft keep uses
-  e = exp(-|z|): soft = 1 / (1 + e) or e / (1 + e) and soft (1 - soft) = e / (1 + e)^2, stable at
-  both ends (the reference's 1 - soft cancels when soft is near 1).
+  0 (about 1e-8 per unit). The kernels compute the keep and the slope already multiplied by
+  scale, as in the C++ kernels: with e = exp(z - log scale), soft scale = 1 / (1 / scale + e) and
+  1 - soft = e soft scale, so t scale = soft scale (e soft scale) / temperature. Near the float32
+  limit of the rescale (lambda about 80 to 87.7), soft underflows while soft scale is of order 1,
+  and scale times a sum of terms overflowed (a NaN grad_lambda). 1 - soft needs no subtraction, so
+  it does not cancel when soft is near 1; exp's argument is capped (88 in float32, 700 in float64)
+  so that e soft scale stays about 1 instead of inf * 0.
 * float16/bfloat16 compute in float32 and are rounded once; float32 and float64 compute in their
   own type (the noise is float32, then converted). temperature reaches the kernels as a one-element
   tensor of that type (a Python float argument would be float32, too coarse for float64). The
@@ -131,37 +135,52 @@ def _logistic_noise(w):
 
 
 @triton.jit
-def _gate(lam, noise, temperature, MODE: tl.constexpr, GRAD: tl.constexpr):
-    """(k, t): the keep value of the mode (soft in mode 0, hard otherwise) and, with GRAD, the slope
-    t = soft (1 - soft) / temperature (0 in mode 2), for z = (lam + noise) / temperature.
-    lam and temperature are in the compute dtype, noise float32; the shapes broadcast."""
+def _soft_scaled(z, temperature, inv_scale, log_scale):
+    """(soft scale, t scale) with e = exp(z - log scale): 1 / (1 / scale + e) and that times
+    (e soft scale) / temperature (module docstring)."""
+    if z.dtype == tl.float64:
+        cap = 700.0
+    else:
+        cap = 88.0  # exp stays finite in float32, so e soft scale is about 1, not inf * 0
+    e = tl.exp(tl.minimum(z - log_scale, cap))
+    soft_scaled = 1.0 / (inv_scale + e)
+    return soft_scaled, soft_scaled * (e * soft_scaled) / temperature
+
+
+@triton.jit
+def _scaled_gate(lam, noise, temperature, scale, inv_scale, log_scale, MODE: tl.constexpr, GRAD: tl.constexpr):
+    """(k scale, t scale): the keep value of the mode (soft in mode 0, hard otherwise) and, with GRAD,
+    the slope t = soft (1 - soft) / temperature (0 in mode 2), both times scale, for
+    z = (lam + noise) / temperature. lam, temperature and the rescale constants are in the compute
+    dtype, noise float32; the shapes broadcast."""
     z = (lam + noise.to(lam.dtype)) / temperature
     if MODE == 0:
-        e = tl.exp(-tl.abs(z))
-        inv = 1.0 / (1.0 + e)
-        keep = tl.where(z > 0, e * inv, inv)  # sigmoid(-z)
-        slope = e * inv * inv / temperature  # soft (1 - soft) / temperature
+        keep, slope = _soft_scaled(z, temperature, inv_scale, log_scale)
     else:
-        keep = tl.where(z < 0, 1.0, 0.0).to(lam.dtype)
+        keep = tl.where(z < 0, scale, 0.0).to(lam.dtype)
         if MODE == 1 and GRAD:
-            e = tl.exp(-tl.abs(z))
-            inv = 1.0 / (1.0 + e)
-            slope = e * inv * inv / temperature
+            _, slope = _soft_scaled(z, temperature, inv_scale, log_scale)
         else:
             slope = tl.zeros_like(keep)
     return keep, slope
 
 
 @triton.jit
-def _scale_and_p(lam, RESCALE: tl.constexpr):
-    """(1 + exp(lam), sigmoid(lam)) with RESCALE; (1, 0) without (p is only used times r = 0)."""
+def _rescale_constants(lam, RESCALE: tl.constexpr):
+    """(scale, 1 / scale, log scale, p) with scale = 1 + exp(lam) and p = sigmoid(lam) with RESCALE;
+    (1, 1, 0, 0) without (p is only used times r = 0)."""
     if RESCALE:
         scale = 1.0 + tl.exp(lam)
+        inv_scale = 1.0 / scale
+        # softplus(lam) = log(1 + e^lam), without overflow for large lam
+        log_scale = tl.maximum(lam, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(lam)))
         p = 1.0 / (1.0 + tl.exp(-lam))
     else:
         scale = tl.full(lam.shape, 1.0, lam.dtype)
+        inv_scale = scale
+        log_scale = tl.zeros_like(lam)
         p = tl.zeros_like(lam)
-    return scale, p
+    return scale, inv_scale, log_scale, p
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -221,10 +240,9 @@ def _unit_rows_kernel(
     noise = _logistic_noise(_pick(w0[:, None], w1[:, None], w2[:, None], w3[:, None], lane))
     lam = tl.load(logit_ptr + (units % UC) // UGS, mask=in_units, other=0.0).to(ACC)
     temperature = tl.load(temp_ptr)
-    keep, slope = _gate(lam, noise, temperature, MODE, GRAD)
-    scale, p = _scale_and_p(lam, RESCALE)
+    scale, inv_scale, log_scale, p = _rescale_constants(lam, RESCALE)
+    keep, slope = _scaled_gate(lam, noise, temperature, scale, inv_scale, log_scale, MODE, GRAD)
     keep3 = keep[:, :, None]
-    scale3 = scale[:, :, None]
 
     cols = tl.arange(0, BLOCK_L)[None, None, :]
     base = units[:, :, None] * L  # int64
@@ -241,15 +259,11 @@ def _unit_rows_kernel(
             acc += g * x  # 0 outside the tensor
         else:
             out = x * keep3
-        if RESCALE:
-            out = out * scale3
         tl.store(out_ptr + base + idx, out.to(out_ptr.dtype.element_ty), mask=inside)
     if GRAD:
-        # Every value of a unit row has the same factor scale (k p r - t): one product per unit.
-        if RESCALE:
-            factor = scale * (keep * p - slope)
-        else:
-            factor = -slope
+        # Every value of a unit row has the same factor scale (k p r - t): one product per unit
+        # (keep and slope are already times scale; p is 0 without RESCALE).
+        factor = keep * p - slope
         part = tl.sum(acc, axis=2) * factor
         tl.store(part_ptr + tl.program_id(1).to(tl.int64) * U + units, part, mask=in_units)
 
@@ -281,10 +295,9 @@ def _element_rows_kernel(
     in_rows = rows < R
     lam = tl.load(logit_ptr + (rows % C) // group_size, mask=in_rows, other=0.0).to(ACC)
     temperature = tl.load(temp_ptr)
-    scale, p = _scale_and_p(lam, RESCALE)
+    scale, inv_scale, log_scale, p = _rescale_constants(lam, RESCALE)
     lam3 = lam[:, None, None]
-    scale3 = scale[:, None, None]
-    p3 = p[:, None, None]
+    scale3, inv_scale3, log_scale3, p3 = scale[:, None, None], inv_scale[:, None, None], log_scale[:, None, None], p[:, None, None]
 
     first = rows * P  # the row's first unit (= its flat offset in x), int64
     first3 = first[:, None, None]
@@ -301,20 +314,15 @@ def _element_rows_kernel(
         units = quads[:, :, None] * 4 + lane  # [BLOCK_R, BLOCK_Q, 4]
         inside = in_rows3 & (step < end)[None, :, None] & (units >= first3) & (units < first3 + P)
         noise = _logistic_noise(_pick(w0[:, :, None], w1[:, :, None], w2[:, :, None], w3[:, :, None], lane))
-        keep, slope = _gate(lam3, noise, temperature, MODE, GRAD)
+        keep, slope = _scaled_gate(lam3, noise, temperature, scale3, inv_scale3, log_scale3, MODE, GRAD)
         x = tl.load(x_ptr + units, mask=inside, other=0.0).to(ACC)
         if GRAD:
             g = tl.load(g_ptr + units, mask=inside, other=0.0).to(ACC)
             out = g * keep
-            if RESCALE:
-                term = g * x * scale3 * (keep * p3 - slope)
-            else:
-                term = -(g * x * slope)
-            acc += tl.where(inside, term, 0.0)  # the factor of a masked lane may be inf
+            # keep and slope are already times scale; p is 0 without RESCALE
+            acc += tl.where(inside, g * x * (keep * p3 - slope), 0.0)
         else:
             out = x * keep
-        if RESCALE:
-            out = out * scale3
         tl.store(out_ptr + units, out.to(out_ptr.dtype.element_ty), mask=inside)
     if GRAD:
         part = tl.sum(tl.sum(acc, axis=2), axis=1)
