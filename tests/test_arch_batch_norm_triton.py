@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("triton")
 
 import torch
+import torch.nn.functional as F
 
 from bnas_fast import reference
 from bnas_fast.triton import arch_batch_norm as triton_bn
@@ -183,6 +184,73 @@ def test_large_offset_keeps_variance_accurate():
     torch.testing.assert_close(row_m2.double(), row_m2_64, rtol=1e-4, atol=0)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-7, atol=0)
     assert y.isfinite().all()
+
+
+def _float64_truth(x, arch, g, w, b):
+    """y, grad_x and grad_weight of the reference in float64 from the same float32 values (one
+    statistics group)."""
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = reference.arch_batch_norm(x64, arch, w64, b.double(), x.shape[0], 1e-5)[0]
+    y64.backward(g.double())
+    return y64.detach(), x64.grad, w64.grad
+
+
+def _triton_forward_backward(x, arch, g, w, b):
+    """y, grad_x and grad_weight of the launchers, the backward from the forward's statistics."""
+    y, mean, invstd, _, _ = triton_bn.arch_batch_norm(x, arch, w, b, x.shape[0], 1e-5)
+    grad_x, grad_weight, _ = triton_bn.arch_batch_norm_backward(g, x, arch, w, mean, invstd, x.shape[0])
+    return y, grad_x, grad_weight
+
+
+def _max_error(a, truth):
+    return float((a.double() - truth).abs().max())
+
+
+def test_many_rows_at_a_large_mean_keep_float32_accuracy():
+    """x [2e5, 1] at mean 1e4 (the C++ test's 1e6 rows, cut for the interpreter). The old launchers
+    normalised as x scale + (bias - mean scale), which cancels at a large mean, and left the float32
+    rounding of the mean (up to 5e-4 here) in y and, summed against the gradient, in grad_weight:
+    y 9e-4 off, grad_weight 2e-3 relative. Now: (x - mean) scale + shift with the mean's rounding
+    taken out in the shift, and the mean's residual delta in the backward: y ~5e-7, grad_weight
+    ~6e-8 relative (float32 torch.nn.functional.batch_norm: y 5 off, grad_weight 4 times its size)."""
+    gen = torch.Generator().manual_seed(7)
+    B = 200_000
+    x = (1e4 + torch.randn(B, 1, generator=gen, dtype=torch.float64)).float()
+    g = torch.randn(B, 1, generator=gen, dtype=torch.float64).float()
+    arch = torch.zeros(B, dtype=torch.long)
+    w, b = torch.ones(1, 1), torch.zeros(1, 1)
+    y64, gx64, gw64 = _float64_truth(x, arch, g, w, b)
+    y, gx, gw = _triton_forward_backward(x, arch, g, w, b)
+    assert _max_error(y, y64) < 1e-5
+    assert _max_error(gx, gx64) < 2e-6 * float(gx64.abs().max())
+    assert _max_error(gw, gw64) < 1e-6 * float(gw64.abs().max())
+
+
+@pytest.mark.parametrize("x_mean", [0.0, 1e4])
+def test_a_large_mean_of_the_gradient(x_mean):
+    """grad_y at mean 1e3 over two rows of 2e5 values (the C++ test's 1e6, cut for the interpreter).
+    The float32 mean of x is rounded (to 1e-3 at 1e4), and near a small mean x - mean rounded to
+    float32 has the same error for every x of a binade; summed against the large mean of g, either
+    bias swamps grad_weight, which is ~sqrt(N) (the old launchers: 0.9% off at x_mean = 0; 550 times
+    its size, and grad_x 45% of its size, at x_mean = 1e4, as float32 torch). With D = sum (x - mean)
+    from the same rounded values, Bs - delta A is a centred covariance and both biases cancel; what
+    is left is the float32 row sums: ~2e-4 relative on grad_weight, ~2e-5 on grad_x, where the C++
+    kernel's double row sums reach 1e-7 (float32 torch.nn.functional.batch_norm: 1% and 1.4e-4 at
+    x_mean = 0)."""
+    gen = torch.Generator().manual_seed(8)
+    n = 200_000
+    x = (x_mean + torch.randn(2, 1, n, generator=gen, dtype=torch.float64)).float()
+    g = (1e3 + torch.randn(2, 1, n, generator=gen, dtype=torch.float64)).float()
+    arch = torch.zeros(2, dtype=torch.long)
+    w, b = torch.ones(1, 1), torch.zeros(1, 1)
+    _, gx64, gw64 = _float64_truth(x, arch, g, w, b)
+    _, gx, gw = _triton_forward_backward(x, arch, g, w, b)
+    xt, wt = x.clone().requires_grad_(), w[0].clone().requires_grad_()
+    F.batch_norm(xt, None, None, wt, b[0], training=True).backward(g)
+    ours_w, torch_w = _max_error(gw, gw64), _max_error(wt.grad, gw64)
+    ours_x, torch_x = _max_error(gx, gx64), _max_error(xt.grad, gx64)
+    assert ours_w < 1e-3 * float(gw64.abs().max()) and ours_w < torch_w, (ours_w, torch_w)
+    assert ours_x < 1e-4 * float(gx64.abs().max()) and ours_x < torch_x, (ours_x, torch_x)
 
 
 def test_op_path_functions():

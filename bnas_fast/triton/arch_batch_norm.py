@@ -6,27 +6,49 @@ x is viewed as [B, C, L] contiguous (L = product of the spatial sizes, 1 for a [
 is x[b, c, :], and rows are numbered r = b * C + c. With G = B / group_size statistics groups of
 N = group_size * L values per channel, k(b) = b // group_size and s(b) = arch[b]:
 
-    forward   y[b, c, :]   = x[b, c, :] * scale[b, c] + shift[b, c],
-              scale[b, c]  = invstd[k, c] * weight[s, c],   shift[b, c] = bias[s, c] - mean[k, c] * scale[b, c]
-    backward  grad_x[b, c, :] = g * a[b, c] + x * bx[b, c] + c0[b, c]   (g = grad_y), with
-              a = invstd w,  bx = -invstd^2 m2,  c0 = mean invstd^2 m2 - invstd m1,
-              m1[k, c] = sum_{b in k} w A / N,  m2[k, c] = invstd sum_{b in k} w Bs / N,
-              A[b, c] = sum_l g,  Bs[b, c] = sum_l g (x - mean[k, c])
+    forward   y[b, c, :]   = (x[b, c, :] - mean[k, c]) * scale[b, c] + shift[b, c],
+              scale[b, c]  = invstd[k, c] * weight[s, c],
+              shift[b, c]  = bias[s, c] - (mean64[k, c] - mean[k, c]) * scale[b, c]
+    backward  grad_x[b, c, :] = g * a[b, c] + (x - mean[k, c]) * bx[b, c] + c0[b, c]   (g = grad_y), with
+              a = invstd w,  bx = -invstd^2 m2,  c0 = -invstd m1 - delta bx,
+              m1[k, c] = sum_{b in k} w A / N,  m2[k, c] = invstd sum_{b in k} w (Bs - delta A) / N,
+              delta[k, c] = sum_{b in k} D / N,
+              A[b, c] = sum_l g,  Bs[b, c] = sum_l g (x - mean[k, c]),  D[b, c] = sum_l (x - mean[k, c])
+              grad_weight[s, c] = sum_{b: arch[b] = s} invstd (Bs - delta A),  grad_bias[s, c] = sum A
     eval      y[b, c, :]   = x[b, c, :] * scale[b, c] + shift[b, c]   (channel_affine, scale and shift given)
+
+mean and invstd are the [G, C] outputs of the forward (the accumulation dtype); mean64 is the group
+mean in float64 before it is rounded to them. In the backward, delta = mean(x) - mean is the residual
+of the rounded mean, so x - mean - delta is x minus the exact group mean: xhat = (x - mean - delta)
+invstd, and grad_x = invstd (g w - m1 - xhat m2) expands to the coefficients above.
 
 The design mirrors csrc/arch_batch_norm.cpp:
 
 * Every pass over the big [B, C, L] tensors is a kernel; the small [B, C] -> [G, C] / [S, C]
   combinations are torch ops in the launchers (they touch B * C numbers, not B * C * L): Chan's
   formula for the group statistics (mean = average of the group's row means, M2 = sum row_m2 +
-  L sum (row_mean - mean)^2), the forward's per-row scale and shift, the two group means of the
+  L sum (row_mean - mean)^2), the forward's per-row scale and shift, the group sums of the
   backward and its per-row coefficients, and the per-architecture sums of grad_weight and grad_bias.
+  They run in float64 whatever the input dtype, and are rounded once to the accumulation dtype (as
+  the C++ kernel's double sums across rows): a float32 sum over a million rows at a large mean
+  loses digits, and Bs - delta A cancels.
 * Forward: two passes over x. The row-statistics kernel gives row_mean and row_m2 = sum (x -
   row_mean)^2 from two loops over the row (exact, unlike the sum of squares minus the squared sum);
   when a row fits in one block (``SINGLE``) it is read once and kept in registers for both. The
-  normalisation is the channel_affine kernel: the training forward and the eval mode share it.
-* Backward: two passes over (grad_y, x): per-row sums A and Bs, then grad_x. channel_affine_backward
-  is one pass: it writes grad_x = g * scale and the row sums grad_scale = sum g x, grad_shift = sum g.
+  normalisation subtracts the group mean before scaling, (x - mean) * scale + shift, not
+  x * scale + (shift - mean * scale): with a mean large against the spread, x * scale and
+  mean * scale are large and cancel, while x - mean is exact for x near the mean. The shift also takes
+  out the float32 rounding of the mean (mean64 - mean), which would otherwise shift every y of the
+  channel by up to half a unit in the last place of the mean times scale. The kernel is
+  channel_affine's with ``CENTERED`` set; the eval mode runs it without the centre.
+* Backward: two passes over (grad_y, x): per-row sums A, Bs and D in one pass, then grad_x. The sums
+  within a row run in the accumulation dtype (one partial sum per tile element, then tl.sum's tree).
+  x - mean is exact near a large mean, but x - mean rounded to float32 near a small one has the same
+  error for every x of a binade, a bias that a large mean of g adds up over the batch; D is the sum
+  of the same rounded values, so Bs - delta A = sum (g - mean g)(x - mean - delta) cancels that bias
+  with the residual of the rounded mean (which, summed against sum g, would otherwise dominate
+  grad_weight and grad_x at a mean of 1e4). channel_affine_backward is one pass: it writes grad_x =
+  g * scale and the row sums grad_scale = sum g x, grad_shift = sum g.
 * Tiling: a program owns BLOCK_R rows and walks them in steps of BLOCK_L columns, with BLOCK_R *
   BLOCK_L = MAX_TILE elements at most (see :func:`_tiling`). Long rows get one row per program
   and loop; short rows (L = 1 for a BatchNorm1d input) are packed many per program, so that a
@@ -111,24 +133,31 @@ def _row_stats_kernel(
 def _affine_kernel(
     y_ptr,  # [R, L] written, contiguous, the dtype of x
     x_ptr,  # [R, L] contiguous
+    center_ptr,  # [R] ACC, read only if CENTERED
     scale_ptr,  # [R] ACC
     shift_ptr,  # [R] ACC
     R, L,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    CENTERED: tl.constexpr,
 ):
-    """y[r, :] = x[r, :] * scale[r] + shift[r], rounded once to y's dtype."""
+    """y[r, :] = (x[r, :] - center[r]) * scale[r] + shift[r] if CENTERED (the training forward),
+    else x[r, :] * scale[r] + shift[r] (channel_affine); rounded once to y's dtype."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_L)
     in_rows = rows < R
     scale = tl.load(scale_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
     shift = tl.load(shift_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
+    if CENTERED:
+        center = tl.load(center_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
     offs = rows[:, None] * L
     for start in range(0, L, BLOCK_L):
         idx = offs + (start + cols)[None, :]
         inside = in_rows[:, None] & ((start + cols) < L)[None, :]
         x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(ACC)
+        if CENTERED:
+            x = x - center
         tl.store(y_ptr + idx, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=inside)
 
 
@@ -139,6 +168,7 @@ def _grad_sums_kernel(
     center_ptr,  # [R] ACC: the group mean of each row, mean[k(b), c]
     sum_g_ptr,  # [R] written, ACC: A = sum g
     sum_gx_ptr,  # [R] written, ACC: Bs = sum g (x - center)
+    sum_x_ptr,  # [R] written, ACC: D = sum (x - center)
     R, L,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -151,16 +181,20 @@ def _grad_sums_kernel(
     offs = rows[:, None] * L
     acc_g = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
     acc_gx = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+    acc_x = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
     for start in range(0, L, BLOCK_L):
         idx = offs + (start + cols)[None, :]
         inside = in_rows[:, None] & ((start + cols) < L)[None, :]
-        # g = 0 outside the tensor, so padding adds nothing to either sum.
+        # g = 0 outside the tensor, so padding adds nothing to A and Bs; D masks x - center.
         g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(ACC)
         x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(ACC)
+        d = tl.where(inside, x - center, 0.0)
         acc_g += g
-        acc_gx += g * (x - center)
+        acc_gx += g * d
+        acc_x += d
     tl.store(sum_g_ptr + rows, tl.sum(acc_g, axis=1), mask=in_rows)
     tl.store(sum_gx_ptr + rows, tl.sum(acc_gx, axis=1), mask=in_rows)
+    tl.store(sum_x_ptr + rows, tl.sum(acc_x, axis=1), mask=in_rows)
 
 
 @triton.jit
@@ -168,26 +202,28 @@ def _grad_x_kernel(
     gx_ptr,  # [R, L] written, contiguous, the dtype of x
     g_ptr,  # [R, L] grad_y, contiguous
     x_ptr,  # [R, L] contiguous
+    center_ptr,  # [R] ACC: the group mean of each row, mean[k(b), c]
     a_ptr, bx_ptr, c0_ptr,  # [R] ACC: the per-row coefficients
     R, L,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """grad_x[r, :] = g[r, :] a[r] + x[r, :] bx[r] + c0[r]."""
+    """grad_x[r, :] = g[r, :] a[r] + (x[r, :] - center[r]) bx[r] + c0[r]."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_L)
     in_rows = rows < R
     a = tl.load(a_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
     bx = tl.load(bx_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
     c0 = tl.load(c0_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
+    center = tl.load(center_ptr + rows, mask=in_rows, other=0.0).to(ACC)[:, None]
     offs = rows[:, None] * L
     for start in range(0, L, BLOCK_L):
         idx = offs + (start + cols)[None, :]
         inside = in_rows[:, None] & ((start + cols) < L)[None, :]
         g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(ACC)
         x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(ACC)
-        tl.store(gx_ptr + idx, (g * a + x * bx + c0).to(gx_ptr.dtype.element_ty), mask=inside)
+        tl.store(gx_ptr + idx, (g * a + (x - center) * bx + c0).to(gx_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -259,23 +295,32 @@ def _per_row(t: Tensor, group_size: int) -> Tensor:
     return t.repeat_interleave(group_size, dim=0)
 
 
-def _launch_affine(y: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> None:
-    """y = x * scale + shift row by row; x and y contiguous [B, C, L], scale and shift [B, C]."""
+def _group_sum(t: Tensor, group_size: int) -> Tensor:
+    """[B, C] -> [G, C]: the sum over each group's group_size examples."""
+    return t.view(t.shape[0] // group_size, group_size, t.shape[1]).sum(dim=1)
+
+
+def _launch_affine(y: Tensor, x: Tensor, scale: Tensor, shift: Tensor, center: Tensor | None = None) -> None:
+    """y = (x - center) * scale + shift (x * scale + shift without a centre) row by row; x and y
+    contiguous [B, C, L], center, scale and shift [B, C] in the accumulation dtype."""
     B, C, L = x.shape
     rows = B * C
     if rows * L == 0:
         return
+    scale = scale.contiguous()
     block_r, block_l, programs = _tiling(rows, L)
     _affine_kernel[(programs,)](
         y,
         x,
-        scale.contiguous(),
+        scale if center is None else center.contiguous(),  # not read without CENTERED
+        scale,
         shift.contiguous(),
         rows,
         L,
         ACC=_tl_accumulation_dtype(x.dtype),
         BLOCK_R=block_r,
         BLOCK_L=block_l,
+        CENTERED=center is not None,
     )
 
 
@@ -356,17 +401,20 @@ def arch_batch_norm(
             BLOCK_L=block_l,
             SINGLE=L <= block_l,
         )
-    # Chan's combination of each group's rows (all with L values): the mean of the row means, and
-    # M2 = sum row_m2 + L sum (row_mean - mean)^2; the variance is biased (divided by N).
-    group_means = row_mean.view(G, group_size, C)
-    mean = group_means.mean(dim=1)
-    m2 = row_m2.view(G, group_size, C).sum(dim=1) + L * ((group_means - mean.unsqueeze(1)) ** 2).sum(dim=1)
-    invstd = torch.rsqrt(m2 / (group_size * L) + eps)
-    # The normalisation and the affine map of each row folded into one scale and shift.
-    scale = _per_row(invstd, group_size) * weight.to(acc_dtype)[arch]
-    shift = bias.to(acc_dtype)[arch] - _per_row(mean, group_size) * scale
+    # Chan's combination of each group's rows (all with L values), in float64: the mean of the row
+    # means, and M2 = sum row_m2 + L sum (row_mean - mean)^2; the variance is biased (divided by N).
+    group_means = row_mean.double().view(G, group_size, C)
+    mean64 = group_means.mean(dim=1)
+    m2 = _group_sum(row_m2.double(), group_size) + L * ((group_means - mean64.unsqueeze(1)) ** 2).sum(dim=1)
+    invstd64 = torch.rsqrt(m2 / (group_size * L) + eps)
+    mean, invstd = mean64.to(acc_dtype), invstd64.to(acc_dtype)
+    # y = (x - mean) * scale + shift per row, with mean the rounded group mean that is returned
+    # (x - mean is exact for x near it) and its rounding error taken out in the shift:
+    # x - mean64 = (x - mean) - (mean64 - mean).
+    scale64 = _per_row(invstd64, group_size) * weight.double()[arch]
+    shift64 = bias.double()[arch] - _per_row(mean64 - mean.double(), group_size) * scale64
     y = torch.empty_like(xr)
-    _launch_affine(y, xr, scale, shift)
+    _launch_affine(y, xr, scale64.to(acc_dtype), shift64.to(acc_dtype), center=_per_row(mean, group_size))
     return y.reshape(x.shape), mean, invstd, row_mean, row_m2
 
 
@@ -382,16 +430,16 @@ def arch_batch_norm_backward(
     xr, B, C, L = _as_rows(x)
     gr = grad_y.contiguous().reshape(B, C, L)
     acc_dtype = _accumulation_dtype(x.dtype)
-    G, S = B // group_size, weight.shape[0]
+    S = weight.shape[0]
     N = group_size * L
     rows = B * C
-    mean_rows = _per_row(mean.to(acc_dtype), group_size)  # [B, C]
-    invstd_rows = _per_row(invstd.to(acc_dtype), group_size)
+    mean_rows = _per_row(mean.to(acc_dtype), group_size).contiguous()  # [B, C], what the kernels subtract
     grad_x = torch.empty_like(xr)
 
-    # 1. per row: A = sum g, Bs = sum g (x - mean)
+    # 1. per row, one pass: A = sum g, Bs = sum g (x - mean), D = sum (x - mean)
     sum_g = torch.zeros((B, C), dtype=acc_dtype, device=x.device)
     sum_gx = torch.zeros((B, C), dtype=acc_dtype, device=x.device)
+    sum_x = torch.zeros((B, C), dtype=acc_dtype, device=x.device)
     if rows * L:
         block_r, block_l, programs = _tiling(rows, L)
         _grad_sums_kernel[(programs,)](
@@ -400,6 +448,7 @@ def arch_batch_norm_backward(
             mean_rows,
             sum_g,
             sum_gx,
+            sum_x,
             rows,
             L,
             ACC=_tl_accumulation_dtype(x.dtype),
@@ -407,29 +456,40 @@ def arch_batch_norm_backward(
             BLOCK_L=block_l,
         )
 
-    # 2. per (group, channel): m1 = mean of dxhat = g w, m2 = mean of dxhat xhat (with w constant
-    #    over a row, sum_l dxhat = w A and sum_l dxhat xhat = invstd w Bs); per architecture, the
-    #    parameter gradients sum_l g xhat = invstd Bs and sum_l g = A.
-    w = weight.to(acc_dtype)[arch]  # [B, C]
-    m1 = (w * sum_g).view(G, group_size, C).sum(dim=1) / N
-    m2 = invstd.to(acc_dtype) * (w * sum_gx).view(G, group_size, C).sum(dim=1) / N
-    grad_weight = torch.zeros((S, C), dtype=acc_dtype, device=x.device).index_add_(0, arch, invstd_rows * sum_gx)
-    grad_bias = torch.zeros((S, C), dtype=acc_dtype, device=x.device).index_add_(0, arch, sum_g)
+    # 2. per (group, channel), in float64: delta = mean(x) - mean, the residual of the rounded mean
+    #    (an empty group, L = 0, has none), so that x - mean(x) = (x - mean) - delta and
+    #    sum_l g (x - mean(x)) = Bs - delta A (= sum (g - mean g)(x - mean - delta) over the group).
+    #    m1 = mean of dxhat = g w, m2 = mean of dxhat xhat (with w constant over a row, sum_l dxhat =
+    #    w A and sum_l dxhat xhat = invstd w (Bs - delta A)); per architecture, the parameter
+    #    gradients sum_l g xhat = invstd (Bs - delta A) and sum_l g = A.
+    A, Bs = sum_g.double(), sum_gx.double()
+    r = invstd.double()
+    r_rows = _per_row(r, group_size)
+    delta = _group_sum(sum_x.double(), group_size) / max(N, 1)
+    delta_rows = _per_row(delta, group_size)
+    centred = Bs - delta_rows * A
+    w = weight.double()[arch]  # [B, C]
+    m1 = _group_sum(w * A, group_size) / N
+    m2 = r * _group_sum(w * centred, group_size) / N
+    grad_weight = torch.zeros((S, C), dtype=torch.float64, device=x.device)
+    grad_weight.index_add_(0, arch, r_rows * centred)
+    grad_bias = torch.zeros((S, C), dtype=torch.float64, device=x.device).index_add_(0, arch, A)
 
-    # 3. grad_x = invstd (dxhat - m1 - xhat m2) = g (invstd w) + x (-invstd^2 m2) + (mean invstd^2 m2 - invstd m1)
+    # 3. grad_x = invstd (dxhat - m1 - xhat m2) with xhat = (x - mean - delta) invstd
+    #           = g (invstd w) + (x - mean) (-invstd^2 m2) + (-invstd m1 + delta invstd^2 m2)
     if rows * L:
-        m1_rows, m2_rows = _per_row(m1, group_size), _per_row(m2, group_size)
-        a = invstd_rows * w
-        bx = -invstd_rows * invstd_rows * m2_rows
-        c0 = mean_rows * invstd_rows * invstd_rows * m2_rows - invstd_rows * m1_rows
+        a = r_rows * w
+        bx = -r_rows * r_rows * _per_row(m2, group_size)
+        c0 = -r_rows * _per_row(m1, group_size) - delta_rows * bx
         block_r, block_l, programs = _tiling(rows, L)
         _grad_x_kernel[(programs,)](
             grad_x,
             gr,
             xr,
-            a.contiguous(),
-            bx.contiguous(),
-            c0.contiguous(),
+            mean_rows,
+            a.to(acc_dtype).contiguous(),
+            bx.to(acc_dtype).contiguous(),
+            c0.to(acc_dtype).contiguous(),
             rows,
             L,
             ACC=_tl_accumulation_dtype(x.dtype),
