@@ -79,6 +79,31 @@ def test_fused_model_matches_its_plain_pytorch_twin(variant):
     torch.testing.assert_close(fused(x, arch), plain(x, arch), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_batch_norm_of_stem_and_downs_is_nn_batch_norm(momentum):
+    """The fused NSANet's stem and down-sampling BatchNorm: nn.BatchNorm2d over the fused kernel
+    (outputs, gradients, running statistics and counter after 3 batches, then eval mode)."""
+    from bnas_fast.nn.nsa import _FusedBatchNorm2d
+
+    gen = torch.Generator().manual_seed(4)
+    fused, plain = _FusedBatchNorm2d(3, momentum=momentum).double(), torch.nn.BatchNorm2d(3, momentum=momentum).double()
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5), fused.bias.uniform_(-1, 1)
+    plain.load_state_dict(fused.state_dict())
+    for _ in range(3):
+        x = (2 + 3 * torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)).requires_grad_()
+        y_f, y_p = fused(x), plain(x)
+        torch.testing.assert_close(y_f, y_p)
+        grad = torch.randn_like(y_f)
+        params_f, params_p = [x, fused.weight, fused.bias], [x, plain.weight, plain.bias]
+        for a, b in zip(torch.autograd.grad(y_f, params_f, grad), torch.autograd.grad(y_p, params_p, grad)):
+            torch.testing.assert_close(a, b)
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[name], value, msg=lambda m, n=name: f"{n}: {m}")
+    fused.eval(), plain.eval()
+    torch.testing.assert_close(fused(x), plain(x))
+
+
 def test_nsa_id_parameters_of_absent_architectures_get_no_gradient():
     torch.manual_seed(0)
     net = NSANet(1, 3, width=4, num_stages=1, num_nodes=3, num_archs=4, variant="nsa_id")

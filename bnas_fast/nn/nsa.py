@@ -89,6 +89,24 @@ class _PerArchStatsBN(nn.Module):
         return self.norm(x, arch) * self.weight[None, :, None, None] + self.bias[None, :, None, None]
 
 
+class _FusedBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same parameters, buffers and state_dict) computed by the fused
+    :func:`bnas_fast.arch_batch_norm` with a single architecture: the stem's and the down-samplings'
+    BatchNorm of the fused NSANet. Training mode with running statistics, as nn.BatchNorm2d;
+    anything else (eval mode, no running statistics) is nn.BatchNorm2d's own forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.track_running_stats and self.affine):
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        arch = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return bnas_fast.arch_batch_norm(
+            x, arch, self.weight.unsqueeze(0), self.bias.unsqueeze(0), self.running_mean, self.running_var,
+            training=True, momentum=momentum, eps=self.eps,
+        )
+
+
 class NSAStage(nn.Module):
     """One stage: N nodes wired by the architecture of each example (module docstring).
 
@@ -189,7 +207,9 @@ class NSANet(nn.Module):
                 raise ValueError(f"NSANet: {name} must be an int >= 1, got {value!r}")
         self.variant, self.num_archs, self.running_stats = variant, num_archs, running_stats
         conditional = variant == "nsa_id"
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        # the stem's and down-samplings' BatchNorm: nn.BatchNorm2d, or the same over the fused kernel
+        batch_norm = _FusedBatchNorm2d if fused else nn.BatchNorm2d
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), batch_norm(width))
         stages, downs = [], []
         for k in range(num_stages):
             channels = width * 2**k
@@ -198,7 +218,7 @@ class NSANet(nn.Module):
             if k + 1 < num_stages:
                 downs.append(
                     nn.Sequential(
-                        nn.ReLU(), nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * channels)
+                        nn.ReLU(), nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1, bias=False), batch_norm(2 * channels)
                     )
                 )
         self.stages, self.downs = nn.ModuleList(stages), nn.ModuleList(downs)

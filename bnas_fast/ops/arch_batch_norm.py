@@ -27,9 +27,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from bnas_fast import _backend, _checks, reference
-from bnas_fast.ops._library import LIB
+from bnas_fast.ops._library import LIB, below_autograd, use_eager_function
 
 __all__ = ["arch_batch_norm", "channel_affine"]
 
@@ -120,6 +121,47 @@ def _affine_backward(ctx, grad_y):
 
 
 torch.library.register_autograd("bnas_fast::channel_affine", _affine_backward, setup_context=_affine_setup_context)
+
+
+class _ArchBatchNormFunction(torch.autograd.Function):
+    """``arch_batch_norm`` in eager mode without the registered autograd's wrapper
+    (``_library.use_eager_function``): the same kernels, setup and backward formula."""
+
+    @staticmethod
+    def forward(ctx, x, arch, weight, bias, group_size, eps):
+        with below_autograd():
+            outputs = torch.ops.bnas_fast.arch_batch_norm(x, arch, weight, bias, group_size, eps)
+        _bn_setup_context(ctx, (x, arch, weight, bias, group_size, eps), outputs)
+        return outputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        with below_autograd():
+            return _bn_backward(ctx, *grads)
+
+
+class _ChannelAffineFunction(torch.autograd.Function):
+    """``channel_affine`` in eager mode, as :class:`_ArchBatchNormFunction`."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift):
+        _affine_setup_context(ctx, (x, scale, shift), None)
+        with below_autograd():
+            return torch.ops.bnas_fast.channel_affine(x, scale, shift)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        with below_autograd():
+            return _affine_backward(ctx, grad_y)
+
+
+def _channel_affine_op(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    if use_eager_function():
+        return _ChannelAffineFunction.apply(x, scale, shift)
+    return torch.ops.bnas_fast.channel_affine(x, scale, shift)
+
 
 
 def _reference_bn(x, arch, weight, bias, group_size, eps):
@@ -358,7 +400,7 @@ def arch_batch_norm(
         rv = (running_var[arch] if running_var.dim() == 2 else running_var.expand(B, C)).to(acc)
         scale = torch.rsqrt(rv + eps) * weight.to(acc)[arch]
         shift = bias.to(acc)[arch] - rm * scale
-        return torch.ops.bnas_fast.channel_affine(x, scale, shift)
+        return _channel_affine_op(x, scale, shift)
 
     if x.numel() == 0:
         # as torch: an empty output still in the graph of x, weight and bias; no statistics to update
@@ -379,9 +421,8 @@ def arch_batch_norm(
         )
     if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
         raise ValueError(f"{op}: momentum must be a number in [0, 1], got {momentum!r}")
-    y, _mean, _invstd, row_mean, row_m2 = torch.ops.bnas_fast.arch_batch_norm(
-        x, arch, weight, bias, group_size, float(eps)
-    )
+    bn = _ArchBatchNormFunction.apply if use_eager_function() else torch.ops.bnas_fast.arch_batch_norm
+    y, _mean, _invstd, row_mean, row_m2 = bn(x, arch, weight, bias, group_size, float(eps))
     if running_mean is not None:
         _update_running_stats(running_mean, running_var, arch, row_mean, row_m2, L, momentum, arch_momentum)
     return y
@@ -408,4 +449,4 @@ def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
                 f"{op}: {name} must be [B, C] = [{x.shape[0]}, {x.shape[1]}] of dtype {acc}, got "
                 f"{value.dtype} {tuple(value.shape)}"
             )
-    return torch.ops.bnas_fast.channel_affine(x, scale, shift)
+    return _channel_affine_op(x, scale, shift)

@@ -19,9 +19,10 @@ from typing import List, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from bnas_fast import _backend, _checks, reference
-from bnas_fast.ops._library import LIB
+from bnas_fast.ops._library import LIB, below_autograd, use_eager_function
 
 __all__ = ["mix", "mix_sparse"]
 
@@ -94,6 +95,52 @@ def _mix_sparse_backward_formula(ctx, grad_out):
         grad_out, ys, indices, weights, weights_requires_grad
     )
     return grad_ys, [None] * k, grad_weights if weights_requires_grad else None
+
+
+class _MixFunction(torch.autograd.Function):
+    """``mix`` in eager mode without the registered autograd's wrapper (``_library.use_eager_function``):
+    the same kernels and the formula of :func:`_mix_backward_formula`. Inputs are (weights, *ys), as
+    autograd tracks only tensors passed directly."""
+
+    @staticmethod
+    def forward(ctx, weights, *ys):
+        ctx.save_for_backward(*ys, weights)
+        with below_autograd():
+            return torch.ops.bnas_fast.mix(list(ys), weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        *ys, weights = ctx.saved_tensors
+        weights_requires_grad = ctx.needs_input_grad[0]
+        with below_autograd():
+            grad_ys, grad_weights = torch.ops.bnas_fast.mix_backward(grad_out, ys, weights, weights_requires_grad)
+        return (grad_weights if weights_requires_grad else None, *grad_ys)
+
+
+class _MixSparseFunction(torch.autograd.Function):
+    """``mix_sparse`` in eager mode, as :class:`_MixFunction`; inputs are (weights, K, *ys, *indices)."""
+
+    @staticmethod
+    def forward(ctx, weights, num_candidates, *ys_and_indices):
+        ys, indices = list(ys_and_indices[:num_candidates]), list(ys_and_indices[num_candidates:])
+        ctx.num_candidates = num_candidates
+        ctx.save_for_backward(*ys, *indices, weights)
+        with below_autograd():
+            return torch.ops.bnas_fast.mix_sparse(ys, indices, weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        k = ctx.num_candidates
+        ys, indices, weights = list(saved[:k]), list(saved[k : 2 * k]), saved[2 * k]
+        weights_requires_grad = ctx.needs_input_grad[0]
+        with below_autograd():
+            grad_ys, grad_weights = torch.ops.bnas_fast.mix_sparse_backward(
+                grad_out, ys, indices, weights, weights_requires_grad
+            )
+        return (grad_weights if weights_requires_grad else None, None, *grad_ys, *([None] * k))
 
 
 torch.library.register_autograd("bnas_fast::mix", _mix_backward_formula, setup_context=_mix_setup_context)
@@ -224,6 +271,8 @@ def mix(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
     (``<grad[b], ys[k][b]>``).
     """
     _check_candidates("mix", ys, weights, sparse=False)
+    if use_eager_function():
+        return _MixFunction.apply(weights, *ys)
     return torch.ops.bnas_fast.mix(list(ys), weights)
 
 
@@ -253,4 +302,6 @@ def mix_sparse(ys: Sequence[Tensor], indices: Sequence[Tensor], weights: Tensor)
         _checks.check_same_device(f"indices[{k}]", idx, "weights", weights, op)
         if idx.shape[0] != y.shape[0]:
             raise ValueError(f"{op}: indices[{k}] has {idx.shape[0]} entries but ys[{k}] has {y.shape[0]} rows")
+    if use_eager_function():
+        return _MixSparseFunction.apply(weights, len(ys), *ys, *indices)
     return torch.ops.bnas_fast.mix_sparse(list(ys), list(indices), weights)
