@@ -179,11 +179,11 @@ def test_op_matches_reference(dtype, case, rescale, mode):
 
 @pytest.mark.parametrize("per_element", [True, False])
 @pytest.mark.parametrize("P", [4096, 4100])  # rows 64-byte aligned (all streamed) or not (a mix)
-def test_outputs_of_4_mib_and_more_take_the_streaming_stores(P, per_element):
-    """Outputs of kStreamingBytes (4 MiB) and more are written with non-temporal stores where the
-    destination is aligned: the same values as the reference, forward and backward."""
-    x, drop_logit, grad_y = _inputs((4, 64, P), 1, torch.float32)
-    assert x.nbytes >= 4 << 20
+def test_outputs_of_16_mib_and_more_take_the_streaming_stores(P, per_element):
+    """Outputs of kStreamingBytes (16 MiB, csrc/common.h) and more are written with non-temporal
+    stores where the destination is aligned: the same values as the reference, forward and backward."""
+    x, drop_logit, grad_y = _inputs((16, 64, P), 1, torch.float32)
+    assert x.nbytes >= 16 << 20
     args = (SEED_OFFSET, 0.3, 1, per_element, True, 0)
     tol = TOLERANCES[torch.float32]
     assert_within(torch.ops.bnas_fast.gumbel_sigmoid_dropout(x, drop_logit, *args),
