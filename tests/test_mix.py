@@ -1346,3 +1346,76 @@ def test_mixed_op_bad_candidates():
         MixedOp([])
     with pytest.raises(TypeError, match=r"candidates\[1\]"):
         MixedOp([nn.ReLU(), lambda x: x])
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory layouts: candidates that share a dense non-contiguous layout (channels-last) are mixed
+# on permuted views, and the output and gradients keep that layout.
+# ---------------------------------------------------------------------------------------------
+def _channels_last(shape, gen, dtype=torch.float64):
+    return torch.randn(shape, generator=gen, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_channels_last_candidates_keep_their_layout(dtype):
+    gen = torch.Generator().manual_seed(21)
+    ys = [_channels_last((6, 5, 4, 3), gen, dtype) for _ in range(3)]
+    w = torch.rand(6, 3, generator=gen, dtype=dtype)
+    w[2, 1] = 0.0
+    w.requires_grad_()
+    out = bnas_fast.mix(ys, w)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    ys64, w64 = _float64_leaves(ys), w.detach().double().requires_grad_()
+    ref = reference.mix([y.contiguous() for y in ys64], w64)
+    assert_close(out, ref, dtype, "elementwise", "out")
+    g = torch.randn(out.shape, generator=gen, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    grads = torch.autograd.grad(out, ys + [w], g)
+    expected = torch.autograd.grad(ref, ys64 + [w64], g.double())
+    for k in range(3):
+        assert grads[k].is_contiguous(memory_format=torch.channels_last)
+        assert_close(grads[k], expected[k], dtype, "elementwise", f"grad_ys[{k}]")
+    assert_close(grads[3], expected[3], dtype, "reduction", "grad_weights")
+
+
+def test_channels_last_gradients_from_a_contiguous_grad_and_gradcheck():
+    gen = torch.Generator().manual_seed(22)
+    ys = [_channels_last((4, 3, 2, 5), gen) for _ in range(2)]
+    w = torch.rand(4, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = bnas_fast.mix(ys, w)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)  # contiguous: read through a copy
+    grads = torch.autograd.grad(out, ys + [w], g)
+    expected = torch.autograd.grad(reference.mix(ys, w), ys + [w], g)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda w, *ys: bnas_fast.mix(list(ys), w), (w, *ys))
+
+
+def test_mixed_layouts_fall_back_to_contiguous_copies():
+    gen = torch.Generator().manual_seed(23)
+    ys = [_channels_last((4, 3, 2, 5), gen), torch.randn(4, 3, 2, 5, generator=gen, dtype=torch.float64)]
+    w = torch.rand(4, 2, generator=gen, dtype=torch.float64)
+    out = bnas_fast.mix(ys, w)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, reference.mix(ys, w))
+
+
+def test_channels_last_sparse_candidates_keep_their_layout():
+    gen = torch.Generator().manual_seed(24)
+    indices = [torch.tensor([0, 3]), torch.tensor([1, 2, 4]), torch.tensor([4])]
+    ys = [_channels_last((len(i), 3, 2, 5), gen) for i in indices]
+    w = torch.rand(5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = bnas_fast.mix_sparse(ys, indices, w)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ref = reference.mix_sparse([y.contiguous() for y in ys], indices, w)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, ys + [w], g), torch.autograd.grad(ref, ys + [w], g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_last_under_torch_compile():
+    gen = torch.Generator().manual_seed(25)
+    ys = [_channels_last((4, 3, 2, 5), gen) for _ in range(2)]
+    w = torch.rand(4, 2, generator=gen, dtype=torch.float64)
+    compiled = torch.compile(lambda ys, w: bnas_fast.mix(ys, w), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ys, w), reference.mix(ys, w))

@@ -15,7 +15,7 @@ the reference where those are missing), and the public functions.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -254,6 +254,32 @@ def _check_candidates(op: str, ys: Sequence[Tensor], weights: Tensor, sparse: bo
             raise ValueError(f"{op}: ys[{k}] has batch {y.shape[0]} but weights has B = {batch}")
 
 
+def _memory_order(ys: Sequence[Tensor]) -> Optional[List[int]]:
+    """The permutation of the dimensions after the batch one that puts every candidate in memory
+    order, when that is not the identity: for example [0, 2, 3, 1] for channels-last [B, C, H, W]
+    tensors, whose permuted views [B, H, W, C] are contiguous. The op is elementwise within an
+    example, so it runs on those views (no copy) and its output is permuted back to the candidates'
+    layout. None when the candidates are contiguous already, or do not share one dense layout (the
+    kernels then read contiguous copies)."""
+    first = ys[0]
+    if first.dim() < 3 or first.is_contiguous():
+        return None
+    strides = first.stride()
+    rest = sorted(range(1, first.dim()), key=lambda d: -strides[d])
+    order = [0] + rest
+    for y in ys:
+        if y.stride()[1:] != strides[1:] or not y.permute(order).is_contiguous():
+            return None
+    return order
+
+
+def _inverse(order: List[int]) -> List[int]:
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return inverse
+
+
 def mix(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
     """Per-example weighted sum of K candidate outputs: ``out[b] = sum_k weights[b, k] * ys[k][b]``.
 
@@ -265,12 +291,16 @@ def mix(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
             ``weights`` needs no gradient, its read in the backward pass too).
 
     Returns:
-        [B, *rest], contiguous.
+        [B, *rest]: in the candidates' memory layout when they share a dense one (channels-last,
+        say; the kernels then work on permuted views, without copies), else contiguous.
 
     Gradients flow to every ``ys[k]`` (``weights[b, k] * grad[b]``) and to ``weights``
     (``<grad[b], ys[k][b]>``).
     """
     _check_candidates("mix", ys, weights, sparse=False)
+    order = _memory_order(ys)
+    if order is not None:
+        return mix([y.permute(order) for y in ys], weights).permute(_inverse(order))
     if use_eager_function():
         return _MixFunction.apply(weights, *ys)
     return torch.ops.bnas_fast.mix(list(ys), weights)
@@ -289,7 +319,8 @@ def mix_sparse(ys: Sequence[Tensor], indices: Sequence[Tensor], weights: Tensor)
         weights: [B, K].
 
     Returns:
-        [B, *rest]; examples that no candidate covers are zero.
+        [B, *rest]; examples that no candidate covers are zero. The layout follows the candidates'
+        as in :func:`mix`.
     """
     op = "mix_sparse"
     _check_candidates(op, ys, weights, sparse=True)
@@ -302,6 +333,9 @@ def mix_sparse(ys: Sequence[Tensor], indices: Sequence[Tensor], weights: Tensor)
         _checks.check_same_device(f"indices[{k}]", idx, "weights", weights, op)
         if idx.shape[0] != y.shape[0]:
             raise ValueError(f"{op}: indices[{k}] has {idx.shape[0]} entries but ys[{k}] has {y.shape[0]} rows")
+    order = _memory_order(ys)
+    if order is not None:
+        return mix_sparse([y.permute(order) for y in ys], indices, weights).permute(_inverse(order))
     if use_eager_function():
         return _MixSparseFunction.apply(weights, len(ys), *ys, *indices)
     return torch.ops.bnas_fast.mix_sparse(list(ys), list(indices), weights)
