@@ -10,7 +10,9 @@ The ladder, as for every op:
  5. determinism across thread counts;
  6. the modules: drop-in parity with nn.BatchNorm1d/2d (train and eval, momentum and None), loading a
     BatchNorm state_dict, per-architecture running statistics;
- 7. bad input: a clear error naming the argument.
+ 7. bad input: a clear error naming the argument;
+ 8. the channels-last layout: parity, output layouts, gradcheck, opcheck, eval mode and determinism
+    of the native NHWC kernels.
 The Triton kernels are tested under the interpreter in tests/test_arch_batch_norm_triton.py.
 """
 
@@ -741,3 +743,324 @@ def test_rejected_arch_does_not_advance_the_batch_count(running_stats):
     assert int(bn.num_batches_tracked.sum()) == 0
     bn(x, torch.tensor([0, 1, 1, 0]))
     assert int(bn.num_batches_tracked.sum()) == (1 if running_stats == "shared" else 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Channels-last layout
+# ---------------------------------------------------------------------------------------------
+ops_module = __import__("importlib").import_module("bnas_fast.ops.arch_batch_norm")
+CL = torch.channels_last
+
+
+def _is_channels_last(t):
+    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
+
+
+def _to_layout(t, layout):
+    return t.contiguous(memory_format=CL if layout == "channels_last" else torch.contiguous_format)
+
+
+def _check_against_reference(x, arch, weight, bias, grad_y, group, dtype):
+    """Forward outputs and the op's autograd (x, weight, bias) against the reference, with the
+    tolerances of the parity tests above; returns (y, grad_x)."""
+    got = torch.ops.bnas_fast.arch_batch_norm(x, arch, weight, bias, group, 1e-5)
+    expected = reference.arch_batch_norm(x, arch, weight, bias, group, 1e-5)
+    tol = TOLERANCES[dtype]
+    for name, a, e in zip(("y", "mean", "invstd", "row_mean", "row_m2"), got, expected):
+        assert a.dtype == e.dtype, name
+        assert_within(a, e, tol if name == "y" else TOLERANCES.get(a.dtype, tol), name)
+    leaves = [x.detach().clone(memory_format=torch.preserve_format).requires_grad_(), weight.clone().requires_grad_(),
+              bias.clone().requires_grad_()]
+    y = torch.ops.bnas_fast.arch_batch_norm(leaves[0], arch, leaves[1], leaves[2], group, 1e-5)[0]
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    oracle = [t.double().requires_grad_() for t in (x, weight, bias)]
+    y_ref = reference.arch_batch_norm(oracle[0], arch, oracle[1], oracle[2], group, 1e-5)[0]
+    expected = torch.autograd.grad(y_ref, oracle, grad_y.double())
+    n = x.shape[0] * x[0, 0].numel()
+    gtol = dict(tol)
+    gtol["atol"] = gtol["atol"] * max(1.0, n**0.5) if dtype != torch.float64 else 1e-9
+    for name, a, e in zip(("grad_x", "grad_weight", "grad_bias"), grads, expected):
+        assert a.dtype == dtype, name
+        assert_within(a.double(), e, gtol, name)
+    return y, grads[0]
+
+
+# (shape, group_size, S): the brief's small and large shapes with one group and ghost batches, one
+# architecture and several
+CL_CASES = [
+    ((6, 5, 4, 3), 6, 1),
+    ((6, 5, 4, 3), 3, 3),
+    ((6, 5, 4, 3), 2, 3),
+]
+
+
+@pytest.mark.parametrize("case", CL_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_last_matches_reference(case, dtype):
+    shape, group, S = case
+    x, arch, weight, bias, grad_y = make_inputs(shape, S, dtype, layout="channels_last")
+    assert _is_channels_last(x)
+    y, grad_x = _check_against_reference(x, arch, weight, bias, _to_layout(grad_y, "channels_last"), group, dtype)
+    assert _is_channels_last(y) and _is_channels_last(grad_x)
+
+
+@pytest.mark.parametrize("group, S", [(128, 1), (32, 3)], ids=["g128-S1", "g32-S3"])
+def test_channels_last_large_float32(group, S):
+    x, arch, weight, bias, grad_y = make_inputs((128, 8, 28, 28), S, torch.float32, layout="channels_last")
+    y, grad_x = _check_against_reference(x, arch, weight, bias, _to_layout(grad_y, "channels_last"), group, torch.float32)
+    assert _is_channels_last(y) and _is_channels_last(grad_x)
+
+
+# The kernel's internal cases: pieces of k hw rows for C < 64 (C = 3: k = 64, the last piece
+# partial), channel counts that are not a multiple of the 64-wide strips (96, 65), pieces wider than a
+# strip (128: two strips, the next-block prefetch), several blocks per task (Chan's combination of
+# the blocks' M2) and several tasks per example (the per-task partials), a small B.
+@pytest.mark.parametrize(
+    "shape, group, S",
+    [((2, 3, 70, 70), 2, 2), ((4, 96, 20, 20), 2, 3), ((3, 128, 20, 20), 3, 1), ((2, 65, 9, 31), 2, 2), ((4, 16, 17, 1), 2, 5)],
+    ids=["C3", "C96-parts", "C128-parts", "C65", "W1"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_channels_last_kernel_paths(shape, group, S, dtype):
+    x, arch, weight, bias, grad_y = make_inputs(shape, S, dtype, seed=11, layout="channels_last")
+    y, grad_x = _check_against_reference(x, arch, weight, bias, grad_y, group, dtype)
+    assert _is_channels_last(y) and _is_channels_last(grad_x)
+    # channel_affine: forward and backward sums over the same paths
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(12)
+    scale, shift = torch.randn(shape[:2], generator=gen).to(acc), torch.randn(shape[:2], generator=gen).to(acc)
+    out = torch.ops.bnas_fast.channel_affine(x, scale, shift)
+    assert _is_channels_last(out)
+    assert_within(out, reference.channel_affine(x, scale, shift), TOLERANCES[dtype], "channel_affine")
+    got = torch.ops.bnas_fast.channel_affine_backward(grad_y, x, scale)
+    assert _is_channels_last(got[0])
+    L = x[0, 0].numel()
+    sum_tol = {"rtol": TOLERANCES[dtype]["rtol"], "atol": (1e-10 if dtype == torch.float64 else 1e-5) * L**0.5}
+    for name, a, e, tol in zip(("grad_x", "grad_scale", "grad_shift"), got, reference.channel_affine_backward(grad_y, x, scale),
+                               (TOLERANCES[dtype], sum_tol, sum_tol)):
+        assert_within(a, e, tol, f"channel_affine {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_channels_last_agrees_with_contiguous(dtype):
+    """The same values in both layouts give the same results up to the order of the sums."""
+    x, arch, weight, bias, grad_y = make_inputs((8, 6, 5, 7), 3, dtype, seed=13)
+    outs = {}
+    for layout in ("contiguous", "channels_last"):
+        xl = _to_layout(x, layout).requires_grad_()
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        y = bnas_fast.arch_batch_norm(xl, arch, w, b, group_size=4)
+        outs[layout] = [y.detach()] + list(torch.autograd.grad(y, (xl, w, b), _to_layout(grad_y, layout)))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for name, a, e in zip(("y", "grad_x", "grad_weight", "grad_bias"), outs["channels_last"], outs["contiguous"]):
+        assert_within(a, e, tol, name)
+
+
+def test_output_layouts():
+    """y and grad_x follow x: channels-last for a channels-last x, contiguous for a contiguous one and
+    for the ambiguous layouts (C = 1, H = W = 1: both at once), and for other strides; the small
+    outputs are contiguous [G, C] / [B, C] / [S, C] in every case. The registered fake kernels agree."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cases = [
+        ((4, 3, 5, 5), "channels_last", True),
+        ((4, 3, 5, 5), "contiguous", False),
+        ((4, 1, 5, 5), "channels_last", False),  # C = 1
+        ((4, 3, 1, 1), "channels_last", False),  # H = W = 1
+        ((4, 3, 5), "contiguous", False),  # 3-D
+    ]
+    for shape, layout, cl in cases:
+        x, arch, weight, bias, grad_y = make_inputs(shape, 2, torch.float32)
+        x = _to_layout(x, layout) if len(shape) == 4 else x
+        assert ops_module.output_memory_format(x) == (CL if cl else torch.contiguous_format)
+        y, mean, invstd, row_mean, row_m2 = torch.ops.bnas_fast.arch_batch_norm(x, arch, weight, bias, 2, 1e-5)
+        grad_x, grad_w, grad_b = torch.ops.bnas_fast.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, 2)
+        scale = torch.ones(shape[:2])
+        z = torch.ops.bnas_fast.channel_affine(x, scale, scale)
+        gz = torch.ops.bnas_fast.channel_affine_backward(grad_y, x, scale)
+        for name, t in (("y", y), ("grad_x", grad_x), ("channel_affine y", z), ("channel_affine grad_x", gz[0])):
+            assert _is_channels_last(t) == cl and (t.is_contiguous() or cl), (shape, layout, name, t.stride())
+        for t in (mean, invstd, row_mean, row_m2, grad_w, grad_b, gz[1], gz[2]):
+            assert t.is_contiguous()
+        with FakeTensorMode() as mode:
+            fx, fg = mode.from_tensor(x), mode.from_tensor(grad_y)
+            fa, fw, fb = mode.from_tensor(arch), mode.from_tensor(weight), mode.from_tensor(bias)
+            fy = torch.ops.bnas_fast.arch_batch_norm(fx, fa, fw, fb, 2, 1e-5)
+            fgx = torch.ops.bnas_fast.arch_batch_norm_backward(fg, fx, fa, fw, fy[1], fy[2], 2)[0]
+        assert fy[0].stride() == y.stride() and fgx.stride() == grad_x.stride(), (shape, layout)
+
+
+@pytest.mark.parametrize("x_layout", ["channels_last", "contiguous"])
+def test_grad_y_in_the_other_layout(x_layout):
+    """grad_y is brought to x's layout: the same bits as a grad_y given in that layout (with the C++
+    kernels; the reference backend sums in another order, so only close)."""
+    exact = bnas_fast.backends()["cpu"] == "cpp"
+
+    def same_result(a, b):
+        assert a.stride() == b.stride()
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            assert_within(a, b, {"rtol": 1e-5, "atol": 1e-5})
+
+    x, arch, weight, bias, grad_y = make_inputs((6, 5, 4, 3), 3, torch.float32, seed=14)
+    x = _to_layout(x, x_layout)
+    other = "contiguous" if x_layout == "channels_last" else "channels_last"
+    _, mean, invstd, _, _ = torch.ops.bnas_fast.arch_batch_norm(x, arch, weight, bias, 3, 1e-5)
+    same = torch.ops.bnas_fast.arch_batch_norm_backward(_to_layout(grad_y, x_layout), x, arch, weight, mean, invstd, 3)
+    mixed = torch.ops.bnas_fast.arch_batch_norm_backward(_to_layout(grad_y, other), x, arch, weight, mean, invstd, 3)
+    sliced = torch.ops.bnas_fast.arch_batch_norm_backward(
+        grad_y.repeat_interleave(2, dim=1)[:, ::2], x, arch, weight, mean, invstd, 3
+    )
+    for a, b, c in zip(same, mixed, sliced):
+        same_result(b, a)
+        same_result(c, a)
+    scale = torch.randn(6, 5)
+    same = torch.ops.bnas_fast.channel_affine_backward(_to_layout(grad_y, x_layout), x, scale)
+    mixed = torch.ops.bnas_fast.channel_affine_backward(_to_layout(grad_y, other), x, scale)
+    for a, b in zip(same, mixed):
+        same_result(b, a)
+    # and through autograd, with the public function
+    xl = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    bnas_fast.arch_batch_norm(xl, arch, weight, bias, group_size=3).backward(_to_layout(grad_y, other))
+    grad_x = torch.ops.bnas_fast.arch_batch_norm_backward(_to_layout(grad_y, x_layout), x, arch, weight, mean, invstd, 3)[0]
+    same_result(xl.grad, grad_x)
+
+
+@pytest.mark.parametrize("case", [((4, 3, 2, 2), 2, 2), ((6, 2, 3, 2), 3, 1)], ids=_case_id)
+def test_channels_last_gradcheck(case):
+    shape, group, S = case
+    x, arch, weight, bias, _ = make_inputs(shape, S, torch.float64, seed=15, layout="channels_last")
+    assert _is_channels_last(x)
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+
+    def fn(x, w, b):
+        return torch.ops.bnas_fast.arch_batch_norm(x, arch, w, b, group, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    scale = torch.randn(shape[:2], dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(shape[:2], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.bnas_fast.channel_affine, (x, scale, shift))
+
+
+@pytest.mark.parametrize("case", [((6, 5, 4, 3), 3, 2), ((4, 16, 17, 1), 2, 5)], ids=_case_id)
+def test_channels_last_opcheck(case):
+    shape, group, S = case
+    x, arch, weight, bias, grad_y = make_inputs(shape, S, torch.float32, layout="channels_last")
+    torch.library.opcheck(torch.ops.bnas_fast.arch_batch_norm.default, (x, arch, weight, bias, group, 1e-5))
+    args = (x.requires_grad_(), arch, weight.requires_grad_(), bias.requires_grad_(), group, 1e-5)
+    torch.library.opcheck(torch.ops.bnas_fast.arch_batch_norm.default, args)
+    _, mean, invstd, _, _ = reference.arch_batch_norm(x.detach(), arch, weight.detach(), bias.detach(), group, 1e-5)
+    for g in (_to_layout(grad_y, "channels_last"), grad_y):  # grad_y in x's layout and in the other
+        torch.library.opcheck(
+            torch.ops.bnas_fast.arch_batch_norm_backward.default, (g, x.detach(), arch, weight.detach(), mean, invstd, group)
+        )
+    scale, shift = torch.randn(shape[:2], requires_grad=True), torch.randn(shape[:2], requires_grad=True)
+    torch.library.opcheck(torch.ops.bnas_fast.channel_affine.default, (x, scale, shift))
+    torch.library.opcheck(torch.ops.bnas_fast.channel_affine_backward.default, (grad_y, x.detach(), scale.detach()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("running", ["shared", "per_arch"])
+def test_channels_last_eval_mode(dtype, running):
+    """Eval mode (channel_affine) with a channels-last x: y against the reference, channels-last y and
+    grad_x, gradients to x, weight and bias against autograd of the reference in float64."""
+    x, arch, weight, bias, grad_y = make_inputs((6, 5, 4, 3), 3, dtype, seed=16, layout="channels_last")
+    gen = torch.Generator().manual_seed(17)
+    rshape = (5,) if running == "shared" else (3, 5)
+    rm, rv = torch.randn(rshape, generator=gen).to(dtype), (torch.rand(rshape, generator=gen) + 0.5).to(dtype)
+    leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, weight, bias)]
+    y = bnas_fast.arch_batch_norm(leaves[0], arch, leaves[1], leaves[2], rm, rv, training=False)
+    assert _is_channels_last(y)
+    assert_within(y, reference.arch_batch_norm_eval(x, arch, weight, bias, rm, rv, 1e-5), TOLERANCES[dtype], "y")
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    assert _is_channels_last(grads[0])
+    oracle = [t.double().requires_grad_() for t in (x, weight, bias)]
+    y64 = reference.arch_batch_norm_eval(oracle[0], arch, oracle[1], oracle[2], rm.double(), rv.double(), 1e-5)
+    expected = torch.autograd.grad(y64, oracle, grad_y.double())
+    tol = {"rtol": TOLERANCES[dtype]["rtol"], "atol": 1e-4 if dtype == torch.float32 else 1e-10}
+    for name, a, e in zip(("grad_x", "grad_weight", "grad_bias"), grads, expected):
+        assert_within(a, e, tol, name)
+
+
+def test_channels_last_module_train_and_eval():
+    """ArchBatchNorm2d on channels-last activations: the output stays channels-last in both modes, and
+    equals the contiguous run."""
+    torch.manual_seed(5)
+    bn_cl = bnas_fast.nn.ArchBatchNorm2d(6, num_archs=3, running_stats="per_arch")
+    bn = bnas_fast.nn.ArchBatchNorm2d(6, num_archs=3, running_stats="per_arch")
+    bn.load_state_dict(bn_cl.state_dict())
+    x, arch = torch.randn(8, 6, 5, 5) * 2 + 1, torch.randint(0, 3, (8,))
+    y_cl = bn_cl(x.contiguous(memory_format=CL), arch)
+    assert _is_channels_last(y_cl)
+    torch.testing.assert_close(y_cl, bn(x, arch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn_cl.running_mean, bn.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bn_cl.running_var, bn.running_var, rtol=1e-6, atol=1e-6)
+    bn_cl.eval()
+    bn.eval()
+    y_cl = bn_cl(x.contiguous(memory_format=CL), arch)
+    assert _is_channels_last(y_cl)
+    torch.testing.assert_close(y_cl, bn(x, arch), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_deterministic_across_thread_counts():
+    """Several tasks per example (C = 96: 2 parts of an example's rows) and a small batch: the split
+    and every sum order depend on the shape, not on the thread count."""
+    x, arch, weight, bias, grad_y = make_inputs((3, 96, 20, 20), 2, torch.float32, layout="channels_last")
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+
+    def run():
+        y = torch.ops.bnas_fast.arch_batch_norm(leaves[0], arch, leaves[1], leaves[2], 3, 1e-5)[0]
+        return [y.detach()] + list(torch.autograd.grad(y, leaves, grad_y))
+
+    first = run()
+    for threads in (1, 2):
+        with num_threads(threads):
+            for a, b in zip(first, run()):
+                assert torch.equal(a, b)
+
+
+def test_channels_last_large_mean_keeps_float32_accuracy():
+    """The numerics of the row path in the column sums: x at mean 1e4 (the two-pass M2 per block and
+    Chan's combination keep the variance) and grad_y at mean 1e3 (double sums and the mean's residual D
+    keep grad_weight and grad_x), over 4 x 2 x 500 x 500 values."""
+    gen = torch.Generator().manual_seed(18)
+    shape = (4, 2, 500, 500)
+    x = (1e4 + torch.randn(shape, generator=gen, dtype=torch.float64)).float().contiguous(memory_format=CL)
+    g = (1e3 + torch.randn(shape, generator=gen, dtype=torch.float64)).float().contiguous(memory_format=CL)
+    arch = torch.zeros(4, dtype=torch.long)
+    w, b = torch.ones(1, 2), torch.zeros(1, 2)
+    _, _, invstd, _, _ = torch.ops.bnas_fast.arch_batch_norm(x, arch, w, b, 4, 1e-5)
+    var = x.double().var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(invstd[0].double(), torch.rsqrt(var + 1e-5), rtol=1e-4, atol=0)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    reference.arch_batch_norm(x64, arch, w64, b.double(), 4, 1e-5)[0].backward(g.double())
+    xk, wk = x.clone(memory_format=torch.preserve_format).requires_grad_(), w.clone().requires_grad_()
+    bnas_fast.arch_batch_norm(xk, arch, wk, b).backward(g)
+    assert float((wk.grad.double() - w64.grad).abs().max()) < 1e-6 * float(w64.grad.abs().max())
+    assert float((xk.grad.double() - x64.grad).abs().max()) < 1e-4 * float(x64.grad.abs().max())
+
+
+def test_reference_backend_follows_the_layout_contract():
+    """The functions registered for the reference backend (BNAS_FAST_BACKEND=reference) return y and
+    grad_x in the contract's layout, the same as the C++ op."""
+    for layout in ("channels_last", "contiguous"):
+        x, arch, weight, bias, grad_y = make_inputs((6, 5, 4, 3), 3, torch.float64, layout=layout)
+        got = ops_module._reference_bn(x, arch, weight, bias, 3, 1e-5)
+        expected = torch.ops.bnas_fast.arch_batch_norm(x, arch, weight, bias, 3, 1e-5)
+        for a, e in zip(got, expected):
+            assert a.stride() == e.stride()
+            assert_within(a, e, TOLERANCES[torch.float64])
+        got = ops_module._reference_bn_backward(grad_y, x, arch, weight, got[1], got[2], 3)
+        expected = torch.ops.bnas_fast.arch_batch_norm_backward(grad_y, x, arch, weight, expected[1], expected[2], 3)
+        for a, e in zip(got, expected):
+            assert a.stride() == e.stride()
+            assert_within(a, e, TOLERANCES[torch.float64])
+        scale, shift = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+        a, e = ops_module._reference_affine(x, scale, shift), torch.ops.bnas_fast.channel_affine(x, scale, shift)
+        assert a.stride() == e.stride()
+        assert_within(a, e, TOLERANCES[torch.float64])
+        got = ops_module._reference_affine_backward(grad_y, x, scale)
+        for a, e in zip(got, torch.ops.bnas_fast.channel_affine_backward(grad_y, x, scale)):
+            assert a.stride() == e.stride()
+            assert_within(a, e, TOLERANCES[torch.float64])

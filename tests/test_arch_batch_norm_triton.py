@@ -93,6 +93,13 @@ def assert_close(actual, expected, what, terms=1):
     )
 
 
+def assert_layout(t, x, what):
+    """t (of x's shape) in the layout of the ops' contract: channels-last for a channels-last x that is
+    not also contiguous, else contiguous."""
+    layout = ops_bn.output_memory_format(x)
+    assert t.is_contiguous(memory_format=layout), f"{what}: strides {t.stride()} not {layout}"
+
+
 def check_all(x, arch, weight, bias, grad_y, group_size, eps=1e-5):
     """All four launchers against the reference on one set of inputs."""
     B, L = x.shape[0], x[0, 0].numel()
@@ -100,7 +107,7 @@ def check_all(x, arch, weight, bias, grad_y, group_size, eps=1e-5):
 
     got = triton_bn.arch_batch_norm(x, arch, weight, bias, group_size, eps)
     expected = reference.arch_batch_norm(x, arch, weight, bias, group_size, eps)
-    assert got[0].is_contiguous()
+    assert_layout(got[0], x, "y")
     for name, a, e, terms in zip(("y", "mean", "invstd", "row_mean", "row_m2"), got, expected, (1, N, N, L, L)):
         assert_close(a, e, name, terms)
 
@@ -108,17 +115,17 @@ def check_all(x, arch, weight, bias, grad_y, group_size, eps=1e-5):
     mean, invstd = expected[1], expected[2]
     got = triton_bn.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, group_size)
     expected = reference.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, group_size)
-    assert got[0].is_contiguous()
+    assert_layout(got[0], x, "grad_x")
     for name, a, e, terms in zip(("grad_x", "grad_weight", "grad_bias"), got, expected, (N, B * L, B * L)):
         assert_close(a, e, name, terms)
 
     scale, shift = make_affine(x.shape, x.dtype)
     y = triton_bn.channel_affine(x, scale, shift)
-    assert y.is_contiguous()
+    assert_layout(y, x, "channel_affine y")
     assert_close(y, reference.channel_affine(x, scale, shift), "channel_affine y")
     got = triton_bn.channel_affine_backward(grad_y, x, scale)
     expected = reference.channel_affine_backward(grad_y, x, scale)
-    assert got[0].is_contiguous()
+    assert_layout(got[0], x, "channel_affine grad_x")
     for name, a, e, terms in zip(("grad_x", "grad_scale", "grad_shift"), got, expected, (1, L, L)):
         assert_close(a, e, f"channel_affine {name}", terms)
 
@@ -161,12 +168,38 @@ def test_tiling(monkeypatch, shape, S, group_size, tiling):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_non_contiguous_inputs(dtype):
     """x and grad_y in channels-last and sliced layouts, weight and bias sliced: the launchers read
-    them through contiguous copies and return contiguous outputs."""
+    them through contiguous copies, and return channels-last y and grad_x for the channels-last x
+    and contiguous ones for the sliced x (the layout contract)."""
     x, arch, weight, bias, grad_y = make_inputs((4, 6, 3, 5), 3, dtype, seed=3)
     channels_last = x.contiguous(memory_format=torch.channels_last)
     assert not channels_last.is_contiguous()
     check_all(channels_last, arch, weight, bias, grad_y.contiguous(memory_format=torch.channels_last), 2)
     check_all(x[:, ::2], arch, weight[:, ::2], bias[:, ::2], grad_y[:, 1::2], 4)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("grad_layout", ["channels_last", "contiguous"])
+def test_channels_last_x(dtype, grad_layout):
+    """A channels-last x (grad_y in either layout), S = 1 and 3, one group and ghost batches: the
+    launchers against the reference, y and grad_x channels-last; the functions registered for CUDA
+    give the CPU op's strides and values. The ambiguous C = 1 stays contiguous."""
+    for shape, S, group_size in [((6, 5, 4, 3), 1, 6), ((6, 5, 4, 3), 3, 2), ((4, 3, 2, 33), 2, 4)]:
+        x, arch, weight, bias, grad_y = make_inputs(shape, S, dtype, seed=6)
+        x = x.contiguous(memory_format=torch.channels_last)
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last if grad_layout == "channels_last" else torch.contiguous_format)
+        assert ops_bn.output_memory_format(x) == torch.channels_last
+        check_all(x, arch, weight, bias, grad_y, group_size)
+        got = ops_bn._triton_bn(x, arch, weight, bias, group_size, 1e-5)
+        expected = torch.ops.bnas_fast.arch_batch_norm(x, arch, weight, bias, group_size, 1e-5)
+        assert got[0].stride() == expected[0].stride()
+        grad_x = ops_bn._triton_bn_backward(grad_y, x, arch, weight, got[1], got[2], group_size)[0]
+        expected_grad_x = torch.ops.bnas_fast.arch_batch_norm_backward(grad_y, x, arch, weight, got[1], got[2], group_size)[0]
+        assert grad_x.stride() == expected_grad_x.stride()
+        assert_close(grad_x, expected_grad_x, "grad_x vs the CPU op", shape[0] * x[0, 0].numel())
+    x, arch, weight, bias, grad_y = make_inputs((4, 1, 3, 5), 2, dtype, seed=7)
+    x = x.contiguous(memory_format=torch.channels_last)  # C = 1: also contiguous
+    assert ops_bn.output_memory_format(x) == torch.contiguous_format
+    check_all(x, arch, weight, bias, grad_y, 2)
 
 
 def test_large_offset_keeps_variance_accurate():

@@ -175,6 +175,40 @@ def test_run_end_to_end_writes_json_and_plots_and_is_reproducible(tmp_path):
     assert second["training"]["epoch_losses"] == first["training"]["epoch_losses"]
 
 
+@pytest.mark.parametrize("variant", ["nsa_i", "nsa_id"])
+def test_channels_last_model_equals_the_contiguous_one(variant):
+    """model.to(memory_format=torch.channels_last): every activation stays channels-last through the
+    fused ops, with the same loss and gradients (float64) as the contiguous model."""
+    torch.manual_seed(0)
+    contiguous = NSANet(1, 4, width=4, num_stages=2, num_nodes=3, num_archs=5, variant=variant).double()
+    last = NSANet(1, 4, width=4, num_stages=2, num_nodes=3, num_archs=5, variant=variant).double()
+    last.load_state_dict(contiguous.state_dict())
+    last.to(memory_format=torch.channels_last)
+    x, y = torch.randn(8, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (8,))
+    arch = torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(3))
+    layouts = []
+    last.stages[0].convs[1].register_forward_hook(
+        lambda module, inputs, output: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    loss_c, loss_l = F.cross_entropy(contiguous(x, arch), y), F.cross_entropy(last(x, arch), y)
+    assert layouts == [True]  # the mix and ReLU before a node's convolution kept the layout
+    torch.testing.assert_close(loss_l, loss_c)
+    grads_c = torch.autograd.grad(loss_c, list(contiguous.parameters()))
+    grads_l = torch.autograd.grad(loss_l, list(last.parameters()))
+    for (name, _), a, b in zip(contiguous.named_parameters(), grads_c, grads_l):
+        torch.testing.assert_close(b, a, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_channels_last_run_is_reproducible(tmp_path):
+    first = nsa.run(_tiny(tmp_path / "a", plots=False, channels_last=True))
+    second = nsa.run(_tiny(tmp_path / "b", plots=False, channels_last=True))
+    assert second["training"]["epoch_losses"] == first["training"]["epoch_losses"]
+    contiguous = nsa.run(_tiny(tmp_path / "c", plots=False))
+    # the same computation in another layout: float32 rounding only
+    for a, b in zip(first["training"]["epoch_losses"], contiguous["training"]["epoch_losses"]):
+        assert abs(a - b) < 1e-3 * abs(b)
+
+
 def test_compare_runs_every_variant(tmp_path):
     config = _tiny(tmp_path, n_train=64, n_test=32)
     config.pop("out_dir")

@@ -8,6 +8,8 @@ Providers:
   updated) followed by the gathered affine ``y * weight[arch] + bias[arch]``;
 * ``compile``: ``torch.compile`` of that same function;
 * ``bnas_fast``: :func:`bnas_fast.arch_batch_norm`.
+
+The ``channels_last`` cases give every provider x and grad_y in torch.channels_last (S = 5).
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ def eager_arch_batch_norm(x, arch, weight, bias, running_mean, running_var, mome
     return y * weight[arch][:, :, None, None] + bias[arch][:, :, None, None]
 
 
-def _inputs(num_archs: int, backward: bool):
+def _inputs(num_archs: int, backward: bool, memory_format=torch.contiguous_format):
     gen = torch.Generator().manual_seed(0)
     B, C, H, W = SHAPE
-    x = torch.randn(B, C, H, W, generator=gen).requires_grad_(backward)
+    x = torch.randn(B, C, H, W, generator=gen).contiguous(memory_format=memory_format).requires_grad_(backward)
     arch = torch.randint(0, num_archs, (B,), generator=gen)
     weight = (1 + 0.1 * torch.randn(num_archs, C, generator=gen)).requires_grad_(backward)
     bias = (0.1 * torch.randn(num_archs, C, generator=gen)).requires_grad_(backward)
-    grad_y = torch.randn(B, C, H, W, generator=gen)
+    grad_y = torch.randn(B, C, H, W, generator=gen).contiguous(memory_format=memory_format)
     return x, arch, weight, bias, grad_y
 
 
@@ -53,10 +55,11 @@ def _bytes(backward: bool) -> int:
     return total
 
 
-def _case(num_archs: int, backward: bool) -> Case:
+def _case(num_archs: int, backward: bool, channels_last: bool = False) -> Case:
     def build() -> Dict[str, Callable[[], object]]:
         torch._dynamo.reset()
-        x, arch, weight, bias, grad_y = _inputs(num_archs, backward)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        x, arch, weight, bias, grad_y = _inputs(num_archs, backward, memory_format)
         C = SHAPE[1]
         running = {name: (torch.zeros(C), torch.ones(C)) for name in ("eager", "compile", "bnas_fast")}
         compiled = torch.compile(eager_arch_batch_norm, dynamic=False)
@@ -72,7 +75,7 @@ def _case(num_archs: int, backward: bool) -> Case:
 
     return Case(
         op="arch_batch_norm",
-        shape=f"B=128 C=64 32x32 S={num_archs}",
+        shape=f"B=128 C=64 32x32 S={num_archs}" + (" channels_last" if channels_last else ""),
         mode="fwd+bwd" if backward else "fwd",
         build=build,
         bytes_moved=_bytes(backward),
@@ -80,4 +83,6 @@ def _case(num_archs: int, backward: bool) -> Case:
 
 
 def cases() -> List[Case]:
-    return [_case(s, backward) for s in NUM_ARCHS for backward in (False, True)]
+    return [_case(s, backward) for s in NUM_ARCHS for backward in (False, True)] + [
+        _case(NUM_ARCHS[0], backward, channels_last=True) for backward in (False, True)
+    ]

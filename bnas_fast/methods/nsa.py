@@ -94,6 +94,7 @@ class NSAConfig:
     plots: bool = True
     progress: bool = True
     threads: int = 2
+    channels_last: bool = False
     quick: bool = False
 
     @classmethod
@@ -188,10 +189,15 @@ def mutual_information(probs: Tensor) -> Tensor:
 def _build_model(c: NSAConfig, in_channels: int, num_classes: int) -> NSANet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(c.seed)
-        return NSANet(
+        model = NSANet(
             in_channels, num_classes, width=c.width, num_stages=c.num_stages, num_nodes=c.num_nodes,
             num_archs=c.num_archs, variant=c.variant, running_stats=c.running_stats, seed=c.seed,
         )
+    if c.channels_last:
+        # channels-last convolution weights make every activation channels-last (the stem's
+        # output follows its weight for a 1-channel input); the fused ops keep that layout
+        return model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _train(model: NSANet, x: Tensor, y: Tensor, c: NSAConfig) -> Dict[str, Any]:
@@ -547,6 +553,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test", type=int, default=None)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="keep activations in channels-last (NHWC): faster convolutions on CPU")
     parser.add_argument("--out", default=os.path.join(".", "runs", "nsa"))
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     parser.add_argument("--no-plots", action="store_true")
@@ -559,7 +567,8 @@ def main(args: argparse.Namespace) -> int:
         num_archs=args.num_archs, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         eval_archs=args.eval_archs, calibration_batches=args.calibration_batches, n_train=args.n_train,
         n_test=args.n_test, data_root=args.data_root,
-        threads=args.threads, quick=args.quick, plots=not args.no_plots, progress=not args.no_progress,
+        threads=args.threads, channels_last=args.channels_last, quick=args.quick, plots=not args.no_plots,
+        progress=not args.no_progress,
     )
     if args.seeds is not None and not args.compare:
         raise ValueError("nsa: --seeds goes with --compare; one run takes --seed")

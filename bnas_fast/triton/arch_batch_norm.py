@@ -62,7 +62,12 @@ The design mirrors csrc/arch_batch_norm.cpp:
   atomics, which ``torch.use_deterministic_algorithms(True)`` turns into a deterministic sum.
 
 The launchers own the layout (contiguity, the [B, C, L] view, output allocation, block sizes); the
-kernels own the per-element math. Argument and value checks (shapes, dtypes, arch in [0, S), group
+kernels own the per-element math. The kernels work on contiguous [B, C, L] rows only: the launchers
+copy other layouts to contiguous ones, and return y and grad_x in the layout of the ops' contract
+(:func:`bnas_fast.ops.arch_batch_norm.output_memory_format`: channels-last for a 4-D x that is
+channels-last-contiguous and not contiguous, else contiguous), converting at the end. That costs
+copies which the C++ kernels avoid (they read channels-last tensors in place); it keeps the GPU path
+correct, not fast, for channels-last networks. Argument and value checks (shapes, dtypes, arch in [0, S), group
 size dividing B) happen in :mod:`bnas_fast.ops.arch_batch_norm` before these launchers are called;
 there is no autograd logic here.
 """
@@ -73,6 +78,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from bnas_fast.ops.arch_batch_norm import output_memory_format
 
 __all__ = ["MAX_TILE", "arch_batch_norm", "arch_batch_norm_backward", "channel_affine", "channel_affine_backward"]
 
@@ -290,6 +297,12 @@ def _tiling(rows: int, L: int) -> tuple[int, int, int]:
     return block_r, block_l, triton.cdiv(rows, block_r)
 
 
+def _in_layout_of(t: Tensor, x: Tensor) -> Tensor:
+    """A contiguous result t of x's shape in the layout of the ops' contract for x (a copy only for a
+    channels-last x)."""
+    return t.reshape(x.shape).contiguous(memory_format=output_memory_format(x))
+
+
 def _per_row(t: Tensor, group_size: int) -> Tensor:
     """[G, C] -> [B, C]: the row of group k for each of its group_size examples."""
     return t.repeat_interleave(group_size, dim=0)
@@ -328,12 +341,13 @@ def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """y[b, c, :] = x[b, c, :] * scale[b, c] + shift[b, c].
 
     x: [B, C, *] (any strides); scale, shift: [B, C] in the accumulation dtype (float32 for
-    float16/bfloat16, else x's dtype). Returns a contiguous tensor of x's shape and dtype.
+    float16/bfloat16, else x's dtype). Returns a tensor of x's shape and dtype, in the contract's
+    layout (channels-last for a channels-last x, else contiguous).
     """
     xr, _, _, _ = _as_rows(x)
     y = torch.empty_like(xr)
     _launch_affine(y, xr, scale, shift)
-    return y.reshape(x.shape)
+    return _in_layout_of(y, x)
 
 
 def channel_affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -341,7 +355,8 @@ def channel_affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor) -> tuple[T
 
         grad_x = grad_y * scale[b, c];  grad_scale[b, c] = sum_l grad_y x;  grad_shift[b, c] = sum_l grad_y
 
-    Returns a contiguous tensor of x's shape and dtype, and two [B, C] in the accumulation dtype.
+    Returns a tensor of x's shape and dtype (in the contract's layout), and two [B, C] in the
+    accumulation dtype.
     """
     xr, B, C, L = _as_rows(x)
     gr = grad_y.contiguous().reshape(B, C, L)
@@ -350,7 +365,7 @@ def channel_affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor) -> tuple[T
     rows = B * C
     if rows == 0 or L == 0:  # empty sums
         zeros = torch.zeros((B, C), dtype=acc_dtype, device=x.device)
-        return grad_x.reshape(x.shape), zeros, zeros.clone()
+        return _in_layout_of(grad_x, x), zeros, zeros.clone()
     grad_scale = torch.empty((B, C), dtype=acc_dtype, device=x.device)
     grad_shift = torch.empty((B, C), dtype=acc_dtype, device=x.device)
     block_r, block_l, programs = _tiling(rows, L)
@@ -367,7 +382,7 @@ def channel_affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor) -> tuple[T
         BLOCK_R=block_r,
         BLOCK_L=block_l,
     )
-    return grad_x.reshape(x.shape), grad_scale, grad_shift
+    return _in_layout_of(grad_x, x), grad_scale, grad_shift
 
 
 def arch_batch_norm(
@@ -377,8 +392,8 @@ def arch_batch_norm(
     consecutive examples; see :func:`bnas_fast.reference.arch_batch_norm`.
 
     x: [B, C, *] (any strides); arch: [B] int64 in [0, S); weight, bias: [S, C], x's dtype;
-    group_size divides B. Returns y (contiguous, x's shape and dtype), mean and invstd [G, C], and
-    row_mean and row_m2 [B, C], all four in the accumulation dtype.
+    group_size divides B. Returns y (x's shape and dtype, in the contract's layout), mean and invstd
+    [G, C], and row_mean and row_m2 [B, C], all four in the accumulation dtype.
     """
     xr, B, C, L = _as_rows(x)
     acc_dtype = _accumulation_dtype(x.dtype)
@@ -415,7 +430,7 @@ def arch_batch_norm(
     shift64 = bias.double()[arch] - _per_row(mean64 - mean.double(), group_size) * scale64
     y = torch.empty_like(xr)
     _launch_affine(y, xr, scale64.to(acc_dtype), shift64.to(acc_dtype), center=_per_row(mean, group_size))
-    return y.reshape(x.shape), mean, invstd, row_mean, row_m2
+    return _in_layout_of(y, x), mean, invstd, row_mean, row_m2
 
 
 def arch_batch_norm_backward(
@@ -424,8 +439,8 @@ def arch_batch_norm_backward(
     """Gradients of :func:`arch_batch_norm`'s y to x, weight and bias; see
     :func:`bnas_fast.reference.arch_batch_norm_backward`.
 
-    grad_y, x: [B, C, *] (any strides); mean, invstd: [G, C] from the forward. Returns grad_x
-    (contiguous, x's shape and dtype) and grad_weight, grad_bias [S, C] in weight's dtype.
+    grad_y, x: [B, C, *] (any strides); mean, invstd: [G, C] from the forward. Returns grad_x (x's
+    shape and dtype, in the contract's layout) and grad_weight, grad_bias [S, C] in weight's dtype.
     """
     xr, B, C, L = _as_rows(x)
     gr = grad_y.contiguous().reshape(B, C, L)
@@ -496,4 +511,4 @@ def arch_batch_norm_backward(
             BLOCK_R=block_r,
             BLOCK_L=block_l,
         )
-    return grad_x.reshape(x.shape), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+    return _in_layout_of(grad_x, x), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
