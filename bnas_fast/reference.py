@@ -16,7 +16,7 @@ once, before any backend runs.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -65,13 +65,14 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
-def mix(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
-    """out[b] = sum_k weights[b, k] * ys[k][b].
+def mix(ys: Sequence[Tensor], weights: Tensor, relu: bool = False) -> Tensor:
+    """out[b] = sum_k weights[b, k] * ys[k][b], or relu of that sum with ``relu``.
 
     Args:
         ys: K tensors of identical shape [B, *rest] (the candidate operations' outputs).
         weights: [B, K] per-example weights (binary masks, softmax weights, aggregation
             coefficients).
+        relu: apply max(., 0) to the sum (the ReLU that follows a node's sum in NSA).
 
     Returns:
         [B, *rest], the dtype of ``ys``. Low-precision inputs are summed in float32 and rounded once.
@@ -80,21 +81,30 @@ def mix(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
     out = torch.zeros(ys[0].shape, dtype=acc_dtype, device=ys[0].device)
     for k, y in enumerate(ys):
         out = out + _column(weights, k, y).to(acc_dtype) * y.to(acc_dtype)
+    if relu:
+        out = torch.relu(out)
     return out.to(ys[0].dtype)
 
 
 def mix_backward(
-    grad_out: Tensor, ys: Sequence[Tensor], weights: Tensor, weights_requires_grad: bool
+    grad_out: Tensor,
+    ys: Sequence[Tensor],
+    weights: Tensor,
+    weights_requires_grad: bool,
+    relu_out: Optional[Tensor] = None,
 ) -> Tuple[List[Tensor], Tensor]:
-    """Gradients of :func:`mix`.
+    """Gradients of :func:`mix`, with g = grad_out (or grad_out * 1[relu_out > 0] when ``relu_out``,
+    the output of a ``relu=True`` forward, is given):
 
-    grad_ys[k][b] = weights[b, k] * grad_out[b]
-    grad_weights[b, k] = <grad_out[b], ys[k][b]>   (zeros when ``weights_requires_grad`` is False)
+    grad_ys[k][b] = weights[b, k] * g[b]
+    grad_weights[b, k] = <g[b], ys[k][b]>   (zeros when ``weights_requires_grad`` is False)
 
     Shapes: grad_out [B, *rest]; returns K tensors [B, *rest] and [B, K].
     """
     acc_dtype = _accumulation_dtype(grad_out.dtype)
     g = grad_out.to(acc_dtype)
+    if relu_out is not None:
+        g = torch.where(relu_out.to(acc_dtype) > 0, g, torch.zeros_like(g))
     grad_ys = [(_column(weights, k, y).to(acc_dtype) * g).to(y.dtype) for k, y in enumerate(ys)]
     if weights_requires_grad:
         flat = _rows(g)

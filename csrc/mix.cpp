@@ -1,6 +1,7 @@
 // CPU kernels for masked per-example operation mixing.
 //
 //   dense:  out[b] = sum_k w[b, k] * y_k[b]                         y_k: [B, M]
+//           (or relu of that sum, with relu = true: the ReLU that follows a node's sum in NSA)
 //   sparse: out[b] = sum_k w[b, k] * y_k[row_k(b)]                   y_k: [n_k, M]
 //           where row_k(b) is the i with indices_k[i] = b, or none.
 //
@@ -52,10 +53,10 @@ struct Active {
   at::opmath_type<scalar_t> weight;
 };
 
-// out[0:n] = sum_a w_a * y_a[0:n], accumulated in acc_t, one write of out.
+// out[0:n] = sum_a w_a * y_a[0:n] (then max(., 0) with relu), accumulated in acc_t, one write of out.
 template <typename scalar_t>
 inline void weighted_sum_tile(const c10::SmallVector<Active<scalar_t>, 16>& active, scalar_t* __restrict out,
-                              int64_t n, bool streaming) {
+                              int64_t n, bool streaming, bool relu) {
   using acc_t = acc_type<scalar_t>;
   const int64_t na = static_cast<int64_t>(active.size());
   int64_t j = 0;
@@ -71,17 +72,21 @@ inline void weighted_sum_tile(const c10::SmallVector<Active<scalar_t>, 16>& acti
       const acc_t w = active[a].weight;
       for (int64_t u = 0; u < kBlock; ++u) acc[u] += w * static_cast<acc_t>(y[u]);
     }
+    if (relu) {
+      for (int64_t u = 0; u < kBlock; ++u) acc[u] = acc[u] > acc_t(0) ? acc[u] : acc_t(0);
+    }
     store_block<kBlock>(out + j, acc, streaming);
   }
   for (; j < n; ++j) {
     acc_t acc = 0;
     for (int64_t a = 0; a < na; ++a) acc += active[a].weight * static_cast<acc_t>(active[a].row[j]);
+    if (relu && !(acc > acc_t(0))) acc = 0;
     out[j] = static_cast<scalar_t>(acc);
   }
 }
 
 template <typename scalar_t>
-void mix_forward_kernel(const MixArgs<scalar_t>& a, scalar_t* out) {
+void mix_forward_kernel(const MixArgs<scalar_t>& a, scalar_t* out, bool relu) {
   using acc_t = acc_type<scalar_t>;
   const int64_t M = a.row_size;
   const int64_t tiles_per_row = (M + kTile - 1) / kTile;
@@ -103,7 +108,7 @@ void mix_forward_kernel(const MixArgs<scalar_t>& a, scalar_t* out) {
       if (active.empty()) {
         std::fill(out_tile, out_tile + n, scalar_t(0));
       } else {
-        weighted_sum_tile(active, out_tile, n, streaming);
+        weighted_sum_tile(active, out_tile, n, streaming, relu);
       }
     }
     if (streaming) streaming_fence();
@@ -111,9 +116,10 @@ void mix_forward_kernel(const MixArgs<scalar_t>& a, scalar_t* out) {
 }
 
 // grad_ys[k][row_k(b)] = w[b, k] * g[b];  grad_w[b, k] = <g[b], y_k[row_k(b)]> if wanted.
+// With relu_out (the output of a relu = true forward), g is grad_out masked by relu_out > 0.
 // One pass over g per tile: each block of g is loaded once and used for all K candidates.
 template <typename scalar_t>
-void mix_backward_kernel(const MixArgs<scalar_t>& a, const scalar_t* grad_out,
+void mix_backward_kernel(const MixArgs<scalar_t>& a, const scalar_t* grad_out, const scalar_t* relu_out,
                          const std::vector<scalar_t*>& grad_ys, scalar_t* grad_w,
                          bool weights_requires_grad) {
   using acc_t = acc_type<scalar_t>;
@@ -143,6 +149,7 @@ void mix_backward_kernel(const MixArgs<scalar_t>& a, const scalar_t* grad_out,
       const int64_t start = (tile % tiles_per_row) * kTile;
       const int64_t n = std::min(kTile, M - start);
       const scalar_t* __restrict g = grad_out + b * M + start;
+      const scalar_t* __restrict mask = relu_out ? relu_out + b * M + start : nullptr;
       targets.clear();
       for (int64_t k = 0; k < K; ++k) {
         const int64_t row = a.row_of(k, b);
@@ -155,7 +162,12 @@ void mix_backward_kernel(const MixArgs<scalar_t>& a, const scalar_t* grad_out,
       int64_t j = 0;
       for (; j + kBlock <= n; j += kBlock) {
         acc_t gb[kBlock];
-        for (int64_t u = 0; u < kBlock; ++u) gb[u] = static_cast<acc_t>(g[j + u]);
+        if (mask) {
+          for (int64_t u = 0; u < kBlock; ++u)
+            gb[u] = static_cast<acc_t>(mask[j + u]) > acc_t(0) ? static_cast<acc_t>(g[j + u]) : acc_t(0);
+        } else {
+          for (int64_t u = 0; u < kBlock; ++u) gb[u] = static_cast<acc_t>(g[j + u]);
+        }
         for (int64_t t = 0; t < nt; ++t) {
           const Target& tg = targets[t];
           acc_t gyb[kBlock];
@@ -180,7 +192,7 @@ void mix_backward_kernel(const MixArgs<scalar_t>& a, const scalar_t* grad_out,
         acc_t* d = dots.data() + t * kLanes;
         acc_t tail = 0;
         for (int64_t jj = j; jj < n; ++jj) {
-          const acc_t gv = static_cast<acc_t>(g[jj]);
+          const acc_t gv = (mask && !(static_cast<acc_t>(mask[jj]) > acc_t(0))) ? acc_t(0) : static_cast<acc_t>(g[jj]);
           tg.gy[jj] = static_cast<scalar_t>(tg.w * gv);
           if (tg.y) tail += gv * static_cast<acc_t>(tg.y[jj]);
         }
@@ -282,7 +294,7 @@ at::Tensor inverse_rows(const char* op, at::TensorList indices, const Checked& c
   return rows;
 }
 
-at::Tensor run_forward(const Checked& c, const int64_t* rows) {
+at::Tensor run_forward(const Checked& c, const int64_t* rows, bool relu) {
   std::vector<int64_t> out_shape{c.batch};
   out_shape.insert(out_shape.end(), c.rest_shape.begin(), c.rest_shape.end());
   auto out = empty_output(out_shape, c.weights.options());
@@ -295,14 +307,15 @@ at::Tensor run_forward(const Checked& c, const int64_t* rows) {
     a.batch = c.batch;
     a.num_candidates = c.num_candidates;
     a.row_size = c.row_size;
-    mix_forward_kernel(a, out.data_ptr<scalar_t>());
+    mix_forward_kernel(a, out.data_ptr<scalar_t>(), relu);
   });
   return out;
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> run_backward(const char* op, const at::Tensor& grad_out,
                                                              const Checked& c, const int64_t* rows,
-                                                             bool weights_requires_grad) {
+                                                             bool weights_requires_grad,
+                                                             const std::optional<at::Tensor>& relu_out) {
   check_cpu_floating(grad_out, op, "grad_out");
   TORCH_CHECK_VALUE(grad_out.scalar_type() == c.weights.scalar_type(), op, ": grad_out has dtype ",
                     grad_out.scalar_type(), " but weights has ", c.weights.scalar_type());
@@ -311,6 +324,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> run_backward(const char* op, con
                         std::equal(c.rest_shape.begin(), c.rest_shape.end(), grad_out.sizes().begin() + 1),
                     op, ": grad_out has shape ", grad_out.sizes(), ", expected the output shape");
   const auto g = grad_out.contiguous();
+  at::Tensor mask;
+  if (relu_out.has_value()) {
+    check_cpu_floating(*relu_out, op, "relu_out");
+    TORCH_CHECK_VALUE(relu_out->scalar_type() == grad_out.scalar_type() && relu_out->sizes() == grad_out.sizes(), op,
+                      ": relu_out must have grad_out's shape ", grad_out.sizes(), " and dtype ", grad_out.scalar_type(),
+                      ", got ", relu_out->sizes(), " ", relu_out->scalar_type());
+    mask = relu_out->contiguous();
+  }
   std::vector<at::Tensor> grad_ys;
   for (const auto& y : c.ys) grad_ys.push_back(empty_output(y.sizes(), y.options()));
   auto grad_w = weights_requires_grad ? at::empty_like(c.weights) : at::zeros_like(c.weights);
@@ -329,8 +350,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> run_backward(const char* op, con
     a.row_size = c.row_size;
     std::vector<scalar_t*> gys;
     for (auto& t : grad_ys) gys.push_back(t.data_ptr<scalar_t>());
-    mix_backward_kernel(a, g.data_ptr<scalar_t>(), gys, grad_w.data_ptr<scalar_t>(),
-                        weights_requires_grad);
+    mix_backward_kernel(a, g.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, gys,
+                        grad_w.data_ptr<scalar_t>(), weights_requires_grad);
   });
   return {grad_ys, grad_w};
 }
@@ -341,21 +362,27 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> run_backward(const char* op, con
 
 at::Tensor mix_cpu(at::TensorList ys, const at::Tensor& weights) {
   const auto c = check_mix_args("mix", ys, weights, /*sparse=*/false);
-  return run_forward(c, nullptr);
+  return run_forward(c, nullptr, /*relu=*/false);
+}
+
+at::Tensor mix_relu_cpu(at::TensorList ys, const at::Tensor& weights) {
+  const auto c = check_mix_args("mix_relu", ys, weights, /*sparse=*/false);
+  return run_forward(c, nullptr, /*relu=*/true);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> mix_backward_cpu(const at::Tensor& grad_out,
                                                                  at::TensorList ys,
                                                                  const at::Tensor& weights,
-                                                                 bool weights_requires_grad) {
+                                                                 bool weights_requires_grad,
+                                                                 const std::optional<at::Tensor>& relu_out) {
   const auto c = check_mix_args("mix_backward", ys, weights, /*sparse=*/false);
-  return run_backward("mix_backward", grad_out, c, nullptr, weights_requires_grad);
+  return run_backward("mix_backward", grad_out, c, nullptr, weights_requires_grad, relu_out);
 }
 
 at::Tensor mix_sparse_cpu(at::TensorList ys, at::TensorList indices, const at::Tensor& weights) {
   const auto c = check_mix_args("mix_sparse", ys, weights, /*sparse=*/true);
   const auto rows = inverse_rows("mix_sparse", indices, c);
-  return run_forward(c, rows.data_ptr<int64_t>());
+  return run_forward(c, rows.data_ptr<int64_t>(), /*relu=*/false);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> mix_sparse_backward_cpu(const at::Tensor& grad_out,
@@ -366,13 +393,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mix_sparse_backward_cpu(const at
   const auto c = check_mix_args("mix_sparse_backward", ys, weights, /*sparse=*/true);
   const auto rows = inverse_rows("mix_sparse_backward", indices, c);
   return run_backward("mix_sparse_backward", grad_out, c, rows.data_ptr<int64_t>(),
-                      weights_requires_grad);
+                      weights_requires_grad, std::nullopt);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnas_fast, CPU, m) {
   m.impl("mix", &mix_cpu);
+  m.impl("mix_relu", &mix_relu_cpu);
   m.impl("mix_backward", &mix_backward_cpu);
   m.impl("mix_sparse", &mix_sparse_cpu);
   m.impl("mix_sparse_backward", &mix_sparse_backward_cpu);

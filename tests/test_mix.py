@@ -365,7 +365,7 @@ def test_grad_weights_is_none_and_not_computed_when_not_required(sparse, monkeyp
     original = getattr(torch.ops.bnas_fast, name)
 
     def spy(*args):
-        flags.append(args[-1])
+        flags.append(args[4] if sparse else args[3])  # weights_requires_grad
         return original(*args)
 
     monkeypatch.setattr(torch.ops.bnas_fast, name, spy)
@@ -381,7 +381,7 @@ def test_grad_weights_is_none_and_not_computed_when_not_required(sparse, monkeyp
     # The formula itself: None in the weights slot when needs_input_grad says so.
     saved = (*[y.detach() for y in ys], *(indices if sparse else []), w.detach())
     needs = (True, False, False) if sparse else (True, False)
-    ctx = types.SimpleNamespace(saved_tensors=saved, needs_input_grad=needs, num_candidates=2)
+    ctx = types.SimpleNamespace(saved_tensors=saved, needs_input_grad=needs, num_candidates=2, relu=False)
     formula = ops_mix._mix_sparse_backward_formula if sparse else ops_mix._mix_backward_formula
     result = formula(ctx, torch.ones(4, 3))
     assert result[-1] is None
@@ -1419,3 +1419,69 @@ def test_channels_last_under_torch_compile():
     w = torch.rand(4, 2, generator=gen, dtype=torch.float64)
     compiled = torch.compile(lambda ys, w: bnas_fast.mix(ys, w), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(ys, w), reference.mix(ys, w))
+
+
+# ---------------------------------------------------------------------------------------------
+# relu=True: the sum and the ReLU after it in one pass (op mix_relu), the backward masked by the
+# saved output.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rest", [(3,), (3, 5, 7), (64, 9, 9)], ids=str)
+def test_mix_relu_matches_reference(dtype, rest):
+    gen = torch.Generator().manual_seed(31)
+    ys = [torch.randn((7,) + rest, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for _ in range(3)]
+    w = torch.rand(7, 3, generator=gen, dtype=torch.float64).to(dtype)
+    w[2, 0] = 0.0
+    w.requires_grad_()
+    out = bnas_fast.mix(ys, w, relu=True)
+    assert bool((out >= 0).all()) and bool((out == 0).any())
+    ys64, w64 = _float64_leaves(ys), w.detach().double().requires_grad_()
+    ref = reference.mix(ys64, w64, relu=True)
+    assert_close(out, ref, dtype, "elementwise", "out")
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(out, ys + [w], g)
+    expected = torch.autograd.grad(ref, ys64 + [w64], g.double())
+    for k in range(3):
+        assert_close(grads[k], expected[k], dtype, "elementwise", f"grad_ys[{k}]")
+    assert_close(grads[3], expected[3], dtype, "reduction", "grad_weights")
+
+
+def test_mix_relu_op_gradcheck_opcheck_and_compile():
+    gen = torch.Generator().manual_seed(32)
+    ys = [torch.randn(4, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    w = torch.rand(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, *ys: bnas_fast.mix(list(ys), w, relu=True), (w, *ys))
+    assert torch.autograd.gradcheck(lambda w, *ys: torch.ops.bnas_fast.mix_relu(list(ys), w), (w, *ys))
+    torch.library.opcheck(torch.ops.bnas_fast.mix_relu.default, (ys, w))
+    out = bnas_fast.mix(ys, w, relu=True)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    relu_out = reference.mix(ys, w, relu=True).detach()
+    torch.library.opcheck(torch.ops.bnas_fast.mix_backward.default, (grad, ys, w, True, relu_out))
+    compiled = torch.compile(lambda ys, w: bnas_fast.mix(ys, w, relu=True), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ys, w), reference.mix(ys, w, relu=True))
+    # the registered op and the eager route agree bit for bit, forward and backward
+    op_out = torch.ops.bnas_fast.mix_relu(ys, w)
+    assert torch.equal(op_out, out)
+    for a, b in zip(torch.autograd.grad(op_out, ys + [w], grad), torch.autograd.grad(out, ys + [w], grad)):
+        assert torch.equal(a, b)
+
+
+def test_mix_relu_keeps_channels_last_and_checks_its_flag():
+    gen = torch.Generator().manual_seed(33)
+    ys = [torch.randn(4, 3, 2, 5, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+          for _ in range(2)]
+    w = torch.rand(4, 2, generator=gen, dtype=torch.float64)
+    out = bnas_fast.mix(ys, w, relu=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, reference.mix(ys, w, relu=True))
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        bnas_fast.mix(ys, w, relu=1)
+
+
+def test_mix_backward_checks_relu_out():
+    ys = [torch.randn(4, 5) for _ in range(2)]
+    w, g = torch.rand(4, 2), torch.randn(4, 5)
+    with pytest.raises(ValueError, match="relu_out"):
+        torch.ops.bnas_fast.mix_backward(g, ys, w, True, torch.randn(4, 6))
+    with pytest.raises(ValueError, match="relu_out"):
+        torch.ops.bnas_fast.mix_backward(g, ys, w, True, torch.randn(4, 5, dtype=torch.float64))

@@ -104,6 +104,24 @@ def test_mix_dense(dtype, batch, rest, num_candidates):
 
 
 @pytest.mark.parametrize("dtype,batch,rest,num_candidates", DTYPE_CASES)
+def test_mix_relu(dtype, batch, rest, num_candidates):
+    """relu of the sum (the last chunk of candidates applies it) and the backward masked by the
+    output, against the reference."""
+    gen = torch.Generator().manual_seed(batch * 100 + num_candidates + 7)
+    ys = [torch.randn((batch,) + rest, generator=gen).to(dtype) for _ in range(num_candidates)]
+    w = make_weights(batch, num_candidates, dtype, gen)
+    grad_out = torch.randn((batch,) + rest, generator=gen).to(dtype)
+    out = triton_mix.mix(ys, w, relu=True)
+    expected = reference.mix(ys, w, relu=True)
+    assert_close(out, expected)
+    for wrg in (True, False):
+        assert_grads_close(
+            triton_mix.mix_backward(grad_out, ys, w, wrg, expected),
+            reference.mix_backward(grad_out, ys, w, wrg, expected),
+        )
+
+
+@pytest.mark.parametrize("dtype,batch,rest,num_candidates", DTYPE_CASES)
 def test_mix_sparse(dtype, batch, rest, num_candidates):
     gen = torch.Generator().manual_seed(batch * 100 + num_candidates + 1)
     ys, indices = make_sparse(batch, num_candidates, rest, dtype, gen)

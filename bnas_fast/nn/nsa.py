@@ -8,7 +8,8 @@ a fixed training space of S of them is drawn once from a seed (section 2).
 
 Every example b of a batch runs its own architecture arch[b] in [0, S) (NSA-i, eq. 3; NSA runs one
 per batch, which is the special case of a constant arch). The per-example sum over predecessors is
-``bnas_fast.mix(outputs, weights)`` with weights[b, i] = coefficient[arch[b], i, j]: the fused op skips
+``bnas_fast.mix(outputs, weights, relu=True)`` (the sum and the node's ReLU in one pass) with
+weights[b, i] = coefficient[arch[b], i, j]: the fused op skips
 the reads of zero weights, so absent edges cost nothing. NSA-id (``conditional=True``) learns those
 coefficients per architecture (initialised to the adjacency, confined to its edges) and uses
 architecture-conditional BatchNorm (:class:`bnas_fast.nn.ArchBatchNorm2d`).
@@ -160,11 +161,11 @@ class NSAStage(nn.Module):
         outputs: List[Tensor] = [x]
         for j in range(1, self.num_nodes + 1):
             weights = bnas_fast.arch_weights(arch, table[:, :j, j])  # [B, j]
-            if self.fused:
-                h = bnas_fast.mix(outputs, weights)
+            if self.fused:  # the sum and its ReLU in one pass
+                h = bnas_fast.mix(outputs, weights, relu=True)
             else:
-                h = (torch.stack(outputs, 1) * weights[:, :, None, None, None]).sum(1)
-            outputs.append(self.norms[j - 1](self.convs[j - 1](torch.relu(h)), bn_arch))
+                h = torch.relu((torch.stack(outputs, 1) * weights[:, :, None, None, None]).sum(1))
+            outputs.append(self.norms[j - 1](self.convs[j - 1](h), bn_arch))
         return outputs[-1]
 
 

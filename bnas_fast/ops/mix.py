@@ -30,9 +30,13 @@ __all__ = ["mix", "mix_sparse"]
 # Schemas
 # ---------------------------------------------------------------------------------------------
 LIB.define("mix(Tensor[] ys, Tensor weights) -> Tensor")
+# relu(mix(ys, weights)) in one pass; its backward is mix_backward with relu_out = its output.
+# (A separate op rather than a defaulted flag of mix: the registered autograd's backward must
+# return one gradient per argument as called, which setup_context cannot tell for a default.)
+LIB.define("mix_relu(Tensor[] ys, Tensor weights) -> Tensor")
 LIB.define(
-    "mix_backward(Tensor grad_out, Tensor[] ys, Tensor weights, bool weights_requires_grad)"
-    " -> (Tensor[], Tensor)"
+    "mix_backward(Tensor grad_out, Tensor[] ys, Tensor weights, bool weights_requires_grad,"
+    " Tensor? relu_out=None) -> (Tensor[], Tensor)"
 )
 LIB.define("mix_sparse(Tensor[] ys, Tensor[] indices, Tensor weights) -> Tensor")
 LIB.define(
@@ -49,8 +53,13 @@ def _mix_fake(ys: List[Tensor], weights: Tensor) -> Tensor:
     return ys[0].new_empty(ys[0].shape)
 
 
+@torch.library.register_fake("bnas_fast::mix_relu")
+def _mix_relu_fake(ys: List[Tensor], weights: Tensor) -> Tensor:
+    return ys[0].new_empty(ys[0].shape)
+
+
 @torch.library.register_fake("bnas_fast::mix_backward")
-def _mix_backward_fake(grad_out, ys, weights, weights_requires_grad):
+def _mix_backward_fake(grad_out, ys, weights, weights_requires_grad, relu_out=None):
     return [y.new_empty(y.shape) for y in ys], weights.new_empty(weights.shape)
 
 
@@ -69,14 +78,24 @@ def _mix_sparse_backward_fake(grad_out, ys, indices, weights, weights_requires_g
 # ---------------------------------------------------------------------------------------------
 def _mix_setup_context(ctx, inputs, output):
     ys, weights = inputs
-    ctx.num_candidates = len(ys)
+    ctx.num_candidates, ctx.relu = len(ys), False
     ctx.save_for_backward(*ys, weights)
 
 
+def _mix_relu_setup_context(ctx, inputs, output):
+    ys, weights = inputs
+    ctx.num_candidates, ctx.relu = len(ys), True
+    # the output masks the gradient (it is the tensor that the next op keeps anyway)
+    ctx.save_for_backward(*ys, weights, output)
+
+
 def _mix_backward_formula(ctx, grad_out):
-    *ys, weights = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    k = ctx.num_candidates
+    ys, weights = list(saved[:k]), saved[k]
+    relu_out = saved[k + 1] if ctx.relu else None
     weights_requires_grad = ctx.needs_input_grad[1]
-    grad_ys, grad_weights = torch.ops.bnas_fast.mix_backward(grad_out, ys, weights, weights_requires_grad)
+    grad_ys, grad_weights = torch.ops.bnas_fast.mix_backward(grad_out, ys, weights, weights_requires_grad, relu_out)
     return grad_ys, grad_weights if weights_requires_grad else None
 
 
@@ -99,23 +118,30 @@ def _mix_sparse_backward_formula(ctx, grad_out):
 
 class _MixFunction(torch.autograd.Function):
     """``mix`` in eager mode without the registered autograd's wrapper (``_library.use_eager_function``):
-    the same kernels and the formula of :func:`_mix_backward_formula`. Inputs are (weights, *ys), as
-    autograd tracks only tensors passed directly."""
+    the same kernels and the formula of :func:`_mix_backward_formula`. Inputs are (weights, relu,
+    *ys), as autograd tracks only tensors passed directly."""
 
     @staticmethod
-    def forward(ctx, weights, *ys):
-        ctx.save_for_backward(*ys, weights)
+    def forward(ctx, weights, relu, *ys):
         with below_autograd():
-            return torch.ops.bnas_fast.mix(list(ys), weights)
+            out = (torch.ops.bnas_fast.mix_relu if relu else torch.ops.bnas_fast.mix)(list(ys), weights)
+        ctx.num_candidates, ctx.relu = len(ys), relu
+        ctx.save_for_backward(*ys, weights, *([out] if relu else []))
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        *ys, weights = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        k = ctx.num_candidates
+        ys, weights = list(saved[:k]), saved[k]
+        relu_out = saved[k + 1] if ctx.relu else None
         weights_requires_grad = ctx.needs_input_grad[0]
         with below_autograd():
-            grad_ys, grad_weights = torch.ops.bnas_fast.mix_backward(grad_out, ys, weights, weights_requires_grad)
-        return (grad_weights if weights_requires_grad else None, *grad_ys)
+            grad_ys, grad_weights = torch.ops.bnas_fast.mix_backward(
+                grad_out, ys, weights, weights_requires_grad, relu_out
+            )
+        return (grad_weights if weights_requires_grad else None, None, *grad_ys)
 
 
 class _MixSparseFunction(torch.autograd.Function):
@@ -144,6 +170,7 @@ class _MixSparseFunction(torch.autograd.Function):
 
 
 torch.library.register_autograd("bnas_fast::mix", _mix_backward_formula, setup_context=_mix_setup_context)
+torch.library.register_autograd("bnas_fast::mix_relu", _mix_backward_formula, setup_context=_mix_relu_setup_context)
 torch.library.register_autograd(
     "bnas_fast::mix_sparse", _mix_sparse_backward_formula, setup_context=_mix_sparse_setup_context
 )
@@ -166,8 +193,13 @@ def _mix_reference_kernel(ys, weights):
     return reference.mix(ys, weights)
 
 
-def _mix_backward_reference_kernel(grad_out, ys, weights, weights_requires_grad):
-    return reference.mix_backward(grad_out, ys, weights, weights_requires_grad)
+def _mix_relu_reference_kernel(ys, weights):
+    _check_values("mix_relu", weights)
+    return reference.mix(ys, weights, relu=True)
+
+
+def _mix_backward_reference_kernel(grad_out, ys, weights, weights_requires_grad, relu_out=None):
+    return reference.mix_backward(grad_out, ys, weights, weights_requires_grad, relu_out)
 
 
 def _mix_sparse_reference_kernel(ys, indices, weights):
@@ -186,10 +218,17 @@ def _mix_triton_kernel(ys, weights):
     return triton_mix.mix(ys, weights)
 
 
-def _mix_backward_triton_kernel(grad_out, ys, weights, weights_requires_grad):
+def _mix_relu_triton_kernel(ys, weights):
     from bnas_fast.triton import mix as triton_mix
 
-    return triton_mix.mix_backward(grad_out, ys, weights, weights_requires_grad)
+    _check_values("mix_relu", weights)
+    return triton_mix.mix(ys, weights, relu=True)
+
+
+def _mix_backward_triton_kernel(grad_out, ys, weights, weights_requires_grad, relu_out=None):
+    from bnas_fast.triton import mix as triton_mix
+
+    return triton_mix.mix_backward(grad_out, ys, weights, weights_requires_grad, relu_out)
 
 
 def _mix_sparse_triton_kernel(ys, indices, weights):
@@ -208,12 +247,14 @@ def _mix_sparse_backward_triton_kernel(grad_out, ys, indices, weights, weights_r
 _KERNELS = {
     "reference": {
         "mix": _mix_reference_kernel,
+        "mix_relu": _mix_relu_reference_kernel,
         "mix_backward": _mix_backward_reference_kernel,
         "mix_sparse": _mix_sparse_reference_kernel,
         "mix_sparse_backward": _mix_sparse_backward_reference_kernel,
     },
     "triton": {
         "mix": _mix_triton_kernel,
+        "mix_relu": _mix_relu_triton_kernel,
         "mix_backward": _mix_backward_triton_kernel,
         "mix_sparse": _mix_sparse_triton_kernel,
         "mix_sparse_backward": _mix_sparse_backward_triton_kernel,
@@ -280,7 +321,7 @@ def _inverse(order: List[int]) -> List[int]:
     return inverse
 
 
-def mix(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
+def mix(ys: Sequence[Tensor], weights: Tensor, *, relu: bool = False) -> Tensor:
     """Per-example weighted sum of K candidate outputs: ``out[b] = sum_k weights[b, k] * ys[k][b]``.
 
     Args:
@@ -289,6 +330,8 @@ def mix(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
         weights: [B, K], same dtype and device. Binary masks, softmax weights or aggregation
             coefficients; a zero weight skips the read of that candidate's row (and, when
             ``weights`` needs no gradient, its read in the backward pass too).
+        relu: return ``relu(out)``, fused: the ReLU that follows a node's sum in NSA costs no pass of
+            its own, forward or backward (the backward masks the gradient by the saved output).
 
     Returns:
         [B, *rest]: in the candidates' memory layout when they share a dense one (channels-last,
@@ -298,12 +341,14 @@ def mix(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
     (``<grad[b], ys[k][b]>``).
     """
     _check_candidates("mix", ys, weights, sparse=False)
+    if not isinstance(relu, bool):
+        raise TypeError(f"mix: relu must be a bool, got {relu!r}")
     order = _memory_order(ys)
     if order is not None:
-        return mix([y.permute(order) for y in ys], weights).permute(_inverse(order))
+        return mix([y.permute(order) for y in ys], weights, relu=relu).permute(_inverse(order))
     if use_eager_function():
-        return _MixFunction.apply(weights, *ys)
-    return torch.ops.bnas_fast.mix(list(ys), weights)
+        return _MixFunction.apply(weights, relu, *ys)
+    return (torch.ops.bnas_fast.mix_relu if relu else torch.ops.bnas_fast.mix)(list(ys), weights)
 
 
 def mix_sparse(ys: Sequence[Tensor], indices: Sequence[Tensor], weights: Tensor) -> Tensor:

@@ -90,6 +90,7 @@ def _mix_forward_kernel(
     NUM_Y: tl.constexpr,
     HAS_PREV: tl.constexpr,
     SPARSE: tl.constexpr,
+    RELU: tl.constexpr,  # max(., 0) of the finished sum (set on the last chunk only)
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -121,6 +122,8 @@ def _mix_forward_kernel(
     if NUM_Y > 7:
         acc = _accumulate(acc, y7, w_ptr, rows_ptr, b, k0 + 7, B, K, M, offs, in_row, SPARSE)
 
+    if RELU:
+        acc = tl.where(acc > 0, acc, 0.0)
     tl.store(out_ptr + b * M + offs, acc.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -144,6 +147,7 @@ def _backward_one(
 @triton.jit
 def _mix_backward_kernel(
     g_ptr,  # [B, M] grad_out
+    relu_out_ptr,  # [B, M] the output of a relu forward (read if RELU: masks grad_out)
     w_ptr,  # [B, K]
     rows_ptr,  # [K, B] int64 row table (SPARSE only)
     partial_ptr,  # [B, tiles_per_row, K] per-tile dot products (NEED_GW only)
@@ -153,6 +157,7 @@ def _mix_backward_kernel(
     NUM_Y: tl.constexpr,
     SPARSE: tl.constexpr,
     NEED_GW: tl.constexpr,
+    RELU: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -162,6 +167,9 @@ def _mix_backward_kernel(
     in_row = offs < M
     # grad_out is read once per chunk and shared by the chunk's candidates.
     g = tl.load(g_ptr + b * M + offs, mask=in_row, other=0.0).to(ACC)
+    if RELU:
+        kept = tl.load(relu_out_ptr + b * M + offs, mask=in_row, other=0.0).to(ACC) > 0
+        g = tl.where(kept, g, 0.0)
 
     _backward_one(
         g, gy0, y0, w_ptr, rows_ptr, partial_ptr, pid, b, k0 + 0, B, K, M, offs, in_row, SPARSE, NEED_GW
@@ -235,8 +243,9 @@ def _inverse_rows(indices: Sequence[Tensor], batch: int, device: torch.device) -
     return rows
 
 
-def _forward(ys: Sequence[Tensor], weights: Tensor, rows: Optional[Tensor]) -> Tensor:
-    """out [B, *rest] from candidates [rows_k, *rest], weights [B, K], row table [K, B] or None."""
+def _forward(ys: Sequence[Tensor], weights: Tensor, rows: Optional[Tensor], relu: bool = False) -> Tensor:
+    """out [B, *rest] (relu of it with ``relu``) from candidates [rows_k, *rest], weights [B, K],
+    row table [K, B] or None."""
     ys = [y.contiguous() for y in ys]  # the kernels index each y_k as a flat [rows_k, M] array
     weights = weights.contiguous()
     batch, num_candidates = weights.shape
@@ -273,6 +282,7 @@ def _forward(ys: Sequence[Tensor], weights: Tensor, rows: Optional[Tensor]) -> T
             NUM_Y=len(chunk),
             HAS_PREV=k0 > 0,
             SPARSE=rows is not None,
+            RELU=relu and is_last,
             ACC=_tl_accumulation_dtype(out.dtype),
             BLOCK=block,
         )
@@ -285,11 +295,15 @@ def _backward(
     weights: Tensor,
     rows: Optional[Tensor],
     weights_requires_grad: bool,
+    relu_out: Optional[Tensor] = None,
 ) -> Tuple[List[Tensor], Tensor]:
-    """(grad_ys like ys, grad_weights [B, K]) for either form; see the module docstring."""
+    """(grad_ys like ys, grad_weights [B, K]) for either form; see the module docstring. With
+    ``relu_out`` (the output of a relu forward) grad_out is masked by relu_out > 0."""
     ys = [y.contiguous() for y in ys]
     weights = weights.contiguous()
     grad_out = grad_out.contiguous()
+    if relu_out is not None:
+        relu_out = relu_out.contiguous()
     batch, num_candidates = weights.shape
     row_size = math.prod(grad_out.shape[1:])
     # Every row of every grad_y is written below: in the dense form row b by example b, in the
@@ -309,6 +323,7 @@ def _backward(
         chunk = slice(k0, k0 + MAX_CANDIDATES_PER_LAUNCH)
         _mix_backward_kernel[grid](
             grad_out,
+            relu_out,
             weights,
             rows,
             partial,
@@ -322,6 +337,7 @@ def _backward(
             NUM_Y=len(ys[chunk]),
             SPARSE=rows is not None,
             NEED_GW=weights_requires_grad,
+            RELU=relu_out is not None,
             ACC=_tl_accumulation_dtype(grad_out.dtype),
             BLOCK=block,
         )
@@ -338,23 +354,28 @@ def _backward(
 # ----------------------------------------------------------------------------------------------
 
 
-def mix(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
-    """out[b] = sum_k weights[b, k] * ys[k][b].
+def mix(ys: Sequence[Tensor], weights: Tensor, relu: bool = False) -> Tensor:
+    """out[b] = sum_k weights[b, k] * ys[k][b] (relu of it with ``relu``).
 
     ys: K tensors [B, *rest]; weights: [B, K]. Returns a contiguous [B, *rest] in the dtype of ys.
     """
-    return _forward(ys, weights, rows=None)
+    return _forward(ys, weights, rows=None, relu=relu)
 
 
 def mix_backward(
-    grad_out: Tensor, ys: Sequence[Tensor], weights: Tensor, weights_requires_grad: bool
+    grad_out: Tensor,
+    ys: Sequence[Tensor],
+    weights: Tensor,
+    weights_requires_grad: bool,
+    relu_out: Optional[Tensor] = None,
 ) -> Tuple[List[Tensor], Tensor]:
-    """grad_ys[k][b] = weights[b, k] * grad_out[b]; grad_weights[b, k] = <grad_out[b], ys[k][b]>.
+    """grad_ys[k][b] = weights[b, k] * g[b]; grad_weights[b, k] = <g[b], ys[k][b]>, with g = grad_out,
+    masked by relu_out > 0 when ``relu_out`` (the output of a relu forward) is given.
 
     grad_out: [B, *rest]. Returns K tensors [B, *rest] and [B, K] (zeros, with ys never read, when
     ``weights_requires_grad`` is False).
     """
-    return _backward(grad_out, ys, weights, None, weights_requires_grad)
+    return _backward(grad_out, ys, weights, None, weights_requires_grad, relu_out)
 
 
 def mix_sparse(ys: Sequence[Tensor], indices: Sequence[Tensor], weights: Tensor) -> Tensor:
