@@ -183,7 +183,6 @@ def _channel_affine_op(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return torch.ops.bnas_fast.channel_affine(x, scale, shift)
 
 
-
 def _in_layout_of(t: Tensor, x: Tensor) -> Tensor:
     """t (of x's shape) in the layout :func:`output_memory_format` gives x (a copy only if it differs)."""
     return t.contiguous(memory_format=output_memory_format(x))
