@@ -89,13 +89,18 @@ def _mix_relu_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*ys, weights, output)
 
 
-def _mix_backward_formula(ctx, grad_out):
+def _mix_gradients(ctx, grad_out, weights_requires_grad):
+    """(grad_ys, grad_weights) from what the setup saved: (*ys, weights[, relu output])."""
     saved = ctx.saved_tensors
     k = ctx.num_candidates
     ys, weights = list(saved[:k]), saved[k]
     relu_out = saved[k + 1] if ctx.relu else None
+    return torch.ops.bnas_fast.mix_backward(grad_out, ys, weights, weights_requires_grad, relu_out)
+
+
+def _mix_backward_formula(ctx, grad_out):
     weights_requires_grad = ctx.needs_input_grad[1]
-    grad_ys, grad_weights = torch.ops.bnas_fast.mix_backward(grad_out, ys, weights, weights_requires_grad, relu_out)
+    grad_ys, grad_weights = _mix_gradients(ctx, grad_out, weights_requires_grad)
     return grad_ys, grad_weights if weights_requires_grad else None
 
 
@@ -132,15 +137,9 @@ class _MixFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        k = ctx.num_candidates
-        ys, weights = list(saved[:k]), saved[k]
-        relu_out = saved[k + 1] if ctx.relu else None
         weights_requires_grad = ctx.needs_input_grad[0]
         with below_autograd():
-            grad_ys, grad_weights = torch.ops.bnas_fast.mix_backward(
-                grad_out, ys, weights, weights_requires_grad, relu_out
-            )
+            grad_ys, grad_weights = _mix_gradients(ctx, grad_out, weights_requires_grad)
         return (grad_weights if weights_requires_grad else None, None, *grad_ys)
 
 
