@@ -106,7 +106,9 @@ at::Tensor rank_one_factors(const at::Tensor& S) {
       acc_t* dst = op + i * P;
       acc_t largest = 0;
       for (int64_t k = 0; k < K; ++k) {
-        for (int64_t p = 0; p < P; ++p) largest = std::max(largest, std::abs(base[k * sk + p]));
+        const acc_t* row = base + k * sk;
+#pragma omp simd reduction(max : largest)
+        for (int64_t p = 0; p < P; ++p) largest = std::max(largest, std::abs(row[p]));
       }
       if (!std::isfinite(largest)) {  // (NaN compares false in max: also caught by the residual test)
         rank_one.store(false, std::memory_order_relaxed);
@@ -118,8 +120,21 @@ at::Tensor rank_one_factors(const at::Tensor& S) {
       }
       int exponent;
       std::frexp(largest, &exponent);
+      // Multiplying by 2^-exponent is exact, as ldexp is, and a scalar ldexp per element made this
+      // test cost twice the GEMMs it saves. The power of two is representable unless the largest
+      // entry is far from 1 (|exponent| beyond about 120, subnormal factors included): ldexp then.
+      const bool representable = exponent > std::numeric_limits<acc_t>::min_exponent + 4 &&
+                                 exponent < std::numeric_limits<acc_t>::max_exponent - 4;
+      const acc_t to_unit = std::ldexp(acc_t(1), -exponent);
       for (int64_t k = 0; k < K; ++k) {
-        for (int64_t p = 0; p < P; ++p) scaled[k * P + p] = std::ldexp(base[k * sk + p], -exponent);  // exact
+        const acc_t* row = base + k * sk;
+        acc_t* out = scaled.data() + k * P;
+        if (representable) {
+#pragma omp simd
+          for (int64_t p = 0; p < P; ++p) out[p] = row[p] * to_unit;
+        } else {
+          for (int64_t p = 0; p < P; ++p) out[p] = std::ldexp(row[p], -exponent);
+        }
       }
       int64_t best = 0;
       for (int64_t k = 0; k < K; ++k) {

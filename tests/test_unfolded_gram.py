@@ -195,6 +195,22 @@ def test_rank_one_factors_too_small_to_square_are_kept(geometry):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[:2])
+def test_rank_one_factors_that_are_subnormal_are_right(geometry):
+    """Float32 factors of about 1e-40 (subnormal): 2^-exponent of their largest entry is not a
+    float32, so the rank-one test scales them with ldexp instead. Compressed or not, the blocks
+    must match the float64 reference (the factors carry fewer bits: a looser tolerance)."""
+    x, factors, conv = _rank_one_factors(geometry, torch.float64)
+    x, factors = (x * 1e25).float(), (factors * 1e-40).float()
+    assert float(factors.abs().max()) < torch.finfo(torch.float32).tiny  # subnormal, as intended
+    args = (conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"], conv["groups"], conv["bias"])
+    expected = reference.unfolded_gram(x.double(), factors.double(), *args)
+    got = bnas_fast.unfolded_gram(x, factors, **conv).double()
+    scale = float(expected.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(got / scale, expected / scale, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:2])
 def test_nearly_rank_one_factors_are_not_compressed(geometry):
     """A residual of 1e-6 off rank one is far above rounding: the kernel must keep all K factors
     (compressing would change the blocks at the 1e-6 level, far outside 1e-11)."""
