@@ -53,6 +53,36 @@ struct Active {
   at::opmath_type<scalar_t> weight;
 };
 
+// One block of kBlock elements of out = sum_a w_a * y_a, for float/double inputs, in explicit
+// vectors (GCC/Clang vector extensions; 512 bits: zmm registers under AVX-512, split into narrower
+// ones elsewhere). Written as plain loops, GCC 12 vectorised this over the candidates instead,
+// gathering one element from each row per instruction: the dense forward then ran at 0.5x to 0.65x
+// the speed of torch.compile's loop.
+template <typename acc_t>
+inline void weighted_sum_block(const c10::SmallVector<Active<acc_t>, 16>& active, int64_t j, acc_t* __restrict sums) {
+  typedef acc_t vec_t __attribute__((vector_size(64)));
+  constexpr int64_t kWidth = 64 / sizeof(acc_t);
+  constexpr int64_t kVectors = kBlock / kWidth;
+  static_assert(kBlock % kWidth == 0, "weighted_sum_block: kBlock must be a whole number of vectors");
+  vec_t acc[kVectors];
+  for (int64_t r = 0; r < kVectors; ++r) {
+    vec_t y;
+    std::memcpy(&y, active[0].row + j + r * kWidth, sizeof(vec_t));
+    acc[r] = y * active[0].weight;
+  }
+  const int64_t na = static_cast<int64_t>(active.size());
+  for (int64_t a = 1; a < na; ++a) {
+    const acc_t* row = active[a].row + j;
+    const acc_t w = active[a].weight;
+    for (int64_t r = 0; r < kVectors; ++r) {
+      vec_t y;
+      std::memcpy(&y, row + r * kWidth, sizeof(vec_t));
+      acc[r] += y * w;
+    }
+  }
+  std::memcpy(sums, acc, sizeof(acc));
+}
+
 // out[0:n] = sum_a w_a * y_a[0:n] (then max(., 0) with relu), accumulated in acc_t, one write of out.
 template <typename scalar_t>
 inline void weighted_sum_tile(const c10::SmallVector<Active<scalar_t>, 16>& active, scalar_t* __restrict out,
@@ -61,16 +91,20 @@ inline void weighted_sum_tile(const c10::SmallVector<Active<scalar_t>, 16>& acti
   const int64_t na = static_cast<int64_t>(active.size());
   int64_t j = 0;
   for (; j + kBlock <= n; j += kBlock) {
-    acc_t acc[kBlock];
-    {
-      const scalar_t* __restrict y = active[0].row + j;
-      const acc_t w = active[0].weight;
-      for (int64_t u = 0; u < kBlock; ++u) acc[u] = w * static_cast<acc_t>(y[u]);
-    }
-    for (int64_t a = 1; a < na; ++a) {
-      const scalar_t* __restrict y = active[a].row + j;
-      const acc_t w = active[a].weight;
-      for (int64_t u = 0; u < kBlock; ++u) acc[u] += w * static_cast<acc_t>(y[u]);
+    alignas(64) acc_t acc[kBlock];
+    if constexpr (std::is_same<scalar_t, acc_t>::value) {
+      weighted_sum_block<acc_t>(active, j, acc);
+    } else {  // bfloat16/float16 rows, widened element by element
+      {
+        const scalar_t* __restrict y = active[0].row + j;
+        const acc_t w = active[0].weight;
+        for (int64_t u = 0; u < kBlock; ++u) acc[u] = w * static_cast<acc_t>(y[u]);
+      }
+      for (int64_t a = 1; a < na; ++a) {
+        const scalar_t* __restrict y = active[a].row + j;
+        const acc_t w = active[a].weight;
+        for (int64_t u = 0; u < kBlock; ++u) acc[u] += w * static_cast<acc_t>(y[u]);
+      }
     }
     if (relu) {
       for (int64_t u = 0; u < kBlock; ++u) acc[u] = acc[u] > acc_t(0) ? acc[u] : acc_t(0);
