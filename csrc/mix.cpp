@@ -149,6 +149,62 @@ void mix_forward_kernel(const MixArgs<scalar_t>& a, scalar_t* out, bool relu) {
   });
 }
 
+// Independent partial sums per dot product of the backward (summed in a fixed order at the end).
+constexpr int64_t kLanes = 16;
+
+// One candidate of the backward at one tile: its weight, rows and place.
+template <typename scalar_t>
+struct BackwardTarget {
+  int64_t k;
+  const scalar_t* y;  // null when no dot product is needed
+  scalar_t* gy;
+  acc_type<scalar_t> w;
+};
+
+// One block of kBlock elements of the backward for float/double, in explicit vectors (as
+// weighted_sum_block, and for the same reason): gy_t = w_t g for every target t, and the kLanes
+// partial sums of <g, y_t> in dots[t kLanes ...] (lane l sums the elements l mod kLanes: the
+// order of the scalar loop this replaces). g is masked by relu_out > 0 when mask is given.
+template <typename acc_t>
+inline void backward_block(const acc_t* g, const acc_t* mask, const c10::SmallVector<BackwardTarget<acc_t>, 16>& targets,
+                           int64_t j, acc_t* dots, bool streaming) {
+  typedef acc_t vec_t __attribute__((vector_size(64)));
+  constexpr int64_t kWidth = 64 / sizeof(acc_t);
+  constexpr int64_t kVectors = kBlock / kWidth;
+  constexpr int64_t kPartial = kLanes / kWidth;  // vectors of partial sums per target
+  static_assert(kBlock % kLanes == 0 && kLanes % kWidth == 0, "backward_block: block, lanes and vectors must nest");
+  vec_t gv[kVectors];
+  for (int64_t r = 0; r < kVectors; ++r) {
+    std::memcpy(&gv[r], g + r * kWidth, sizeof(vec_t));
+    if (mask) {
+      vec_t m;
+      std::memcpy(&m, mask + r * kWidth, sizeof(vec_t));
+      gv[r] = m > acc_t(0) ? gv[r] : vec_t{};
+    }
+  }
+  const int64_t nt = static_cast<int64_t>(targets.size());
+  for (int64_t t = 0; t < nt; ++t) {
+    const BackwardTarget<acc_t>& tg = targets[t];
+    vec_t gy[kVectors];
+    for (int64_t r = 0; r < kVectors; ++r) gy[r] = gv[r] * tg.w;
+    store_block<kBlock>(tg.gy + j, reinterpret_cast<const acc_t*>(gy), streaming);
+    if (tg.y) {
+      vec_t part[kPartial] = {};
+      for (int64_t r = 0; r < kVectors; ++r) {
+        vec_t y;
+        std::memcpy(&y, tg.y + j + r * kWidth, sizeof(vec_t));
+        part[r % kPartial] += gv[r] * y;
+      }
+      for (int64_t p = 0; p < kPartial; ++p) {
+        vec_t d;
+        std::memcpy(&d, dots + t * kLanes + p * kWidth, sizeof(vec_t));
+        d += part[p];
+        std::memcpy(dots + t * kLanes + p * kWidth, &d, sizeof(vec_t));
+      }
+    }
+  }
+}
+
 // grad_ys[k][row_k(b)] = w[b, k] * g[b];  grad_w[b, k] = <g[b], y_k[row_k(b)]> if wanted.
 // With relu_out (the output of a relu = true forward), g is grad_out masked by relu_out > 0.
 // One pass over g per tile: each block of g is loaded once and used for all K candidates.
@@ -157,7 +213,6 @@ void mix_backward_kernel(const MixArgs<scalar_t>& a, const scalar_t* grad_out, c
                          const std::vector<scalar_t*>& grad_ys, scalar_t* grad_w,
                          bool weights_requires_grad) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int64_t kLanes = 16;  // independent partial sums per dot product (fixed order)
   const int64_t M = a.row_size;
   const int64_t K = a.num_candidates;
   const int64_t tiles_per_row = (M + kTile - 1) / kTile;
@@ -170,12 +225,7 @@ void mix_backward_kernel(const MixArgs<scalar_t>& a, const scalar_t* grad_out, c
   }
   const bool streaming = written_rows * M * int64_t(sizeof(scalar_t)) >= kStreamingBytes;
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
-    struct Target {
-      int64_t k;
-      const scalar_t* y;  // null when no dot product is needed
-      scalar_t* gy;
-      acc_t w;
-    };
+    using Target = BackwardTarget<scalar_t>;
     c10::SmallVector<Target, 16> targets;
     c10::SmallVector<acc_t, 16 * kLanes> dots;
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -195,6 +245,10 @@ void mix_backward_kernel(const MixArgs<scalar_t>& a, const scalar_t* grad_out, c
       dots.assign(nt * kLanes, acc_t(0));
       int64_t j = 0;
       for (; j + kBlock <= n; j += kBlock) {
+        if constexpr (std::is_same<scalar_t, acc_t>::value) {
+          backward_block<acc_t>(g + j, mask ? mask + j : nullptr, targets, j, dots.data(), streaming);
+          continue;
+        }
         acc_t gb[kBlock];
         if (mask) {
           for (int64_t u = 0; u < kBlock; ++u)
