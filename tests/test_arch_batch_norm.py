@@ -366,12 +366,22 @@ def test_compile_fullgraph_matches_eager(backend, running_stats):
 # ---------------------------------------------------------------------------------------------
 # 5. Determinism
 # ---------------------------------------------------------------------------------------------
-def test_deterministic_across_thread_counts():
-    x, arch, weight, bias, grad_y = make_inputs((64, 8, 9, 9), 7, torch.float32)
+@pytest.mark.parametrize(
+    "shape, num_archs, group_size, layout",
+    [
+        ((64, 8, 9, 9), 7, 16, "contiguous"),
+        # channels-last: several tasks per example (C = 96: 2 parts of an example's rows) and a
+        # small batch; the split and every sum order depend on the shape, not on the thread count
+        ((3, 96, 20, 20), 2, 3, "channels_last"),
+    ],
+    ids=["contiguous", "channels_last"],
+)
+def test_deterministic_across_thread_counts(shape, num_archs, group_size, layout):
+    x, arch, weight, bias, grad_y = make_inputs(shape, num_archs, torch.float32, layout=layout)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
 
     def run():
-        y = torch.ops.bnas_fast.arch_batch_norm(leaves[0], arch, leaves[1], leaves[2], 16, 1e-5)[0]
+        y = torch.ops.bnas_fast.arch_batch_norm(leaves[0], arch, leaves[1], leaves[2], group_size, 1e-5)[0]
         return [y.detach()] + list(torch.autograd.grad(y, leaves, grad_y))
 
     first = run()
@@ -1001,23 +1011,6 @@ def test_channels_last_module_train_and_eval():
     y_cl = bn_cl(x.contiguous(memory_format=CL), arch)
     assert _is_channels_last(y_cl)
     torch.testing.assert_close(y_cl, bn(x, arch), rtol=1e-5, atol=1e-5)
-
-
-def test_channels_last_deterministic_across_thread_counts():
-    """Several tasks per example (C = 96: 2 parts of an example's rows) and a small batch: the split
-    and every sum order depend on the shape, not on the thread count."""
-    x, arch, weight, bias, grad_y = make_inputs((3, 96, 20, 20), 2, torch.float32, layout="channels_last")
-    leaves = [t.requires_grad_() for t in (x, weight, bias)]
-
-    def run():
-        y = torch.ops.bnas_fast.arch_batch_norm(leaves[0], arch, leaves[1], leaves[2], 3, 1e-5)[0]
-        return [y.detach()] + list(torch.autograd.grad(y, leaves, grad_y))
-
-    first = run()
-    for threads in (1, 2):
-        with num_threads(threads):
-            for a, b in zip(first, run()):
-                assert torch.equal(a, b)
 
 
 def test_channels_last_large_mean_keeps_float32_accuracy():
