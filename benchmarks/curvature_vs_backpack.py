@@ -11,6 +11,12 @@ linear to 10 classes; batch 32, float32, 2 threads. Prints the median of 7 calls
 and the peak memory of one call of each (bnas_fast.bench.peak_memory_bytes).
 BackPACK is a test-only dependency (`pip install --no-deps backpack-for-pytorch unfoldNd einops`).
 Not yet a `bnas-fast bench` case: the harness's providers are eager / compile / bnas_fast.
+
+    python benchmarks/curvature_vs_backpack.py --breakdown
+
+times the phases of one GGNBlocks call instead (medians of 30 calls, in this process's malloc
+setting): the forward pass inside the context, the batched backward pass of the factors
+(torch.autograd.grad) and each layer's unfolded_gram.
 """
 
 import copy
@@ -96,7 +102,49 @@ def main() -> None:
         print(f"peak memory, {name}: {peak_memory_bytes(fn) / 2**20:.1f} MiB")
 
 
+def breakdown(calls: int = 30) -> None:
+    """Median time of each phase of GGNBlocks on the same network (module docstring)."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+    x = torch.randn(32, 3, 16, 16)
+    times = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            times.setdefault(name(*args) if callable(name) else name, []).append(time.perf_counter() - start)
+            return out
+        return wrapper
+
+    layer = lambda x, factors, *rest, **kw: f"blocks of a layer with input {tuple(x.shape[1:])}"  # noqa: E731
+    fused, grad = bnas_fast.curvature.unfolded_gram, torch.autograd.grad
+    bnas_fast.curvature.unfolded_gram = timed(layer, fused)
+    torch.autograd.grad = timed("backward pass of the factors (torch.autograd.grad)", grad)
+    try:
+        for _ in range(calls + 1):  # the first call warms up
+            start = time.perf_counter()
+            with GGNBlocks(model) as curvature:
+                logits = model(x)
+            times.setdefault("forward pass in the context", []).append(time.perf_counter() - start)
+            start = time.perf_counter()
+            curvature.compute(logits, "exact")
+            times.setdefault("compute (all of the below and the rest)", []).append(time.perf_counter() - start)
+    finally:
+        bnas_fast.curvature.unfolded_gram, torch.autograd.grad = fused, grad
+    print(f"## malloc: {_malloc_label()} | medians of {calls} calls")
+    for name, values in times.items():
+        print(f"{name}: {1e3 * statistics.median(values[1:]):.2f} ms")
+
+
 if __name__ == "__main__":
+    if "--breakdown" in sys.argv[1:]:
+        breakdown()
+        sys.exit(0)
     main()
     if _malloc_label() == "default":
         sys.stdout.flush()
