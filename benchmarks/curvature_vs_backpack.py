@@ -113,18 +113,24 @@ def breakdown(calls: int = 30) -> None:
     x = torch.randn(32, 3, 16, 16)
     times = {}
 
-    def timed(name, fn):
+    def timed(label, fn):
+        """fn, recording its time under label(*args)."""
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            times.setdefault(name(*args) if callable(name) else name, []).append(time.perf_counter() - start)
+            times.setdefault(label(*args), []).append(time.perf_counter() - start)
             return out
         return wrapper
 
-    layer = lambda x, factors, *rest, **kw: f"blocks of a layer with input {tuple(x.shape[1:])}"  # noqa: E731
+    def layer_label(x, *args):
+        return f"blocks of a layer with input {tuple(x.shape[1:])}"
+
+    def backward_label(*args):
+        return "backward pass of the factors (torch.autograd.grad)"
+
     fused, grad = bnas_fast.curvature.unfolded_gram, torch.autograd.grad
-    bnas_fast.curvature.unfolded_gram = timed(layer, fused)
-    torch.autograd.grad = timed("backward pass of the factors (torch.autograd.grad)", grad)
+    bnas_fast.curvature.unfolded_gram = timed(layer_label, fused)
+    torch.autograd.grad = timed(backward_label, grad)
     try:
         for _ in range(calls + 1):  # the first call warms up
             start = time.perf_counter()
