@@ -139,7 +139,7 @@ def breakdown(calls: int = 30) -> None:
             times.setdefault("forward pass in the context", []).append(time.perf_counter() - start)
             start = time.perf_counter()
             curvature.compute(logits, "exact")
-            times.setdefault("compute (all of the below and the rest)", []).append(time.perf_counter() - start)
+            times.setdefault("compute (the backward pass, the blocks and the rest)", []).append(time.perf_counter() - start)
     finally:
         bnas_fast.curvature.unfolded_gram, torch.autograd.grad = fused, grad
     print(f"## malloc: {_malloc_label()} | medians of {calls} calls")
