@@ -136,6 +136,47 @@ def test_unsupported_layers_and_misuse_raise():
             curvature.compute(foreign)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["bn-eval", "bn-train"])
+@pytest.mark.parametrize("by", ["module", "name"])
+def test_selected_layers_get_the_same_blocks_as_all_layers(train, by):
+    """layers=: only the named layers get blocks, equal (bit for bit) to those of a run over every
+    layer: the factors' backward pass is the same, only the other layers' products are skipped."""
+    torch.manual_seed(3)
+    model = _Net().double().train(train)
+    x = torch.randn(4, 2, 9, 9, dtype=torch.float64)
+    with GGNBlocks(model) as curvature:
+        every = curvature.compute(model(x), "exact")
+    chosen = ["gate", "conv1"]
+    layers = chosen if by == "name" else [getattr(model, name) for name in chosen]
+    with GGNBlocks(model, layers=layers) as curvature:
+        some = curvature.compute(model(x), "exact")
+    assert sorted(some) == sorted(chosen)
+    for name in chosen:
+        assert torch.equal(some[name], every[name]), name
+
+
+def test_selected_layers_are_checked():
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), Switch(), nn.Linear(3, 2))
+    # an unsupported layer left out of the selection is fine: the factors pass through it
+    with GGNBlocks(model, layers=[model[2], "3"]) as curvature:
+        blocks = curvature.compute(model(torch.randn(4, 3)))
+    assert sorted(blocks) == ["2", "3"]
+    with pytest.raises(TypeError, match=r"layer '1' \(LayerNorm\) is not supported.*leave it out of `layers`"):
+        GGNBlocks(model, layers=["1"])
+    with pytest.raises(TypeError, match=r"layer '' \(Sequential\) is not supported"):
+        GGNBlocks(model, layers=[model])
+    with pytest.raises(ValueError, match=r"no module named 'head'"):
+        GGNBlocks(model, layers=["head"])
+    with pytest.raises(ValueError, match=r"is not a module of the model"):
+        GGNBlocks(model, layers=[nn.Linear(3, 3)])
+    with pytest.raises(ValueError, match=r"layers is empty"):
+        GGNBlocks(model, layers=[])
+    with pytest.raises(TypeError, match=r"iterable of modules or names, got a single Linear"):
+        GGNBlocks(model, layers=model[0])
+    with pytest.raises(TypeError, match=r"must hold modules or names, got int"):
+        GGNBlocks(model, layers=[0])
+
+
 def test_diagonal_matches_backpack_diag_ggn_exact():
     """BackPACK (test-only dependency, installed with --no-deps: its torchvision requirement is not
     needed for these extensions) gives only the diagonal; ours must agree with it."""
