@@ -30,8 +30,9 @@ Supported layers, and what a block is:
 A module that has parameters of its own and is none of these raises ``TypeError`` naming it, when
 the context is entered (never silently skipped). ``GGNBlocks(model, layers=[...])`` computes the
 blocks of the named layers only (each must be supported; the others may be anything
-differentiable), with the same values and without the other layers' Gram products. Parameter-free modules (ReLU, pooling, reshapes)
-need nothing: autograd carries the factors through them.
+differentiable), with the same values and without the other layers' Gram products.
+Parameter-free modules (ReLU, pooling, reshapes) need nothing: autograd carries the factors
+through them.
 
 :func:`diagonal_recursion_hessians` (``diagonal_recursion_hessians(model, x)``, its own forward pass)
 is the cheaper curvature of BayesNAS's code (notes section 2.1): the diagonal of the pre-activation
