@@ -111,8 +111,8 @@ class GGNBlocks:
             ``model.named_modules()``); by default every module with parameters of its own. Each
             one must be supported; the other layers of the model can be anything differentiable
             (the factors pass through them). The factors' backward pass through the whole network
-            is paid either way; the blocks of the layers left out are not (BayesNAS, which needs
-            only its switches: about 40% less time per batch).
+            is paid either way; the blocks of the layers left out are not (BayesNAS needs only its
+            switches: half the time per batch).
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module]]] = None):

@@ -341,7 +341,7 @@ def switch_hessians(model: BayesNASSupernet, batches: Sequence[Tensor], mode: st
         if mode == "diag_recursion":
             blocks = diagonal_recursion_hessians(model, xb)
         else:
-            # only the switches' blocks: the convolutions' would cost 40% more and go unused
+            # only the switches' blocks: the convolutions' would double the time and go unused
             with GGNBlocks(model, layers=switches) as curvature:
                 logits = model(xb)
             blocks = curvature.compute(logits, mode, generator)
