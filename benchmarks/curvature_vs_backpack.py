@@ -36,16 +36,21 @@ from bnas_fast.cli import NO_MMAP_ENV, _malloc_label
 from bnas_fast.curvature import GGNBlocks
 
 
+def _network() -> nn.Module:
+    """Issue 6's network (module docstring), seeded; also sets 2 torch threads."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
 def main() -> None:
     import backpack
     from backpack.extensions import DiagGGNExact
 
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    )
+    model = _network()
     x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
     extended = backpack.extend(copy.deepcopy(model))
     loss = backpack.extend(nn.CrossEntropyLoss(reduction="sum"))
@@ -104,12 +109,7 @@ def main() -> None:
 
 def breakdown(calls: int = 30) -> None:
     """Median time of each phase of GGNBlocks on the same network (module docstring)."""
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    )
+    model = _network()
     x = torch.randn(32, 3, 16, 16)
     times = {}
 
