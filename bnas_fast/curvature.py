@@ -22,8 +22,9 @@ Supported layers, and what a block is:
 * ``nn.BatchNorm1d/2d`` with affine parameters: (weight[c], bias[c]) of channel c: [C, 2, 2]. In
   eval mode the normalised input uses the running statistics; in train mode the batch statistics,
   and then every example's output depends on every other example's input: the factors are
-  back-propagated per (example, factor) over the whole batch (N K backward passes, batched), and
-  every layer's blocks sum over all examples' contributions. That is exact, and slower.
+  back-propagated per (example, factor) over the whole batch (N K backward passes, batched in
+  chunks that ``max_factor_bytes`` bounds), and every layer's blocks sum over all examples'
+  contributions. That is exact, and slower: its work grows as N^2.
 * :class:`Switch` (a scalar gate y = s x, BayesNAS's architecture parameters): [1, 1, 1], the
   switch Hessian H_s = sum_{n,k} (sum x * S)^2 of notes section 2.1.
 
@@ -52,7 +53,7 @@ from torch import Tensor, nn
 from bnas_fast import reference
 from bnas_fast.ops.unfolded_gram import unfolded_gram
 
-__all__ = ["GGNBlocks", "Switch", "SUPPORTED", "diagonal_recursion_hessians", "DIAG_RECURSION_LAYERS"]
+__all__ = ["GGNBlocks", "Switch", "SUPPORTED", "diagonal_recursion_hessians", "DIAG_RECURSION_LAYERS", "MAX_FACTOR_BYTES"]
 
 
 class Switch(nn.Module):
@@ -76,6 +77,18 @@ class _Record:
     input: Optional[Tensor] = None  # detached layer input
     output: Optional[Tensor] = None  # layer output, in the graph
     calls: int = 0  # forward calls since the context was entered
+
+
+#: Default bound on the bytes of back-propagated factors held at once (GGNBlocks.compute).
+MAX_FACTOR_BYTES = 2**27
+
+
+def _accumulate(sums: Dict[str, Tensor], name: str, part: Tensor) -> None:
+    """sums[name] += part (part itself the first time: every part is a fresh tensor)."""
+    if name in sums:
+        sums[name].add_(part)
+    else:
+        sums[name] = part
 
 
 def _graph_nodes(root) -> set:
@@ -181,11 +194,24 @@ class GGNBlocks:
         return hook
 
     def compute(
-        self, logits: Tensor, mode: str = "exact", generator: Optional[torch.Generator] = None, diagonal: bool = False
+        self, logits: Tensor, mode: str = "exact", generator: Optional[torch.Generator] = None, diagonal: bool = False,
+        max_factor_bytes: int = MAX_FACTOR_BYTES,
     ) -> Dict[str, Tensor]:
         """{layer name: blocks} for the last forward pass; ``mode`` "exact" or "mc". With
         ``diagonal`` only the blocks' diagonals ([C_out, D']; the exact diagonal GGN, as BackPACK's
-        DiagGGNExact, without the Gram products)."""
+        DiagGGNExact, without the Gram products).
+
+        ``max_factor_bytes`` bounds the memory of the back-propagated factors. Each factor (one
+        cotangent of the logits, back-propagated) fills a tensor the size of every recorded layer's
+        output; K of them (N K with train-mode BatchNorm) would be held at once. They are
+        back-propagated in chunks of at most ``max_factor_bytes`` (at least one factor per chunk),
+        and each layer's blocks are summed over the chunks: the same blocks up to the order of the
+        sums. Peak memory is then about 2 to 3 times ``max_factor_bytes`` above the forward pass's
+        (autograd's intermediate gradients). The default, 128 MiB, was also the fastest setting
+        measured on train-mode BatchNorm networks (``python benchmarks/curvature_chunks.py``,
+        README): one pass over all N K factors there is slower and needs gigabytes."""
+        if isinstance(max_factor_bytes, bool) or not isinstance(max_factor_bytes, int) or max_factor_bytes < 1:
+            raise ValueError(f"GGNBlocks.compute: max_factor_bytes must be a positive int (bytes), got {max_factor_bytes!r}")
         if mode not in ("exact", "mc"):
             raise ValueError(f"GGNBlocks.compute: mode must be 'exact' or 'mc', got {mode!r} (BayesNAS's truncated "
                              "diagonal recursion is diagonal_recursion_hessians(model, x): it needs its own forward pass)")
@@ -219,13 +245,28 @@ class GGNBlocks:
             for m in self.model.modules()
         )
         outputs = [r.output for r in self.records]
+        # One back-propagated factor (a cotangent of the logits) fills one tensor per recorded output.
+        per_factor = sum(out.numel() * out.element_size() for out in outputs)
+        chunk = max(1, max_factor_bytes // max(per_factor, 1))
         if coupled:
-            blocks = self._coupled(logits, v, outputs)
+            blocks = self._coupled(logits, v, outputs, chunk)
             return {k: b.diagonal(dim1=1, dim2=2).clone() for k, b in blocks.items()} if diagonal else blocks
         # No coupling between examples: back-propagating factor k of every example at once gives
-        # every example's factor k. The K factors go through one batched backward pass; its
-        # [K, N, *out] results are handed on as [N, K, *out] views, which unfolded_gram reads
-        # in place (no copy into N-major order).
+        # every example's factor k. The K factors go through batched backward passes of up to
+        # ``chunk`` factors; the blocks are sums over factors, so over chunks too.
+        K = v.shape[1]
+        blocks: Dict[str, Tensor] = {}
+        for k0 in range(0, K, chunk):
+            factors = self._factors(logits, outputs, v[:, k0:k0 + chunk])
+            for r, f in zip(self.records, factors):
+                _accumulate(blocks, r.name, self._blocks(r, f, diagonal))
+        return blocks
+
+    @staticmethod
+    def _factors(logits: Tensor, outputs: List[Tensor], v: Tensor) -> List[Tensor]:
+        """[N, K, *out] factors at each output for the logits' cotangents v [N, K, C], from one
+        batched backward pass. Its [K, N, *out] results are handed on as [N, K, *out] views, which
+        unfolded_gram reads in place (no copy into N-major order)."""
         K = v.shape[1]
         try:
             grads = torch.autograd.grad(logits, outputs, v.movedim(1, 0), retain_graph=True, allow_unused=True,
@@ -234,11 +275,10 @@ class GGNBlocks:
             # An op in the graph has no batching rule for vmap (e.g. a custom op): one pass per k.
             per_k = [torch.autograd.grad(logits, outputs, v[:, k], retain_graph=True, allow_unused=True) for k in range(K)]
             grads = tuple(None if per_k[0][i] is None else torch.stack([g[i] for g in per_k]) for i in range(len(outputs)))
-        factors = [
+        return [
             (torch.zeros((K,) + tuple(out.shape), dtype=out.dtype, device=out.device) if g is None else g).movedim(0, 1)
             for g, out in zip(grads, outputs)
         ]
-        return {r.name: self._blocks(r, f, diagonal) for r, f in zip(self.records, factors)}
 
     def _blocks(self, r: _Record, factors: Tensor, diagonal: bool) -> Tensor:
         """Blocks (or their diagonals) of one layer from its input and its factors [N, K, *output]."""
@@ -261,20 +301,23 @@ class GGNBlocks:
             xhat, factors = xhat[:, :, :, None], factors[..., None]
         return unfolded_gram(xhat, factors, groups=xhat.shape[1], bias=True, diagonal=diagonal)
 
-    def _coupled(self, logits: Tensor, v: Tensor, outputs: List[Tensor]) -> Dict[str, Tensor]:
+    def _coupled(self, logits: Tensor, v: Tensor, outputs: List[Tensor], chunk: int) -> Dict[str, Tensor]:
         """Train-mode BatchNorm: back-propagate each (example n, factor k) separately over the whole
-        batch (batched by autograd), then sum every example m's contribution: j_{n,k} = sum_m
-        (unfolded input of m) x (factor of (n, k) at m)."""
+        batch (batched by autograd, ``chunk`` pairs per pass), then sum every example m's
+        contribution: j_{n,k} = sum_m (unfolded input of m) x (factor of (n, k) at m)."""
         N, K, C = v.shape
-        cotangents = torch.zeros(N * K, N, C, dtype=logits.dtype, device=logits.device)
-        idx = torch.arange(N, device=logits.device).repeat_interleave(K)
-        cotangents[torch.arange(N * K), idx] = v.reshape(N * K, C)
-        grads = torch.autograd.grad(logits, outputs, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True)
-        result = {}
-        for r, g, out in zip(self.records, grads, outputs):
-            g = torch.zeros((N * K,) + tuple(out.shape), dtype=out.dtype, device=out.device) if g is None else g
-            # Treat the batch as one "example" whose positions are (m, p): factors [1, N K, C_out, N, P].
-            result[r.name] = self._blocks_coupled(r, g)
+        rows = v.reshape(N * K, C)
+        example = torch.arange(N, device=logits.device).repeat_interleave(K)  # the example of each row
+        result: Dict[str, Tensor] = {}
+        for r0 in range(0, N * K, chunk):
+            R = min(chunk, N * K - r0)
+            cotangents = torch.zeros(R, N, C, dtype=logits.dtype, device=logits.device)
+            cotangents[torch.arange(R, device=logits.device), example[r0:r0 + R]] = rows[r0:r0 + R]
+            grads = torch.autograd.grad(logits, outputs, cotangents, retain_graph=True, is_grads_batched=True,
+                                        allow_unused=True)
+            for r, g, out in zip(self.records, grads, outputs):
+                g = torch.zeros((R,) + tuple(out.shape), dtype=out.dtype, device=out.device) if g is None else g
+                _accumulate(result, r.name, self._blocks_coupled(r, g))
         return result
 
     def _blocks_coupled(self, r: _Record, g: Tensor) -> Tensor:

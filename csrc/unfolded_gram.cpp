@@ -45,6 +45,13 @@ void unfold_example(const scalar_t* __restrict xn, const ConvGeometry& g, int64_
     for (int64_t u = 0; u < g.kh; ++u) {
       for (int64_t v = 0; v < g.kw; ++v) {
         acc_t* row = rows + ((c * g.kh + u) * g.kw + v) * P;
+        // ix = ox * sw + shift lies in [0, W) exactly for ox in [lo, hi): the taps left of lo and
+        // from hi on read the zero padding. Hoisting that test out of the loop lets the compiler
+        // vectorise the copy (a plain one at stride 1).
+        const int64_t shift = v * g.dw - g.pw;
+        const int64_t last = g.W - 1 - shift;  // ox * sw <= last
+        const int64_t hi = last < 0 ? 0 : std::min(g.Wo, last / g.sw + 1);
+        const int64_t lo = std::min(hi, shift >= 0 ? int64_t(0) : (-shift + g.sw - 1) / g.sw);
         for (int64_t oy = 0; oy < g.Ho; ++oy) {
           const int64_t iy = oy * g.sh - g.ph + u * g.dh;
           acc_t* out = row + oy * g.Wo;
@@ -53,10 +60,13 @@ void unfold_example(const scalar_t* __restrict xn, const ConvGeometry& g, int64_
             continue;
           }
           const scalar_t* line = plane + iy * g.W;
-          for (int64_t ox = 0; ox < g.Wo; ++ox) {
-            const int64_t ix = ox * g.sw - g.pw + v * g.dw;
-            out[ox] = (ix >= 0 && ix < g.W) ? static_cast<acc_t>(line[ix]) : acc_t(0);
+          std::fill(out, out + lo, acc_t(0));
+          if (g.sw == 1) {
+            for (int64_t ox = lo; ox < hi; ++ox) out[ox] = static_cast<acc_t>(line[ox + shift]);
+          } else {
+            for (int64_t ox = lo; ox < hi; ++ox) out[ox] = static_cast<acc_t>(line[ox * g.sw + shift]);
           }
+          std::fill(out + hi, out + g.Wo, acc_t(0));
         }
       }
     }

@@ -155,6 +155,39 @@ def test_selected_layers_get_the_same_blocks_as_all_layers(train, by):
         assert torch.equal(some[name], every[name]), name
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["bn-eval", "bn-train"])
+@pytest.mark.parametrize("factors_per_pass", [1, 2, 5])
+def test_factors_back_propagated_in_chunks_give_the_same_blocks(train, factors_per_pass, monkeypatch):
+    """max_factor_bytes: the factors go back in passes of at most that many bytes (counted in the
+    cotangents each autograd pass receives), and the blocks summed over the passes equal one pass
+    over all of them (float64, up to the order of the sums)."""
+    torch.manual_seed(5)
+    model = _Net().double().train(train)
+    x = torch.randn(3, 2, 9, 9, dtype=torch.float64)
+    with GGNBlocks(model) as curvature:
+        logits = model(x)
+    everything = curvature.compute(logits, "exact", max_factor_bytes=2**40)
+    per_factor = sum(r.output.numel() * r.output.element_size() for r in curvature.records)
+    passes = []
+    grad = torch.autograd.grad
+
+    def counting_grad(outputs, inputs, grad_outputs=None, **kwargs):
+        passes.append(grad_outputs.shape[0])
+        return grad(outputs, inputs, grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    chunked = curvature.compute(logits, "exact", max_factor_bytes=factors_per_pass * per_factor + per_factor // 2)
+    monkeypatch.undo()
+    total = logits.shape[0] * 4 if train else 4  # N K cotangents with train-mode BN, else K (C - 1 = 4)
+    assert sum(passes) == total and max(passes) == min(factors_per_pass, total), passes
+    assert set(chunked) == set(everything)
+    for name in everything:
+        torch.testing.assert_close(chunked[name], everything[name], rtol=1e-12, atol=1e-14, msg=name)
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(ValueError, match=r"max_factor_bytes must be a positive int \(bytes\)"):
+            curvature.compute(logits, "exact", max_factor_bytes=bad)
+
+
 def test_selected_layers_are_checked():
     model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), Switch(), nn.Linear(3, 2))
     # an unsupported layer left out of the selection is fine: the factors pass through it

@@ -34,6 +34,18 @@ GEOMETRIES = [
 ]
 
 
+# Column edges of the unfolding: horizontal strides above 1 with padding (the first in-range tap
+# is a rounded-up division), padding wider than the kernel reaches (whole rows of taps read only
+# zeros), a single input column, and dilation with stride together.
+EDGE_GEOMETRIES = [
+    (2, 2, 5, 8, 3, 2, (3, 3), (1, 3), (1, 2), (1, 1), 1, True),
+    (2, 2, 4, 2, 3, 2, (3, 3), (1, 1), (3, 3), (1, 1), 1, True),
+    (2, 2, 3, 1, 2, 2, (2, 3), (1, 2), (1, 2), (1, 1), 1, False),
+    (2, 2, 9, 9, 2, 2, (3, 3), (2, 2), (4, 4), (3, 3), 2, True),
+    (1, 1, 6, 7, 1, 1, (1, 4), (1, 2), (0, 5), (1, 2), 1, True),
+]
+
+
 def _output_size(H, W, k, s, p, d):
     return (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1, (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
 
@@ -47,7 +59,7 @@ def _inputs(geometry, dtype, seed=0):
     return x, factors, dict(kernel_size=k, stride=s, padding=p, dilation=d, groups=g, bias=bias)
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("geometry", GEOMETRIES + EDGE_GEOMETRIES)
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 def test_op_matches_reference(dtype, geometry):
     x, factors, conv = _inputs(geometry, dtype)
