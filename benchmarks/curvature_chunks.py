@@ -10,7 +10,7 @@ and ReLU, global average pool, linear to 10 classes; 28x28 inputs, batch 32, flo
 median of 3 calls and the peak memory of one call (bnas_fast.bench.peak_memory_bytes); "unbounded"
 is one pass over every factor, which is what GGNBlocks did before the bound existed. Runs under
 the default glibc settings, then again in a child process with MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=68719476736 (no page faults on large temporaries). About 5 minutes.
+MALLOC_TRIM_THRESHOLD_=68719476736 (no page faults on large temporaries). About 2 minutes.
 """
 
 import os

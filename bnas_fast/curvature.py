@@ -204,9 +204,9 @@ class GGNBlocks:
         ``max_factor_bytes`` bounds the memory of the back-propagated factors. Each factor (one
         cotangent of the logits, back-propagated) fills a tensor the size of every recorded layer's
         output, and holding all K of them at once (N K with train-mode BatchNorm) can take
-        gigabytes. They are back-propagated in chunks of at most ``max_factor_bytes`` (at least one factor per chunk),
-        and each layer's blocks are summed over the chunks: the same blocks up to the order of the
-        sums. Peak memory is then about 2 to 3 times ``max_factor_bytes`` above the forward pass's
+        gigabytes. They are back-propagated in chunks of at most ``max_factor_bytes`` (at least one
+        factor per chunk), and each layer's blocks are summed over the chunks: the same blocks up to
+        the order of the sums. Peak memory is then about 2 to 3 times ``max_factor_bytes`` above the forward pass's
         (autograd's intermediate gradients). With the default, 128 MiB, a train-mode BatchNorm
         network at batch 32 took 0.73x to 0.93x the time of one pass over all N K factors, at a
         sixth of its memory (``python benchmarks/curvature_chunks.py``, README)."""
