@@ -19,6 +19,7 @@ Supported layers, and what a block is:
 
 * ``nn.Conv2d`` (any stride, padding, dilation and groups; zero padding) and ``nn.Linear``: the
   weights of filter o, flattened as ``weight[o].flatten()``, then ``bias[o]``: [C_out, D', D'].
+  A Linear layer may take [N, *, F] inputs: an example's gradient sums over its positions.
 * ``nn.BatchNorm1d/2d`` with affine parameters: (weight[c], bias[c]) of channel c: [C, 2, 2]. In
   eval mode the normalised input uses the running statistics; in train mode the batch statistics,
   and then every example's output depends on every other example's input: the factors are
@@ -27,6 +28,17 @@ Supported layers, and what a block is:
   contributions. That is exact, and slower: its work grows as N^2.
 * :class:`Switch` (a scalar gate y = s x, BayesNAS's architecture parameters): [1, 1, 1], the
   switch Hessian H_s = sum_{n,k} (sum x * S)^2 of notes section 2.1.
+
+Examples that interact: the fast path back-propagates each factor for all examples at once, which
+is exact only while no example's logits depend on another example's layer outputs. Batch
+statistics break that (train-mode BatchNorm, bnas_fast's ghost and architecture-conditional batch
+norms, ``x - x.mean(0)``): ``compute`` finds them in the autograd graph, or else by one probe
+pass, and then takes the exact per-(example, factor) path (``couples_examples`` to decide yourself).
+
+In-place operations: each recorded layer hands the rest of the model a copy of its output, so a
+later ``ReLU(inplace=True)`` or ``out += identity`` does not change the output whose factors are
+taken; a layer input changed in place after the layer ran is refused (``RuntimeError``). A frozen
+layer (no parameter requires a gradient) still gets its blocks.
 
 A module that has parameters of its own and is none of these raises ``TypeError`` naming it, when
 the context is entered (never silently skipped). ``GGNBlocks(model, layers=[...])`` computes the
@@ -75,7 +87,9 @@ class _Record:
     name: str
     module: nn.Module
     input: Optional[Tensor] = None  # detached layer input
-    output: Optional[Tensor] = None  # layer output, in the graph
+    input_version: int = 0  # its version counter when the layer ran (in-place changes are refused)
+    output: Optional[Tensor] = None  # layer output, in the graph; the model goes on with a copy
+    node: object = None  # the autograd node of that copy: how the logits reach this layer
     calls: int = 0  # forward calls since the context was entered
 
 
@@ -89,6 +103,20 @@ def _accumulate(sums: Dict[str, Tensor], name: str, part: Tensor) -> None:
         sums[name].add_(part)
     else:
         sums[name] = part
+
+
+#: Autograd nodes of normalisations with batch statistics (NativeBatchNormBackward0 too, when it
+#: normalised with them): every example's output then depends on every example's input.
+_BATCH_STATISTICS_NODES = frozenset({"_ArchBatchNormFunctionBackward", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"})
+
+
+def _has_batch_statistics(nodes: set) -> bool:
+    """Whether any of these autograd nodes normalises with batch statistics."""
+    return any(
+        type(node).__name__ in _BATCH_STATISTICS_NODES
+        or (type(node).__name__ == "NativeBatchNormBackward0" and bool(getattr(node, "_saved_training", False)))
+        for node in nodes
+    )
 
 
 def _graph_nodes(root) -> set:
@@ -146,6 +174,9 @@ class GGNBlocks:
                     + f"is not supported; supported: {', '.join(t.__name__ for t in SUPPORTED)}"
                     + ("" if selected is None else " (or leave it out of `layers`)")
                 )
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.affine:
+                raise TypeError(f"GGNBlocks: layer {name!r} ({type(module).__name__}) has no affine parameters "
+                                "(affine=False), so it has no blocks; leave it out of `layers`")
             if isinstance(module, nn.Conv2d) and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
                 raise TypeError(f"GGNBlocks: layer {name!r}: only numeric zero padding is supported, got "
                                 f"padding={module.padding!r}, padding_mode={module.padding_mode!r}")
@@ -174,9 +205,11 @@ class GGNBlocks:
         return selected
 
     def __enter__(self) -> "GGNBlocks":
+        if self._handles:
+            raise RuntimeError("GGNBlocks: this context is already entered (it cannot be nested in itself)")
         for record in self.records:
-            record.input, record.output, record.calls = None, None, 0
-            self._handles.append(record.module.register_forward_hook(self._hook(record)))
+            record.input, record.output, record.node, record.calls = None, None, None, 0
+            self._handles.append(record.module.register_forward_hook(self._hook(record), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -186,16 +219,28 @@ class GGNBlocks:
 
     @staticmethod
     def _hook(record: _Record):
-        def hook(module, inputs, output):
-            record.input = inputs[0].detach()
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+            if not isinstance(x, Tensor) or not isinstance(output, Tensor):
+                raise TypeError(f"GGNBlocks: layer {record.name!r} must take a tensor and return one")
+            record.input, record.input_version = x.detach(), x._version
+            if not output.requires_grad:
+                # A frozen layer whose input needs no gradient (e.g. a frozen first layer): its
+                # output becomes a leaf that requires one, so that the factors can reach it.
+                output = output.detach().requires_grad_(True)
             record.output = output
             record.calls += 1
+            # The model goes on with a copy. An in-place operation after the layer (ReLU(inplace=True),
+            # ``out += identity``) then changes the copy, not the output whose factors we need.
+            copy = output.clone()
+            record.node = copy.grad_fn
+            return copy
 
         return hook
 
     def compute(
         self, logits: Tensor, mode: str = "exact", generator: Optional[torch.Generator] = None, diagonal: bool = False,
-        max_factor_bytes: int = MAX_FACTOR_BYTES,
+        max_factor_bytes: int = MAX_FACTOR_BYTES, couples_examples: Optional[bool] = None,
     ) -> Dict[str, Tensor]:
         """{layer name: blocks} for the last forward pass; ``mode`` "exact" or "mc". With
         ``diagonal`` only the blocks' diagonals ([C_out, D']; the exact diagonal GGN, as BackPACK's
@@ -209,7 +254,21 @@ class GGNBlocks:
         the order of the sums. Peak memory is then about 2 to 3 times ``max_factor_bytes`` above the forward pass's
         (autograd's intermediate gradients). With the default, 128 MiB, a train-mode BatchNorm
         network at batch 32 took 0.73x to 0.93x the time of one pass over all N K factors, at a
-        sixth of its memory (``python benchmarks/curvature_chunks.py``, README)."""
+        sixth of its memory (``python benchmarks/curvature_chunks.py``, README).
+
+        ``couples_examples`` says whether an example's logits depend on other examples' layer
+        outputs (batch statistics). The fast path back-propagates factor k of every example in one
+        pass, which is exact only when they do not; otherwise every (example, factor) pair goes
+        back on its own, over the whole batch (module docstring). None (the default) decides:
+        coupled if the logits' autograd graph holds a batch-statistics normalisation (BatchNorm in
+        train mode or without running statistics, bnas_fast's arch_batch_norm and fused
+        GhostBatchNorm2d); otherwise a probe tells: a cotangent on the first and last examples,
+        back-propagated with the first chunk of factors (one cotangent more, about 1/K of their
+        backward pass: 4% to 6% of the time on issue 6's network), must reach no other example
+        (it catches the plain GhostBatchNorm2d, ``x - x.mean(0)``, anything else). Pass True or
+        False to skip the probe when you know."""
+        if couples_examples not in (None, True, False):
+            raise ValueError(f"GGNBlocks.compute: couples_examples must be None, True or False, got {couples_examples!r}")
         if isinstance(max_factor_bytes, bool) or not isinstance(max_factor_bytes, int) or max_factor_bytes < 1:
             raise ValueError(f"GGNBlocks.compute: max_factor_bytes must be a positive int (bytes), got {max_factor_bytes!r}")
         if mode not in ("exact", "mc"):
@@ -229,56 +288,81 @@ class GGNBlocks:
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("GGNBlocks.compute: the logits contain NaN or infinity")
         for r in self.records:
+            if r.input._version != r.input_version:
+                raise RuntimeError(
+                    f"GGNBlocks.compute: the input of layer {r.name!r} was modified in place after the layer ran, so "
+                    "its recorded value is no longer the one the layer saw; avoid the in-place operation on it"
+                )
             if not bool(torch.isfinite(r.input).all()):
                 raise ValueError(f"GGNBlocks.compute: the input of layer {r.name!r} contains NaN or infinity")
         reached = _graph_nodes(logits.grad_fn)
-        if not any(r.output.grad_fn in reached for r in self.records):
+        if not any(r.node in reached for r in self.records):
             raise ValueError(
                 "GGNBlocks.compute: the logits do not depend on any layer output recorded in the context (a tensor "
                 "from another forward pass?); pass the output of the forward pass run inside the context"
             )
         # exact: C - 1 factors per example (the Hessian's rank), not C: a tenth less work at C = 10
         v = reference.softmax_ce_hessian_factors(logits.detach(), mode, generator, minimal=True)  # [N, K, C]
-        # batch statistics couple the examples: every example's output depends on every input
-        coupled = any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
-            for m in self.model.modules()
-        )
         outputs = [r.output for r in self.records]
         # One back-propagated factor (a cotangent of the logits) fills one tensor per recorded output.
         per_factor = sum(out.numel() * out.element_size() for out in outputs)
         chunk = max(1, max_factor_bytes // max(per_factor, 1))
-        if coupled:
-            blocks = self._coupled(logits, v, outputs, chunk)
-            return {k: b.diagonal(dim1=1, dim2=2).clone() for k, b in blocks.items()} if diagonal else blocks
-        # No coupling between examples: back-propagating factor k of every example at once gives
-        # every example's factor k. The K factors go through batched backward passes of up to
-        # ``chunk`` factors; the blocks are sums over factors, so over chunks too.
+        if couples_examples is None and _has_batch_statistics(reached):
+            couples_examples = True
+        if couples_examples:
+            return self._coupled(logits, v, outputs, chunk, diagonal)
+        # No coupling between examples (yet known, or to be probed): back-propagating factor k of
+        # every example at once gives every example's factor k. The K factors go through batched
+        # backward passes of up to ``chunk`` factors; the blocks are sums over factors, so over
+        # chunks too. The probe rides along in the first pass (one cotangent more).
+        probe = self._probe(logits) if couples_examples is None else None
         K = v.shape[1]
         blocks: Dict[str, Tensor] = {}
         for k0 in range(0, K, chunk):
-            factors = self._factors(logits, outputs, v[:, k0:k0 + chunk])
-            for r, f in zip(self.records, factors):
-                _accumulate(blocks, r.name, self._blocks(r, f, diagonal))
+            cotangents = v[:, k0:k0 + chunk].movedim(1, 0)  # [R, N, C]
+            if probe is not None:
+                cotangents = torch.cat([cotangents, probe[0]])
+            grads = self._batched_grads(logits, outputs, cotangents)
+            if probe is not None:
+                if any(bool(g[-1, probe[1]].any()) for g in grads):  # it reached another example
+                    return self._coupled(logits, v, outputs, chunk, diagonal)
+                grads, probe = [g[:-1] for g in grads], None
+            # [R, N, *out] handed on as [N, R, *out] views, which unfolded_gram reads in place
+            for r, g in zip(self.records, grads):
+                _accumulate(blocks, r.name, self._blocks(r, g.movedim(0, 1), diagonal))
         return blocks
 
     @staticmethod
-    def _factors(logits: Tensor, outputs: List[Tensor], v: Tensor) -> List[Tensor]:
-        """[N, K, *out] factors at each output for the logits' cotangents v [N, K, C], from one
-        batched backward pass. Its [K, N, *out] results are handed on as [N, K, *out] views, which
-        unfolded_gram reads in place (no copy into N-major order)."""
-        K = v.shape[1]
+    def _batched_grads(logits: Tensor, outputs: List[Tensor], cotangents: Tensor) -> List[Tensor]:
+        """[R, *out] at each output for R cotangents of the logits [R, N, C], from one batched
+        backward pass (zeros where an output does not reach the logits)."""
         try:
-            grads = torch.autograd.grad(logits, outputs, v.movedim(1, 0), retain_graph=True, allow_unused=True,
+            grads = torch.autograd.grad(logits, outputs, cotangents, retain_graph=True, allow_unused=True,
                                         is_grads_batched=True)
         except RuntimeError:
-            # An op in the graph has no batching rule for vmap (e.g. a custom op): one pass per k.
-            per_k = [torch.autograd.grad(logits, outputs, v[:, k], retain_graph=True, allow_unused=True) for k in range(K)]
-            grads = tuple(None if per_k[0][i] is None else torch.stack([g[i] for g in per_k]) for i in range(len(outputs)))
-        return [
-            (torch.zeros((K,) + tuple(out.shape), dtype=out.dtype, device=out.device) if g is None else g).movedim(0, 1)
-            for g, out in zip(grads, outputs)
-        ]
+            # An op in the graph has no batching rule for vmap (e.g. a custom op): one pass per cotangent.
+            each = [torch.autograd.grad(logits, outputs, c, retain_graph=True, allow_unused=True) for c in cotangents]
+            grads = tuple(None if each[0][i] is None else torch.stack([g[i] for g in each]) for i in range(len(outputs)))
+        R = cotangents.shape[0]
+        return [torch.zeros((R,) + tuple(out.shape), dtype=out.dtype, device=out.device) if g is None else g
+                for g, out in zip(grads, outputs)]
+
+    @staticmethod
+    def _probe(logits: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """A cotangent [1, N, C] on the logits of the first and last examples (with two examples,
+        the first only), and the mask [N] of the other examples; None for one example. Without
+        coupling its gradients at the other examples' outputs are exactly zero: nothing in the
+        backward pass mixes rows."""
+        N, C = logits.shape
+        if N < 2:
+            return None
+        probe = torch.zeros(1, N, C, dtype=logits.dtype, device=logits.device)
+        # a fixed cotangent with distinct entries (no random draw: the caller's generator is untouched)
+        sent = [0] if N == 2 else [0, N - 1]
+        probe[0, sent] = torch.linspace(1.0, 2.0, C, dtype=logits.dtype, device=logits.device)
+        others = torch.ones(N, dtype=torch.bool, device=logits.device)
+        others[sent] = False
+        return probe, others
 
     def _blocks(self, r: _Record, factors: Tensor, diagonal: bool) -> Tensor:
         """Blocks (or their diagonals) of one layer from its input and its factors [N, K, *output]."""
@@ -287,10 +371,16 @@ class GGNBlocks:
             return unfolded_gram(x, factors, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.bias is not None, diagonal)
         if isinstance(m, nn.Linear):
             if x.dim() != 2:
-                x, factors = x.reshape(-1, x.shape[-1]), factors.movedim(1, -2).reshape(-1, factors.shape[1], factors.shape[-1])
+                # x [N, *T, F]: example n's weight gradient sums over its T positions before the
+                # Gram product, as a 1x1 convolution of the image [F, T, 1] does.
+                N, K = factors.shape[:2]
+                x = x.reshape(N, -1, x.shape[-1]).transpose(1, 2).unsqueeze(-1)  # [N, F, T, 1]
+                factors = factors.reshape(N, K, -1, factors.shape[-1]).transpose(2, 3).unsqueeze(-1)  # [N, K, O, T, 1]
+                return unfolded_gram(x, factors, bias=m.bias is not None, diagonal=diagonal)
             return unfolded_gram(x, factors, bias=m.bias is not None, diagonal=diagonal)
-        if isinstance(m, Switch):
-            j = (x.unsqueeze(1) * factors).flatten(2).sum(2)  # [N, K]
+        if isinstance(m, Switch):  # accumulated in float32 at least, as unfolded_gram does
+            acc = torch.promote_types(x.dtype, torch.float32)
+            j = (x.unsqueeze(1).to(acc) * factors.to(acc)).flatten(2).sum(2)  # [N, K]
             h = j.square().sum()
             return h.reshape(1, 1) if diagonal else h.reshape(1, 1, 1)
         # BatchNorm: a depthwise 1x1 "convolution" of the normalised input, with bias
@@ -301,10 +391,11 @@ class GGNBlocks:
             xhat, factors = xhat[:, :, :, None], factors[..., None]
         return unfolded_gram(xhat, factors, groups=xhat.shape[1], bias=True, diagonal=diagonal)
 
-    def _coupled(self, logits: Tensor, v: Tensor, outputs: List[Tensor], chunk: int) -> Dict[str, Tensor]:
+    def _coupled(self, logits: Tensor, v: Tensor, outputs: List[Tensor], chunk: int, diagonal: bool) -> Dict[str, Tensor]:
         """Train-mode BatchNorm: back-propagate each (example n, factor k) separately over the whole
         batch (batched by autograd, ``chunk`` pairs per pass), then sum every example m's
-        contribution: j_{n,k} = sum_m (unfolded input of m) x (factor of (n, k) at m)."""
+        contribution: j_{n,k} = sum_m (unfolded input of m) x (factor of (n, k) at m). With
+        ``diagonal``, only sum_{n,k} j_{n,k}^2 (no Gram products)."""
         N, K, C = v.shape
         rows = v.reshape(N * K, C)
         example = torch.arange(N, device=logits.device).repeat_interleave(K)  # the example of each row
@@ -313,33 +404,36 @@ class GGNBlocks:
             R = min(chunk, N * K - r0)
             cotangents = torch.zeros(R, N, C, dtype=logits.dtype, device=logits.device)
             cotangents[torch.arange(R, device=logits.device), example[r0:r0 + R]] = rows[r0:r0 + R]
-            grads = torch.autograd.grad(logits, outputs, cotangents, retain_graph=True, is_grads_batched=True,
-                                        allow_unused=True)
-            for r, g, out in zip(self.records, grads, outputs):
-                g = torch.zeros((R,) + tuple(out.shape), dtype=out.dtype, device=out.device) if g is None else g
-                _accumulate(result, r.name, self._blocks_coupled(r, g))
+            for r, g in zip(self.records, self._batched_grads(logits, outputs, cotangents)):
+                _accumulate(result, r.name, self._blocks_coupled(r, g, diagonal))
         return result
 
-    def _blocks_coupled(self, r: _Record, g: Tensor) -> Tensor:
-        """g [R = N K, N, *output]: the factor of each (n, k) at every example's output."""
+    def _blocks_coupled(self, r: _Record, g: Tensor, diagonal: bool) -> Tensor:
+        """g [R = N K, N, *output]: the factor of each (n, k) at every example's output. Returns the
+        blocks sum_r j_r j_r^T of this chunk ([C_out, D', D']), or with ``diagonal`` their
+        diagonals sum_r j_r^2 ([C_out, D'])."""
         m, x = r.module, r.input
         R = g.shape[0]
+
+        def gram(j: Tensor) -> Tensor:  # j [R, ..., D'] -> sum over r of j j^T (or j^2): [..., D', D'] (or [..., D'])
+            return j.square().sum(0) if diagonal else torch.einsum("r...d,r...e->...de", j, j)
+
         if isinstance(m, Switch):
-            j = (x.unsqueeze(0) * g).flatten(1).sum(1)  # [R]
-            return j.square().sum().reshape(1, 1, 1)
+            acc = torch.promote_types(x.dtype, torch.float32)
+            j = (x.unsqueeze(0).to(acc) * g.to(acc)).flatten(1).sum(1)  # [R]
+            h = j.square().sum()
+            return h.reshape(1, 1) if diagonal else h.reshape(1, 1, 1)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             x = _batch_norm_input(m, x)
             cols = x.reshape(x.shape[0], x.shape[1], 1, -1)  # [N, C, 1, P]
             cols = torch.cat([cols, torch.ones_like(cols)], 2)  # (xhat, 1) per channel
             S = g.reshape(R, x.shape[0], x.shape[1], -1)  # [R, N, C, P]
-            j = torch.einsum("rmcp,mcdp->rcd", S, cols)  # [R, C, 2]
-            return torch.einsum("rcd,rce->cde", j, j)
+            return gram(torch.einsum("rmcp,mcdp->rcd", S, cols))  # j: [R, C, 2]
         if isinstance(m, nn.Linear):
             x2 = x.reshape(-1, x.shape[-1])
             S = g.reshape(R, -1, g.shape[-1])  # [R, M, C_out]
             cols = torch.cat([x2, torch.ones_like(x2[:, :1])], 1) if m.bias is not None else x2
-            j = torch.einsum("rmo,md->rod", S, cols)
-            return torch.einsum("rod,roe->ode", j, j)
+            return gram(torch.einsum("rmo,md->rod", S, cols))
         # Conv2d: unfold every example once; sum over examples and positions
         cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # [N, C_in k, P]
         G, N = m.groups, x.shape[0]
@@ -347,9 +441,8 @@ class GGNBlocks:
         if m.bias is not None:
             cols = torch.cat([cols, torch.ones_like(cols[:, :, :1])], 2)
         S = g.reshape(R, N, G, m.out_channels // G, -1)  # [R, N, G, O_g, P]
-        j = torch.einsum("rmgop,mgdp->rgod", S, cols)
-        blocks = torch.einsum("rgod,rgoe->gode", j, j)
-        return blocks.reshape(m.out_channels, blocks.shape[-1], blocks.shape[-1])
+        blocks = gram(torch.einsum("rmgop,mgdp->rgod", S, cols))  # [G, O_g, D'(, D')]
+        return blocks.reshape((m.out_channels,) + blocks.shape[2:])
 
 
 # ----------------------------------------------------------------------------------------------

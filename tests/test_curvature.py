@@ -176,7 +176,9 @@ def test_factors_back_propagated_in_chunks_give_the_same_blocks(train, factors_p
         return grad(outputs, inputs, grad_outputs, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
-    chunked = curvature.compute(logits, "exact", max_factor_bytes=factors_per_pass * per_factor + per_factor // 2)
+    # couples_examples given: no probe pass (counted otherwise)
+    chunked = curvature.compute(logits, "exact", max_factor_bytes=factors_per_pass * per_factor + per_factor // 2,
+                                couples_examples=train)
     monkeypatch.undo()
     total = logits.shape[0] * 4 if train else 4  # N K cotangents with train-mode BN, else K (C - 1 = 4)
     assert sum(passes) == total and max(passes) == min(factors_per_pass, total), passes
@@ -268,3 +270,243 @@ def test_blocks_through_a_bnas_fast_op_in_the_graph():
     assert set(results[0]) == {"a", "b", "head"}
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Any model: brute force from the Jacobian's rows, one autograd pass per (example, class)
+# ----------------------------------------------------------------------------------------------
+
+
+def _parameter_rows(module: nn.Module):
+    """The parameters of ``module`` as [rows, D'] in the layout of its blocks."""
+    if isinstance(module, Switch):
+        return [module.weight.reshape(1, 1)]
+    rows = module.weight.shape[0]
+    columns = [module.weight.reshape(rows, -1)]
+    if getattr(module, "bias", None) is not None:
+        columns.append(module.bias.reshape(rows, 1))
+    return columns
+
+
+def _brute_force_by_rows(model: nn.Module, x: torch.Tensor, names):
+    """{name: blocks} of the named layers: J^T (diag(p) - p p^T) J summed over examples, with the
+    Jacobian's rows d logits[n, c] / d theta from plain autograd through the whole batch (so batch
+    statistics, in-place operations and custom ops are all differentiated as they run)."""
+    modules = dict(model.named_modules())
+    logits = model(x)
+    N, C = logits.shape
+    prob = torch.softmax(logits.detach(), -1)
+    H = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+    params = [p for name in names for p in (modules[name].weight, getattr(modules[name], "bias", None)) if p is not None]
+    rows = [[torch.autograd.grad(logits[n, c], params, retain_graph=True, allow_unused=True) for c in range(C)] for n in range(N)]
+    out = {}
+    for name in names:
+        module = modules[name]
+        weight_index = next(i for i, p in enumerate(params) if p is module.weight)
+        jac = []
+        for n in range(N):
+            per_class = []
+            for c in range(C):
+                grads = rows[n][c]
+                w = grads[weight_index] if grads[weight_index] is not None else torch.zeros_like(module.weight)
+                columns = [w.reshape(1, 1) if isinstance(module, Switch) else w.reshape(w.shape[0], -1)]
+                if getattr(module, "bias", None) is not None:
+                    b = grads[weight_index + 1]
+                    columns.append((b if b is not None else torch.zeros_like(module.bias)).reshape(-1, 1))
+                per_class.append(torch.cat(columns, 1))
+            jac.append(torch.stack(per_class))
+        J = torch.stack(jac)  # [N, C, rows, D']
+        out[name] = torch.einsum("ncod,nce,neof->odf", J, H, J)
+    return out
+
+
+def _assert_blocks_match_brute_force(model, x, names, **compute_kwargs):
+    expected = _brute_force_by_rows(model, x, names)
+    with GGNBlocks(model, layers=names) as curvature:
+        logits = model(x)
+    got = curvature.compute(logits, "exact", **compute_kwargs)
+    diagonals = curvature.compute(logits, "exact", diagonal=True, **compute_kwargs)
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)
+        torch.testing.assert_close(diagonals[name], expected[name].diagonal(dim1=1, dim2=2), rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_linear_on_sequences_sums_each_examples_positions_before_the_gram():
+    """A Linear layer on [N, T, F] (or [N, A, B, F]): example n's weight gradient is the sum over its
+    positions, so its block is (sum_t j_t)(sum_t j_t)^T, not sum_t j_t j_t^T."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = nn.Linear(3, 4), nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.inner(x)).mean(dim=tuple(range(1, x.dim() - 1))))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    for shape in ((4, 6, 3), (3, 2, 5, 3)):
+        _assert_blocks_match_brute_force(model, torch.randn(*shape, dtype=torch.float64), ["inner", "head"])
+    # the smallest case, by hand: positions that cancel leave the logits independent of the weight
+    tiny = nn.Linear(1, 2, bias=False).double()
+    with torch.no_grad():
+        tiny.weight.copy_(torch.tensor([[1.0], [2.0]]))
+    with GGNBlocks(tiny) as curvature:
+        logits = tiny(torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64)).sum(1)
+    assert torch.equal(curvature.compute(logits)["Linear"], torch.zeros(2, 1, 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["bn-eval", "bn-train"])
+def test_in_place_operations_after_a_layer_leave_its_factors_alone(train):
+    """ReLU(inplace=True) after a layer and ``out += identity`` (a residual block) change the tensor
+    the layer returned; the factors must still be taken at the layer's output."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.relu = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(inplace=True)
+            self.head = nn.Linear(2, 3)
+
+        def forward(self, x):
+            out = self.norm(self.conv(x))
+            out += x
+            out = self.relu(out)
+            return self.head(out.mean((2, 3)))
+
+    torch.manual_seed(1)
+    model = Block().double().train(train)
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    _assert_blocks_match_brute_force(model, torch.randn(4, 2, 5, 5, dtype=torch.float64), ["conv", "norm", "head"])
+
+
+def test_an_input_changed_in_place_after_its_layer_ran_is_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            out = self.b(h)
+            h.mul_(2)  # after b ran: b's recorded input is no longer what it saw
+            return out + h[:, :2]
+
+    model = Net()
+    with GGNBlocks(model) as curvature:
+        logits = model(torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match=r"the input of layer 'b' was modified in place after the layer ran"):
+        curvature.compute(logits)
+
+
+class _Center(nn.Module):
+    """x - x.mean(0): mixes examples without any batch norm."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+class _FunctionalBatchNorm(nn.Module):
+    def forward(self, x):
+        return nn.functional.batch_norm(x, None, None, training=True)
+
+
+@pytest.mark.parametrize("mixer", ["center", "functional-bn", "ghost-plain", "ghost-fused"])
+def test_examples_mixed_by_other_operations_are_detected(mixer):
+    """Batch statistics outside nn.BatchNorm (a parameter-free module, F.batch_norm, bnas_fast's
+    ghost batch norm in both forms) couple the examples too: found from the autograd graph or by
+    the probe, the blocks still equal brute force."""
+    from bnas_fast.nn.oneshot import GhostBatchNorm2d
+
+    torch.manual_seed(2)
+    mix = {"center": _Center(), "functional-bn": _FunctionalBatchNorm(),
+           "ghost-plain": GhostBatchNorm2d(3, 2, fused=False), "ghost-fused": GhostBatchNorm2d(3, 2, fused=True)}[mixer]
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), mix, nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(3, 4)).double()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    _assert_blocks_match_brute_force(model, x, ["0", "5"])
+    with GGNBlocks(model, layers=["0", "5"]) as curvature:
+        logits = model(x)
+    wrong = curvature.compute(logits, couples_examples=False)  # the per-example path, forced: not the same
+    assert not torch.allclose(wrong["0"], _brute_force_by_rows(model, x, ["0"])["0"])
+    with pytest.raises(ValueError, match="couples_examples must be None, True or False"):
+        curvature.compute(logits, couples_examples="yes")
+
+
+def test_the_probe_finds_no_coupling_in_a_per_example_network(monkeypatch):
+    """Eval-mode BatchNorm: the probe rides along with the K factors in one batched pass (one
+    cotangent more) and finds nothing."""
+    torch.manual_seed(3)
+    model = _Net().double().eval()
+    with GGNBlocks(model) as curvature:
+        logits = model(torch.randn(3, 2, 9, 9, dtype=torch.float64))
+    passes, grad = [], torch.autograd.grad
+
+    def counting_grad(outputs, inputs, grad_outputs=None, **kwargs):
+        passes.append(grad_outputs.shape[0])
+        return grad(outputs, inputs, grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    curvature.compute(logits)
+    assert passes == [5]  # the C - 1 = 4 factors and the probe, in one batched pass
+
+
+def test_train_mode_batch_norm_with_a_custom_op_in_the_graph():
+    """The coupled path falls back to one pass per cotangent when vmap has no rule for an op."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.norm, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            w = torch.tensor([0.4, 0.6], dtype=x.dtype).expand(x.shape[0], 2)
+            return self.head(torch.tanh(self.norm(bnas_fast.mix([self.a(x), self.b(x)], w))))
+
+    torch.manual_seed(4)
+    _assert_blocks_match_brute_force(Net().double().train(), torch.randn(5, 3, dtype=torch.float64), ["a", "b", "norm", "head"])
+
+
+def test_frozen_layers_and_keyword_calls_get_their_blocks():
+    """A frozen first layer (nothing before it needs a gradient) and a layer called as
+    ``layer(input=x)`` get the same blocks as otherwise."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(input=torch.tanh(self.first(x)))
+
+    torch.manual_seed(5)
+    model, x = Net().double(), torch.randn(5, 3, dtype=torch.float64)
+    expected = _brute_force_by_rows(model, x, ["first", "head"])
+    model.first.requires_grad_(False)
+    with GGNBlocks(model) as curvature:
+        logits = model(x)
+    got = curvature.compute(logits)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12)
+
+
+def test_context_misuse_and_parameterless_batch_norm_raise():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, affine=False), nn.Linear(3, 2))
+    with pytest.raises(TypeError, match=r"layer '1' \(BatchNorm1d\) has no affine parameters"):
+        GGNBlocks(model, layers=["0", "1"])
+    curvature = GGNBlocks(model)
+    with curvature:
+        with pytest.raises(RuntimeError, match="already entered"):
+            curvature.__enter__()
+    with curvature:  # usable again after the error
+        logits = model(torch.randn(4, 3))
+    assert set(curvature.compute(logits)) == {"0", "2"}
+
+
+def test_switch_blocks_accumulate_in_float32_for_low_precision_models():
+    model = nn.Sequential(nn.Linear(3, 4), Switch(0.5), nn.Linear(4, 2)).to(torch.bfloat16)
+    with GGNBlocks(model) as curvature:
+        logits = model(torch.randn(6, 3, dtype=torch.bfloat16))
+    blocks = curvature.compute(logits)
+    assert {b.dtype for b in blocks.values()} == {torch.float32}

@@ -344,7 +344,8 @@ def switch_hessians(model: BayesNASSupernet, batches: Sequence[Tensor], mode: st
             # only the switches' blocks: the convolutions' would double the time and go unused
             with GGNBlocks(model, layers=switches) as curvature:
                 logits = model(xb)
-            blocks = curvature.compute(logits, mode, generator)
+            # eval mode and no batch-mixing layer in the supernet: no probe pass needed
+            blocks = curvature.compute(logits, mode, generator, couples_examples=False)
         for key, members in groups.items():
             for s in members:
                 n = names[id(s)]
