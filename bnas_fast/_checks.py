@@ -52,6 +52,12 @@ def check_finite_values(name: str, value: Tensor, op: str) -> None:
         raise ValueError(f"{op}: {name} contains a non-finite value (NaN or infinity) at index {bad}")
 
 
+def check_bool(name: str, value: object, op: str) -> None:
+    """A flag must be a real bool: 0, 1, "False" or None would otherwise pass as their truth value."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool (True or False), got {value!r}")
+
+
 def check_index_range(name: str, index: Tensor, size: int, op: str, what: str = "a batch of B") -> None:
     """Reads the index tensor."""
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):

@@ -267,7 +267,9 @@ class GGNBlocks:
         backward pass: 4% to 6% of the time on issue 6's network), must reach no other example
         (it catches the plain GhostBatchNorm2d, ``x - x.mean(0)``, anything else). Pass True or
         False to skip the probe when you know."""
-        if couples_examples not in (None, True, False):
+        if not isinstance(diagonal, bool):
+            raise TypeError(f"GGNBlocks.compute: diagonal must be a bool, got {diagonal!r}")
+        if couples_examples is not None and not isinstance(couples_examples, bool):
             raise ValueError(f"GGNBlocks.compute: couples_examples must be None, True or False, got {couples_examples!r}")
         if isinstance(max_factor_bytes, bool) or not isinstance(max_factor_bytes, int) or max_factor_bytes < 1:
             raise ValueError(f"GGNBlocks.compute: max_factor_bytes must be a positive int (bytes), got {max_factor_bytes!r}")
@@ -376,7 +378,6 @@ class GGNBlocks:
                 N, K = factors.shape[:2]
                 x = x.reshape(N, -1, x.shape[-1]).transpose(1, 2).unsqueeze(-1)  # [N, F, T, 1]
                 factors = factors.reshape(N, K, -1, factors.shape[-1]).transpose(2, 3).unsqueeze(-1)  # [N, K, O, T, 1]
-                return unfolded_gram(x, factors, bias=m.bias is not None, diagonal=diagonal)
             return unfolded_gram(x, factors, bias=m.bias is not None, diagonal=diagonal)
         if isinstance(m, Switch):  # accumulated in float32 at least, as unfolded_gram does
             acc = torch.promote_types(x.dtype, torch.float32)

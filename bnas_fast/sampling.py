@@ -40,11 +40,11 @@ def path_dropout_rate(r: float, fan_in: int) -> float:
 
 def linear_schedule(step: int, total_steps: int, final_rate: float) -> float:
     """final_rate * min(step / total_steps, 1): dropout off at step 0, full at total_steps and after."""
-    if total_steps <= 0:
-        raise ValueError(f"linear_schedule: total_steps must be positive, got {total_steps}")
-    if step < 0:
-        raise ValueError(f"linear_schedule: step must be non-negative, got {step}")
-    if not (0.0 <= final_rate <= 1.0) or math.isnan(final_rate):
+    if not isinstance(total_steps, (int, float)) or not 0 < total_steps < math.inf:  # also false for NaN
+        raise ValueError(f"linear_schedule: total_steps must be positive and finite, got {total_steps!r}")
+    if not isinstance(step, (int, float)) or not 0 <= step < math.inf:
+        raise ValueError(f"linear_schedule: step must be non-negative and finite, got {step!r}")
+    if not isinstance(final_rate, (int, float)) or not (0.0 <= final_rate <= 1.0):
         raise ValueError(f"linear_schedule: final_rate must lie in [0, 1], got {final_rate}")
     return final_rate * min(step / total_steps, 1.0)
 

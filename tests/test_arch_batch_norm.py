@@ -657,6 +657,12 @@ BAD_CALLS = {
         ValueError,
         r"momentum must be",
     ),
+    # an empty x (no channels) runs no kernel, which is where arch is checked: checked up front instead
+    "arch_out_of_range_empty_x": (
+        lambda: _f(torch.randn(4, 0, 5), torch.full((4,), 7), torch.ones(2, 0), torch.zeros(2, 0)),
+        IndexError,
+        r"arch holds 7, out of range for S architectures = 2",
+    ),
     "x_1d": (lambda: _f(torch.randn(4), _a(), _w(), _w()), ValueError, r"x must have shape \[B, C, \*\]"),
     "x_int": (lambda: _f(torch.ones(4, 3, dtype=torch.long), _a(), _w(), _w()), TypeError, r"x must be a floating-point"),
     "x_not_tensor": (lambda: _f([[1.0]], _a(1), _w(), _w()), TypeError, r"x must be a torch.Tensor"),

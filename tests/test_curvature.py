@@ -430,8 +430,11 @@ def test_examples_mixed_by_other_operations_are_detected(mixer):
         logits = model(x)
     wrong = curvature.compute(logits, couples_examples=False)  # the per-example path, forced: not the same
     assert not torch.allclose(wrong["0"], _brute_force_by_rows(model, x, ["0"])["0"])
-    with pytest.raises(ValueError, match="couples_examples must be None, True or False"):
-        curvature.compute(logits, couples_examples="yes")
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match="couples_examples must be None, True or False"):
+            curvature.compute(logits, couples_examples=bad)
+    with pytest.raises(TypeError, match="diagonal must be a bool"):
+        curvature.compute(logits, diagonal=1)
 
 
 def test_the_probe_finds_no_coupling_in_a_per_example_network(monkeypatch):

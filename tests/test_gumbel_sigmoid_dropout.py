@@ -426,6 +426,16 @@ def test_sample_keep_and_fixed_keep():
     with pytest.raises(ValueError, match=r"fixed_keep must be \[2\] for an input of 4 channels"):
         grouped.fixed_keep = torch.ones(4)
         grouped(x)
+    for bad in ([0.5, 1.0], [float("nan"), 1.0], [3.0, 0.0]):
+        grouped.fixed_keep = torch.tensor(bad)
+        with pytest.raises(ValueError, match="fixed_keep must hold only 0 and 1"):
+            grouped(x)
+    for rate in (float("nan"), 5.0, -0.1, "0.5"):
+        with pytest.raises(ValueError, match="drop_rate must be a number in"):
+            drop.sample_keep(10, drop_rate=rate)
+    for channels in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="channels must be an int"):
+            drop.sample_keep(channels)
 
 
 def _brute_force_regularizer(weight, p, length_scale, num_data, unit_size, rescale, conv_groups):

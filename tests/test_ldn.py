@@ -386,6 +386,24 @@ def test_bad_inputs_name_the_argument():
         select_depth(torch.tensor([0.5, 0.5]), "median")
     with pytest.raises(IndexError, match="targets"):
         expected_calibration_error(torch.full((2, 2), 0.5), torch.tensor([0, 2]))
+    # probabilities, not logits or NaN: ECE and the reliability diagram name probs
+    for bad in (torch.tensor([[float("nan"), 0.5], [0.2, 0.8]]), torch.tensor([[5.0, 0.5], [0.2, 0.8]]),
+                torch.tensor([[0.3, 0.3], [0.2, 0.8]]), torch.tensor([[-0.1, 1.1], [0.2, 0.8]])):
+        for fn in (expected_calibration_error, reliability_diagram):
+            with pytest.raises(ValueError, match="probs must hold class probabilities"):
+                fn(bad, torch.tensor([0, 1]))
+    # log-probabilities: NaN or above 0 are refused, naming the argument; -inf (probability 0) is fine
+    half = torch.tensor([0.5, 0.5]).log()
+    for bad in (torch.tensor([float("nan"), 0.0]), torch.tensor([0.7, -0.5]), torch.tensor([float("inf"), -1.0])):
+        with pytest.raises(ValueError, match="log_q must hold log-probabilities"):
+            categorical_kl(bad, half)
+        with pytest.raises(ValueError, match="log_prior must hold log-probabilities"):
+            categorical_kl(half, bad)
+        with pytest.raises(ValueError, match="log_q must hold log-probabilities"):
+            prune_log_q(torch.cat([bad, half]), 1)
+        with pytest.raises(ValueError, match="log_q must hold log-probabilities"):
+            marginal_predictive(torch.randn(2, 3, 4), bad)
+    assert float(categorical_kl(torch.tensor([0.0, float("-inf")]), half)) == pytest.approx(math.log(2))
     with pytest.raises(ValueError, match="det_depths"):
         ldn.parse_det_depths("1,99", 10)
     with pytest.raises(ValueError, match="unknown config"):

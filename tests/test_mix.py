@@ -1036,6 +1036,11 @@ def test_linear_schedule_and_path_dropout_schedule():
     assert sampling.linear_schedule(50, 100, 0.4) == pytest.approx(0.2)
     assert sampling.linear_schedule(100, 100, 0.4) == pytest.approx(0.4)
     assert sampling.linear_schedule(1000, 100, 0.4) == pytest.approx(0.4)
+    for args, name in (((float("nan"), 10, 0.5), "step"), ((5, float("nan"), 0.5), "total_steps"),
+                       ((5, float("inf"), 0.5), "total_steps"), ((5, 10, None), "final_rate"),
+                       ((5, 10, float("nan")), "final_rate")):
+        with pytest.raises(ValueError, match=f"linear_schedule: {name} must"):
+            sampling.linear_schedule(*args)
 
     s = sampling.PathDropoutSchedule(r=0.05, total_steps=1000)
     full = math.sqrt(0.05)

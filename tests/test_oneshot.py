@@ -164,6 +164,32 @@ def test_ghost_batch_norm_bad_input():
         GhostBatchNorm2d(3, 1)
     with pytest.raises(ValueError, match="not a multiple of ghost_batch_size = 4"):
         GhostBatchNorm2d(3, 4)(torch.randn(6, 3, 2, 2))
+    for fused in (True, False):
+        with pytest.raises(ValueError, match=r"x must be \[B, C = 3, H, W\], got \(4, 2, 2, 2\)"):
+            GhostBatchNorm2d(3, 2, fused=fused)(torch.randn(4, 2, 2, 2))
+    for eps in (-1.0, 0.0, float("nan"), "1e-5"):
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            GhostBatchNorm2d(3, 2, eps=eps)
+
+
+def test_ghost_batch_norm_takes_non_contiguous_inputs():
+    """A transposed (non-contiguous) input gives what its contiguous copy gives, in both forms."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 6).transpose(2, 3)
+    for fused in (True, False):
+        norm = GhostBatchNorm2d(3, 2, fused=fused)
+        torch.testing.assert_close(norm(x), norm(x.contiguous()))
+
+
+def test_all_paths_dropped_gives_zeros_with_a_ghost_batch_norm_candidate():
+    """Every weight zero: the sparse mix learns the output's shape by running the first candidate
+    on an empty batch (a ghost batch norm rejects a single example) and returns zeros."""
+    from bnas_fast.nn import MixedOp
+
+    torch.manual_seed(0)
+    op = MixedOp([torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), GhostBatchNorm2d(3, 2)), torch.nn.Identity()])
+    out = op(torch.randn(4, 3, 5, 5), torch.zeros(4, 2))
+    assert torch.equal(out, torch.zeros(4, 3, 5, 5))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -90,3 +90,31 @@ def test_readme_python_example_runs():
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["y"].shape == (8, 4, 16, 16)
+
+
+def _flag_calls():
+    """(name, call taking the flag's value) for every public bool flag of the ops and modules."""
+    x4 = torch.randn(4, 3, 5, 5)
+    arch = torch.zeros(4, dtype=torch.long)
+    logit = torch.zeros(3)
+    factors = torch.randn(4, 2, 3, 5, 5)
+    return [
+        ("training", lambda v: bnas_fast.gumbel_sigmoid_dropout(x4, logit, temperature=0.5, granularity="channel", training=v)),
+        ("training", lambda v: bnas_fast.arch_batch_norm(x4, arch, running_mean=torch.zeros(3), running_var=torch.ones(3), training=v)),
+        ("bias", lambda v: bnas_fast.unfolded_gram(x4, factors, 3, padding=1, bias=v)),
+        ("diagonal", lambda v: bnas_fast.unfolded_gram(x4, factors, 3, padding=1, diagonal=v)),
+        ("sparse", lambda v: bnas_fast.nn.MixedOp([torch.nn.Identity()], sparse=v)),
+        ("relu", lambda v: bnas_fast.mix([x4, x4], torch.ones(4, 2), relu=v)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_bool_flags_must_be_bools(index):
+    """0, 1, "False" and None are not flags: each raises a TypeError naming the argument (a string
+    "False" would otherwise switch the flag on), while True and False both work."""
+    name, call = _flag_calls()[index]
+    for value in (True, False):
+        call(value)
+    for value in (0, 1, "False", None):
+        with pytest.raises(TypeError, match=rf"{name} must be a bool"):
+            call(value)

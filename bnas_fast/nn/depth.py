@@ -100,6 +100,14 @@ def _check_probabilities(name: str, q: Tensor, where: str) -> Tensor:
     return q
 
 
+def _check_log_probabilities(name: str, log_p: Tensor, where: str) -> None:
+    """Log-probabilities: no NaN, no +inf, none above 0 (beyond rounding); -inf (probability 0) is allowed."""
+    values = log_p.detach()
+    if bool(torch.isnan(values).any()) or bool((values > 1e-4).any()):
+        raise ValueError(f"{where}: {name} must hold log-probabilities (<= 0, -inf allowed, no NaN), "
+                         f"got {values.tolist() if values.numel() <= 12 else tuple(values.shape)}")
+
+
 # ----------------------------------------------------------------------------------------------
 # prior, KL, posterior
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +180,8 @@ def categorical_kl(log_q: Tensor, log_prior: Tensor) -> Tensor:
             f"categorical_kl: log_q and log_prior must be 1-D of the same length, got {tuple(log_q.shape)} "
             f"and {tuple(log_prior.shape)}"
         )
+    _check_log_probabilities("log_q", log_q, "categorical_kl")
+    _check_log_probabilities("log_prior", log_prior, "categorical_kl")
     q = log_q.exp()
     has_mass = q > 0
     if bool((has_mass & (log_prior == float("-inf"))).any()):
@@ -371,6 +381,7 @@ def prune_log_q(log_q: Tensor, depth: int) -> Tensor:
     _checks.check_tensor("log_q", log_q, "prune_log_q")
     if log_q.dim() != 1:
         raise ValueError(f"prune_log_q: log_q must be 1-D [D+1], got shape {tuple(log_q.shape)}")
+    _check_log_probabilities("log_q", log_q, "prune_log_q")
     _check_int("depth", depth, "prune_log_q", 0)
     if depth > log_q.shape[0] - 1:
         raise ValueError(f"prune_log_q: depth must be <= D = {log_q.shape[0] - 1}, got {depth}")
@@ -395,6 +406,7 @@ def marginal_log_predictive(logits: Tensor, log_q: Tensor, depth: Optional[int] 
         raise ValueError(f"{op}: logits must have shape [D+1, B, C], got {tuple(logits.shape)}")
     if log_q.dim() != 1:
         raise ValueError(f"{op}: log_q must be 1-D [D+1], got shape {tuple(log_q.shape)}")
+    _check_log_probabilities("log_q", log_q, op)
     if depth is None:
         if logits.shape[0] != log_q.shape[0]:
             raise ValueError(
@@ -446,6 +458,11 @@ def _calibration_bins(probs: Tensor, targets: Tensor, n_bins: int, op: str) -> D
     if probs.shape[0] == 0:
         raise ValueError(f"{op}: probs holds no examples")
     probs = probs.detach().to(torch.float64)
+    # class probabilities, not logits: finite, in [0, 1], each row summing to one (float16 rounding allowed)
+    if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()) or bool((probs > 1 + 1e-6).any()) \
+            or bool(((probs.sum(1) - 1).abs() > 1e-3).any()):
+        raise ValueError(f"{op}: probs must hold class probabilities (finite, in [0, 1], rows summing to 1); "
+                         "pass softmax(logits), not logits")
     confidence, prediction = probs.max(dim=1)
     correct = (prediction == targets).to(torch.float64)
     # Bins (k/n, (k+1)/n], k = 0..n-1 (a confidence of exactly 0 goes to the first); inner edges k/n

@@ -114,6 +114,12 @@ class GumbelSigmoidDropout(nn.Module):
     def sample_keep(self, channels: int, generator: Optional[torch.Generator] = None, drop_rate: Optional[float] = None) -> Tensor:
         """A hard keep mask for an input of ``channels`` channels, one entry per channel (per group
         for "group"), keep ~ Bernoulli(1 - p) with the learned p (or ``drop_rate``): float 0 / 1."""
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 0 or channels % self._unit_channels():
+            raise ValueError(f"GumbelSigmoidDropout.sample_keep: channels must be an int >= 0 and a multiple of "
+                             f"{self._unit_channels()}, got {channels!r}")
+        if drop_rate is not None and (isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float))
+                                      or not 0.0 <= drop_rate <= 1.0):  # also false for NaN
+            raise ValueError(f"GumbelSigmoidDropout.sample_keep: drop_rate must be a number in [0, 1], got {drop_rate!r}")
         units = channels // self._unit_channels()
         with torch.no_grad():
             p = torch.sigmoid(self.drop_logit.double()).expand(units) if drop_rate is None else torch.full((units,), float(drop_rate), dtype=torch.float64)
@@ -126,6 +132,9 @@ class GumbelSigmoidDropout(nn.Module):
             units = x.shape[1] // self._unit_channels()
             if self.fixed_keep.shape != (units,):
                 raise ValueError(f"GumbelSigmoidDropout: fixed_keep must be [{units}] for an input of {x.shape[1]} channels, got {tuple(self.fixed_keep.shape)}")
+            if not bool(((self.fixed_keep == 0) | (self.fixed_keep == 1)).all()):
+                raise ValueError("GumbelSigmoidDropout: fixed_keep must hold only 0 and 1 (a hard keep mask), got "
+                                 f"{self.fixed_keep.tolist()}")
             # in the compute dtype (float32 for float16 / bfloat16, where 1 + exp overflows), rounded once
             compute = torch.float64 if x.dtype == torch.float64 else torch.float32
             keep = self.fixed_keep.to(compute)

@@ -7,6 +7,7 @@ from typing import List, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from bnas_fast import _checks
 from bnas_fast.ops.mix import mix, mix_sparse
 
 __all__ = ["MixedOp", "mix_modules"]
@@ -51,6 +52,7 @@ class MixedOp(nn.Module):
         for k, c in enumerate(candidates):
             if not isinstance(c, nn.Module):
                 raise TypeError(f"MixedOp: candidates[{k}] must be an nn.Module, got {type(c).__name__}")
+        _checks.check_bool("sparse", sparse, "MixedOp")
         self.candidates = nn.ModuleList(candidates)
         self.sparse = sparse
 
@@ -90,14 +92,15 @@ def _mix_sparse_modules(candidates: List[nn.Module], inputs: List[Tensor], weigh
     counts = active.sum(0).tolist()  # the one host sync: which candidates run on how many examples
     if sum(counts) == 0:
         # Every path dropped for every example: the output is zero. Its shape comes from one
-        # candidate probed on a single example in eval mode without autograd, so that no
-        # BatchNorm statistics move; the zeros stay connected to `weights` through mix_sparse.
+        # candidate probed on an empty batch in eval mode without autograd, so that no
+        # BatchNorm statistics move (a single example would not do: a ghost batch norm rejects
+        # it); the zeros stay connected to `weights` through mix_sparse.
         probe = candidates[0]
         was_training = probe.training
         with torch.no_grad():
             probe.eval()
             try:
-                rest = tuple(probe(inputs[0][:1]).shape[1:])
+                rest = tuple(probe(inputs[0][:0]).shape[1:])
             finally:
                 probe.train(was_training)
         empty = weights.new_empty((0,) + rest)

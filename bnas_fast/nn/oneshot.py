@@ -273,6 +273,8 @@ class GhostBatchNorm2d(nn.Module):
             raise ValueError(
                 f"GhostBatchNorm2d: ghost_batch_size must be an int >= 2 (one example has no variance), got {ghost_batch_size!r}"
             )
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+            raise ValueError(f"GhostBatchNorm2d: eps must be a positive finite number, got {eps!r}")
         self.num_features, self.ghost_batch_size, self.eps, self.fused = num_features, ghost_batch_size, eps, fused
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
@@ -282,6 +284,8 @@ class GhostBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         g = self.ghost_batch_size
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"GhostBatchNorm2d: x must be [B, C = {self.num_features}, H, W], got {tuple(x.shape)}")
         if x.shape[0] % g:
             raise ValueError(
                 f"GhostBatchNorm2d: the batch of {x.shape[0]} is not a multiple of ghost_batch_size = {g}"
@@ -291,11 +295,11 @@ class GhostBatchNorm2d(nn.Module):
             return arch_batch_norm(x, arch, self.weight.unsqueeze(0), self.bias.unsqueeze(0), training=True,
                                    eps=self.eps, group_size=g)
         B, C = x.shape[:2]
-        xg = x.view(B // g, g, C, -1)
+        xg = x.reshape(B // g, g, C, -1)  # reshape: x may be non-contiguous (e.g. transposed)
         mean = xg.mean(dim=(1, 3), keepdim=True)
         var = xg.var(dim=(1, 3), unbiased=False, keepdim=True)
         y = (xg - mean) * torch.rsqrt(var + self.eps)
-        return (y.view(B, C, -1) * self.weight.view(1, C, 1) + self.bias.view(1, C, 1)).view_as(x)
+        return (y.view(B, C, -1) * self.weight.view(1, C, 1) + self.bias.view(1, C, 1)).view(x.shape)
 
 
 def _bn_relu_conv(make_norm: Callable[[int], nn.Module], c_in: int, c_out: int, kernel, padding=0, groups: int = 1) -> List[nn.Module]:

@@ -381,6 +381,7 @@ def arch_batch_norm(
     """
     op = "arch_batch_norm"
     _checks.check_tensor("x", x, op)
+    _checks.check_bool("training", training, op)
     _checks.check_floating("x", x, op)
     _checks.check_tensor("arch", arch, op)
     if x.dim() < 2:
@@ -442,13 +443,15 @@ def arch_batch_norm(
         shift = bias.to(acc)[arch] - rm * scale
         return _channel_affine_op(x, scale, shift)
 
-    if x.numel() == 0:
-        # as torch: an empty output still in the graph of x, weight and bias; no statistics to update
-        return x.clone() + 0 * (weight.sum() + bias.sum())
     if group_size is None:
-        group_size = B
+        group_size = max(B, 1)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or B % group_size:
         raise ValueError(f"{op}: group_size must be an int >= 1 that divides the batch size B = {B}, got {group_size!r}")
+    if x.numel() == 0:
+        # No kernel runs to check arch as it reads it: check it here (it is tiny or empty).
+        _checks.check_index_range("arch", arch, S, op, what="S architectures")
+        # as torch: an empty output still in the graph of x, weight and bias; no statistics to update
+        return x.clone() + 0 * (weight.sum() + bias.sum())
     if group_size == 1 and B > 1:
         raise ValueError(
             f"{op}: group_size = 1 puts one example per statistics group: that is instance norm, and with "

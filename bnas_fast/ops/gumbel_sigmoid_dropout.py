@@ -194,6 +194,7 @@ def gumbel_sigmoid_dropout(
     """
     op = "gumbel_sigmoid_dropout"
     _checks.check_tensor("x", x, op)
+    _checks.check_bool("training", training, op)
     _checks.check_tensor("drop_logit", drop_logit, op)
     _checks.check_floating("x", x, op)
     _checks.check_floating("drop_logit", drop_logit, op)

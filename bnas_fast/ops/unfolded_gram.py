@@ -103,6 +103,8 @@ def unfolded_gram(
     """
     op = "unfolded_gram"
     _checks.check_tensor("x", x, op)
+    _checks.check_bool("bias", bias, op)
+    _checks.check_bool("diagonal", diagonal, op)
     _checks.check_tensor("factors", factors, op)
     _checks.check_floating("x", x, op)
     _checks.check_same_dtype("factors", factors, "x", x, op)
