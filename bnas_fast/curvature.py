@@ -17,7 +17,7 @@ estimate); ``mode="exact"`` C - 1 (the rank of the softmax Hessian), which give 
 
 Supported layers, and what a block is:
 
-* ``nn.Conv2d`` (any stride, padding, dilation and groups; zero padding) and ``nn.Linear``: the
+* ``nn.Conv2d`` (any stride, padding, dilation and groups; zero padding, "valid" and even "same") and ``nn.Linear``: the
   weights of filter o, flattened as ``weight[o].flatten()``, then ``bias[o]``: [C_out, D', D'].
   A Linear layer may take [N, *, F] inputs: an example's gradient sums over its positions.
 * ``nn.BatchNorm1d/2d`` with affine parameters: (weight[c], bias[c]) of channel c: [C, 2, 2]. In
@@ -119,6 +119,22 @@ def _has_batch_statistics(nodes: set) -> bool:
     )
 
 
+def _conv_padding(m: nn.Conv2d, where: str, label: str) -> Tuple[int, int]:
+    """The Conv2d's zero padding as two ints: "valid" is 0; "same" is dilation (k - 1) / 2 per
+    side where that is whole (stride 1; PyTorch pads unevenly for the rest, which is not supported)."""
+    if m.padding_mode != "zeros":
+        raise TypeError(f"{where}: layer {label!r}: only zero padding is supported, got padding_mode={m.padding_mode!r}")
+    if m.padding == "valid":
+        return (0, 0)
+    if m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if any(t % 2 for t in total):
+            raise TypeError(f"{where}: layer {label!r}: padding='same' with kernel_size={m.kernel_size} and "
+                            f"dilation={m.dilation} pads unevenly, which is not supported; pad explicitly")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(m.padding)
+
+
 def _graph_nodes(root) -> set:
     """Every autograd node that ``root`` reaches (root included; empty for None)."""
     seen, stack = set(), [root]
@@ -177,9 +193,8 @@ class GGNBlocks:
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.affine:
                 raise TypeError(f"GGNBlocks: layer {name!r} ({type(module).__name__}) has no affine parameters "
                                 "(affine=False), so it has no blocks; leave it out of `layers`")
-            if isinstance(module, nn.Conv2d) and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
-                raise TypeError(f"GGNBlocks: layer {name!r}: only numeric zero padding is supported, got "
-                                f"padding={module.padding!r}, padding_mode={module.padding_mode!r}")
+            if isinstance(module, nn.Conv2d):
+                _conv_padding(module, "GGNBlocks", name)  # raises for what is not supported
             self.records.append(_Record(name or type(module).__name__, module))
 
     @staticmethod
@@ -370,7 +385,8 @@ class GGNBlocks:
         """Blocks (or their diagonals) of one layer from its input and its factors [N, K, *output]."""
         m, x = r.module, r.input
         if isinstance(m, nn.Conv2d):
-            return unfolded_gram(x, factors, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.bias is not None, diagonal)
+            padding = _conv_padding(m, "GGNBlocks", r.name)
+            return unfolded_gram(x, factors, m.kernel_size, m.stride, padding, m.dilation, m.groups, m.bias is not None, diagonal)
         if isinstance(m, nn.Linear):
             if x.dim() != 2:
                 # x [N, *T, F]: example n's weight gradient sums over its T positions before the
@@ -436,7 +452,8 @@ class GGNBlocks:
             cols = torch.cat([x2, torch.ones_like(x2[:, :1])], 1) if m.bias is not None else x2
             return gram(torch.einsum("rmo,md->rod", S, cols))
         # Conv2d: unfold every example once; sum over examples and positions
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # [N, C_in k, P]
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m, "GGNBlocks", r.name),
+                        stride=m.stride)  # [N, C_in k, P]
         G, N = m.groups, x.shape[0]
         cols = cols.reshape(N, G, -1, cols.shape[-1])
         if m.bias is not None:
@@ -522,8 +539,9 @@ def _diag_rule(m: nn.Module, x: Tensor, h: Tensor, diag: Optional[Tensor]) -> Te
             return m.weight.square() * h
         if isinstance(m, nn.Conv2d):  # h_in = conv_transpose(h, W^2); weight: correlate(x^2, h)
             w2 = m.weight.square()
-            h_in = torch.nn.grad.conv2d_input(x.shape, w2, h, m.stride, m.padding, m.dilation, m.groups)
-            cols = [torch.nn.grad.conv2d_weight(x.square(), m.weight.shape, h, m.stride, m.padding, m.dilation, m.groups).flatten(1)]
+            padding = _conv_padding(m, "diagonal_recursion_hessians", type(m).__name__)
+            h_in = torch.nn.grad.conv2d_input(x.shape, w2, h, m.stride, padding, m.dilation, m.groups)
+            cols = [torch.nn.grad.conv2d_weight(x.square(), m.weight.shape, h, m.stride, padding, m.dilation, m.groups).flatten(1)]
             if m.bias is not None:
                 cols.append(h.sum((0, 2, 3))[:, None])
             diag += torch.cat(cols, 1)
@@ -639,9 +657,8 @@ def diagonal_recursion_hessians(model: nn.Module, x: Tensor) -> Dict[str, Tensor
             )
         if not isinstance(m, DIAG_RECURSION_LAYERS):
             continue
-        if isinstance(m, nn.Conv2d) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
-            raise TypeError(f"diagonal_recursion_hessians: layer {label!r}: only numeric zero padding is supported, got "
-                            f"padding={m.padding!r}, padding_mode={m.padding_mode!r}")
+        if isinstance(m, nn.Conv2d):
+            _conv_padding(m, "diagonal_recursion_hessians", label)  # raises for what is not supported
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
             raise ValueError(f"diagonal_recursion_hessians: BatchNorm layer {label!r} uses batch statistics (training mode "
                              "or no running statistics); the recursion treats BatchNorm as a fixed affine map: call model.eval()")

@@ -107,8 +107,10 @@ def test_monte_carlo_blocks_are_unbiased():
 def test_unsupported_layers_and_misuse_raise():
     with pytest.raises(TypeError, match=r"layer '1' \(LayerNorm\) has parameters but is not supported"):
         GGNBlocks(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
-    with pytest.raises(TypeError, match=r"only numeric zero padding"):
-        GGNBlocks(nn.Sequential(nn.Conv2d(2, 2, 3, padding="same")))
+    with pytest.raises(TypeError, match=r"layer '0': only zero padding is supported, got padding_mode='reflect'"):
+        GGNBlocks(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")))
+    with pytest.raises(TypeError, match=r"layer '0': padding='same' with kernel_size=\(2, 2\) .* pads unevenly"):
+        GGNBlocks(nn.Sequential(nn.Conv2d(2, 2, 2, padding="same")))
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     curvature = GGNBlocks(model)
     with pytest.raises(RuntimeError, match=r"no forward pass recorded for \['0', '2'\]"):
@@ -513,3 +515,24 @@ def test_switch_blocks_accumulate_in_float32_for_low_precision_models():
         logits = model(torch.randn(6, 3, dtype=torch.bfloat16))
     blocks = curvature.compute(logits)
     assert {b.dtype for b in blocks.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["bn-eval", "bn-train"])
+def test_string_paddings_give_the_blocks_of_the_explicit_padding(train):
+    """padding="valid" is padding 0; "same" (stride 1, even total padding) is dilation (k - 1) / 2 per side."""
+    from bnas_fast.curvature import diagonal_recursion_hessians
+
+    torch.manual_seed(6)
+    x = torch.randn(3, 2, 7, 7, dtype=torch.float64)
+    results = []
+    for same, valid in (("same", "valid"), ((2, 1), 0)):
+        torch.manual_seed(7)
+        model = nn.Sequential(nn.Conv2d(2, 3, (5, 3), padding=same, dilation=(1, 1)), nn.BatchNorm2d(3), nn.ReLU(),
+                              nn.Conv2d(3, 4, 3, padding=valid), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double().train(train)
+        with GGNBlocks(model) as curvature:
+            logits = model(x)
+        results.append(curvature.compute(logits))
+        if not train:
+            results[-1]["recursion"] = diagonal_recursion_hessians(model, x)["0"]
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-12, atol=1e-12, msg=name)

@@ -258,8 +258,10 @@ def test_unsupported_layers_and_bad_input_raise():
         diagonal_recursion_hessians(_FunctionalPool(), torch.randn(2, 1, 6, 6))
     with pytest.raises(TypeError, match=r"\(MulBackward0\) in layer '1' \(Dropout\)"):
         diagonal_recursion_hessians(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).train(), x)
-    with pytest.raises(TypeError, match=r"layer '0': only numeric zero padding"):
-        diagonal_recursion_hessians(nn.Sequential(nn.Conv2d(1, 2, 3, padding="same")), torch.randn(2, 1, 5, 5))
+    with pytest.raises(TypeError, match=r"layer '0': only zero padding is supported"):
+        diagonal_recursion_hessians(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular")), torch.randn(2, 1, 5, 5))
+    with pytest.raises(TypeError, match=r"layer '0': padding='same' .* pads unevenly"):
+        diagonal_recursion_hessians(nn.Sequential(nn.Conv2d(1, 2, (3, 2), padding="same")), torch.randn(2, 1, 5, 5))
     with pytest.raises(ValueError, match=r"BatchNorm layer '1' uses batch statistics"):
         diagonal_recursion_hessians(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train(), x)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
