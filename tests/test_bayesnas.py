@@ -163,6 +163,24 @@ def test_pruning_mask_fixes_dead_switches_to_zero():
     assert all(s.weight.grad is None for k, v in groups.items() if k.endswith("/conv5") for s in v)
 
 
+def test_masking_a_float64_network_and_refusing_to_revive_nodes():
+    """The output convolution rebuilt by the mask keeps the network's dtype; asking a masked network
+    to revive a dropped node (arch=None) raises and changes nothing."""
+    net = _net().double()
+    net.apply_architecture({"normal": {"in0->n0": ["conv3"]}, "reduction": {"in1->n0": ["max3"]}})
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    before = net(x)
+    assert before.dtype == torch.float64
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = [(s.weight.requires_grad, dict(e.alive)) for cell in net.cells for e in cell.edges.values() for s in [e.edge_switch]]
+    with pytest.raises(ValueError, match="cannot revive nodes of an already masked super-network"):
+        net.apply_architecture(None)
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert flags == [(s.weight.requires_grad, dict(e.alive)) for cell in net.cells for e in cell.edges.values()
+                     for s in [e.edge_switch]]
+    torch.testing.assert_close(net(x), before)
+
+
 def _tiny(out_dir, **kw):
     config = dict(dataset="digits", seed=0, n_train=128, n_test=64, channels=4, warmup_epochs=1, search_epochs=2,
                   retrain_epochs=1, hessian_batches=1, hessian_batch_size=32, random_candidates=5, progress=False,

@@ -134,6 +134,15 @@ def test_with_architectures_evaluates_unseen_wirings_with_shared_weights():
     assert net.stages[0].adjacency.shape[0] == 4  # the original is untouched
     with pytest.raises(ValueError, match="shared weights"):
         NSANet(1, 3, width=4, num_archs=2, variant="nsa_id").with_architectures(unseen)
+    # a stage left out, a wrong node count, unequal S', entries off the strict upper triangle: refused
+    wrong_nodes = sample_architectures(2, 4, seed=97)
+    loop = unseen[1].clone()
+    loop[0, 2, 1] = 1
+    for bad, match in (([unseen[0]], r"a list of 2 tensors"), ([unseen[0], wrong_nodes], r"adjacencies\[1\] must be \[S', 4, 4\]"),
+                       ([unseen[0], unseen[1][:1]], "same number S'"), ([unseen[0], loop], "above the diagonal only"),
+                       ([unseen[0], unseen[1] * 2], "0/1 entries")):
+        with pytest.raises(ValueError, match=match):
+            net.with_architectures(bad)
 
 
 def test_statistics_helpers_by_hand():

@@ -236,16 +236,36 @@ class BayesNASSupernet(_CellNetwork):
     def apply_architecture(self, arch: Optional[Dict[str, Dict[str, List[str]]]]) -> None:
         """The pruning mask: every switch not in ``arch`` (edge switch: edge absent or empty; op switch:
         op not listed) is fixed to 0 (value 0, ``requires_grad`` off) and its operation is no longer
-        computed; nodes left without live input drop out of the cell output. ``None`` restores the
-        full super-network (switches keep their values; dead ones stay 0 until retrained).
+        computed; nodes left without live input drop out of the cell output. ``None`` turns every
+        switch back on (switches keep their values; dead ones stay 0 until retrained). A node once
+        dropped cannot come back (its columns of the cell's output convolution are gone): asking for
+        it raises ValueError and leaves the network unchanged.
         Note: a masked super-network cannot be passed to GGNBlocks (the dead switches never run)."""
+        # 1. the new alive flags of every cell, checked before any weight changes
+        snapshot = [(e, dict(e.alive)) for cell in self.cells for e in cell.edges.values()]
+        kept_by_edge, live_by_cell = {}, []
         for cell in self.cells:
             kept_edges = None if arch is None else arch.get(cell.cell_type, {})
             for edge in cell.edge_names:
                 e = cell.edges[edge_key(edge)]
                 kept = set(e.ops) if kept_edges is None else set(kept_edges.get(edge, []))
+                kept_by_edge[id(e)] = kept
                 for o in e.ops:
                     e.alive[o] = o in kept
+            live = cell._live_nodes()
+            if not all(n in cell.live_nodes for n in live):
+                for e, alive in snapshot:
+                    e.alive.clear()
+                    e.alive.update(alive)
+                raise ValueError("apply_architecture: cannot revive nodes of an already masked super-network (its "
+                                 "output convolution lost their columns); build a new super-network instead")
+            live_by_cell.append(live)
+        # 2. the switches and the output convolutions
+        for cell, live in zip(self.cells, live_by_cell):
+            for edge in cell.edge_names:
+                e = cell.edges[edge_key(edge)]
+                kept = kept_by_edge[id(e)]
+                for o in e.ops:
                     if not e.alive[o]:
                         with torch.no_grad():
                             e.op_switches[o].weight.zero_()
@@ -254,18 +274,14 @@ class BayesNASSupernet(_CellNetwork):
                     with torch.no_grad():
                         e.edge_switch.weight.zero_()
                 e.edge_switch.weight.requires_grad_(bool(kept))
-            live = cell._live_nodes()
             if live != cell.live_nodes:
                 # the output 1x1 conv's input channels follow the live nodes: keep the columns of the kept ones
                 conv = cell.post[0]
                 c = conv.out_channels
-                cols = torch.cat([torch.arange(i * c, (i + 1) * c) for i, n in enumerate(cell.live_nodes) if n in live]) \
-                    if all(n in cell.live_nodes for n in live) else None
-                if cols is None:
-                    raise ValueError("apply_architecture: cannot revive nodes of an already masked super-network")
-                new = nn.Conv2d(c * len(live), c, 1, bias=False)
+                cols = torch.cat([torch.arange(i * c, (i + 1) * c) for i, n in enumerate(cell.live_nodes) if n in live])
+                new = nn.Conv2d(c * len(live), c, 1, bias=False, device=conv.weight.device, dtype=conv.weight.dtype)
                 with torch.no_grad():
-                    new.weight.copy_(conv.weight[:, cols])
+                    new.weight.copy_(conv.weight[:, cols.to(conv.weight.device)])
                 cell.post[0] = new
                 cell.live_nodes = live
 

@@ -96,13 +96,14 @@ def _mix_sparse_modules(candidates: List[nn.Module], inputs: List[Tensor], weigh
         # BatchNorm statistics move (a single example would not do: a ghost batch norm rejects
         # it); the zeros stay connected to `weights` through mix_sparse.
         probe = candidates[0]
-        was_training = probe.training
+        modes = [(m, m.training) for m in probe.modules()]  # each submodule's own mode, restored as it was
         with torch.no_grad():
             probe.eval()
             try:
                 rest = tuple(probe(inputs[0][:0]).shape[1:])
             finally:
-                probe.train(was_training)
+                for m, training in modes:
+                    m.training = training
         empty = weights.new_empty((0,) + rest)
         no_rows = torch.empty(0, dtype=torch.int64, device=weights.device)
         return mix_sparse([empty] * num_candidates, [no_rows] * num_candidates, weights)

@@ -244,6 +244,20 @@ class NSANet(nn.Module):
         for evaluating architectures outside the training space. Shared-weight variants only."""
         if self.variant == "nsa_id" or self.running_stats != "shared":
             raise ValueError("NSANet.with_architectures: needs shared weights and statistics (variant nsa/nsa_i, shared)")
+        where = "NSANet.with_architectures"
+        if not isinstance(adjacencies, (list, tuple)) or len(adjacencies) != len(self.stages):
+            raise ValueError(f"{where}: adjacencies must be a list of {len(self.stages)} tensors (one per stage), got "
+                             f"{len(adjacencies) if isinstance(adjacencies, (list, tuple)) else type(adjacencies).__name__}")
+        for k, (stage, adjacency) in enumerate(zip(self.stages, adjacencies)):
+            size = stage.num_nodes + 1
+            if not isinstance(adjacency, Tensor) or adjacency.dim() != 3 or tuple(adjacency.shape[1:]) != (size, size):
+                raise ValueError(f"{where}: adjacencies[{k}] must be [S', {size}, {size}] (stage {k} has {stage.num_nodes} "
+                                 f"nodes), got {tuple(adjacency.shape) if isinstance(adjacency, Tensor) else type(adjacency).__name__}")
+            if adjacency.shape[0] != adjacencies[0].shape[0] or adjacency.shape[0] < 1:
+                raise ValueError(f"{where}: every stage needs the same number S' >= 1 of architectures, got "
+                                 f"{[a.shape[0] for a in adjacencies]}")
+            if not bool(((adjacency == 0) | (adjacency == 1)).all()) or bool(torch.tril(adjacency).any()):
+                raise ValueError(f"{where}: adjacencies[{k}] must hold 0/1 entries above the diagonal only (edges i -> j, i < j)")
         import copy
 
         other = copy.copy(self)
