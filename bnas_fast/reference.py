@@ -206,7 +206,16 @@ def depth_loglik(logits: Tensor, targets: Tensor, log_q: Tensor) -> Tensor:
     acc = _accumulation_dtype(logits.dtype)
     lsm = torch.log_softmax(logits.to(acc), dim=-1)  # [D+1, B, C]
     picked = lsm.gather(2, targets.view(1, -1, 1).expand(lsm.shape[0], -1, 1)).squeeze(2)  # [D+1, B]
-    return (log_q.to(acc).exp().unsqueeze(1) * picked).sum(0).to(logits.dtype)
+    # A depth without mass contributes exactly 0 whatever its logits (the kernels do not read them;
+    # q * NaN would be NaN).
+    mass = _depth_mass(log_q, logits.dtype).unsqueeze(1)
+    return torch.where(mass, log_q.to(acc).exp().unsqueeze(1) * picked, 0.0).sum(0).to(logits.dtype)
+
+
+def _depth_mass(log_q: Tensor, dtype: torch.dtype) -> Tensor:
+    """[D+1] bool: the depths with q_i = exp(log_q[i]) != 0 in the accumulation dtype of ``dtype``,
+    the test the C++ and Triton kernels use to skip a depth (and never read its logits)."""
+    return log_q.to(_accumulation_dtype(dtype)).exp() != 0
 
 
 def depth_loglik_backward(
@@ -225,15 +234,22 @@ def depth_loglik_backward(
     q = log_q.to(acc).exp()
     g = grad_out.to(acc)
     onehot = torch.zeros_like(lsm).scatter_(2, targets.view(1, -1, 1).expand(lsm.shape[0], -1, 1), 1.0)
-    grad_logits = (q.view(-1, 1, 1) * g.view(1, -1, 1)) * (onehot - lsm.exp())
+    mass = _depth_mass(log_q, logits.dtype)  # no mass, no gradient, whatever the logits (as the kernels)
+    grad_logits = torch.where(mass.view(-1, 1, 1), (q.view(-1, 1, 1) * g.view(1, -1, 1)) * (onehot - lsm.exp()), 0.0)
     picked = (lsm * onehot).sum(2)  # [D+1, B]
-    grad_log_q = q * (picked * g.view(1, -1)).sum(1)
+    grad_log_q = torch.where(mass, q * (picked * g.view(1, -1)).sum(1), 0.0)
     return grad_logits.to(logits.dtype), grad_log_q.to(log_q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # arch_batch_norm: batch norm whose affine parameters depend on each example's architecture (NSA)
 # ----------------------------------------------------------------------------------------------
+
+
+def _bcl(t: Tensor) -> Tensor:
+    """[B, C, *] -> [B, C, L]; unlike reshape(B, C, -1) this also works for an empty t (B = 0 or a
+    zero spatial size), which the kernels accept."""
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
 
 
 def _group_view(t: Tensor, group_size: int) -> Tensor:
@@ -271,7 +287,7 @@ def arch_batch_norm(
     """
     acc = _accumulation_dtype(x.dtype)
     B, C = x.shape[0], x.shape[1]
-    xr = x.reshape(B, C, -1).to(acc)  # [B, C, L]
+    xr = _bcl(x).to(acc)  # [B, C, L]
     row_mean = xr.mean(2)
     row_m2 = ((xr - row_mean.unsqueeze(2)) ** 2).sum(2)
     xg = _group_view(xr, group_size)  # [G, g, C, L]
@@ -281,7 +297,7 @@ def arch_batch_norm(
     xhat = (xg - mean[:, None, :, None]) * invstd[:, None, :, None]
     scale = weight.to(acc)[arch].view(B, C, 1)
     shift = bias.to(acc)[arch].view(B, C, 1)
-    y = xhat.reshape(B, C, -1) * scale + shift
+    y = xhat.reshape(xr.shape) * scale + shift  # [G, g, C, L] -> [B, C, L]
     return y.reshape(x.shape).to(x.dtype), mean, invstd, row_mean, row_m2
 
 
@@ -301,8 +317,8 @@ def arch_batch_norm_backward(
     acc = _accumulation_dtype(x.dtype)
     B, C = x.shape[0], x.shape[1]
     S = weight.shape[0]
-    xg = _group_view(x.reshape(B, C, -1).to(acc), group_size)
-    gg = _group_view(grad_y.reshape(B, C, -1).to(acc), group_size)
+    xg = _group_view(_bcl(x).to(acc), group_size)
+    gg = _group_view(_bcl(grad_y).to(acc), group_size)
     xhat = (xg - mean[:, None, :, None]) * invstd[:, None, :, None]
     w = _group_view(weight.to(acc)[arch].view(B, C, 1), group_size)  # [G, g, C, 1]
     dxhat = gg * w
@@ -330,7 +346,7 @@ def arch_batch_norm_eval(
     rv = (running_var[arch] if running_var.dim() == 2 else running_var.expand(B, C)).to(acc)
     scale = torch.rsqrt(rv + eps) * weight.to(acc)[arch]
     shift = bias.to(acc)[arch] - rm * scale
-    y = x.reshape(B, C, -1).to(acc) * scale.unsqueeze(2) + shift.unsqueeze(2)
+    y = _bcl(x).to(acc) * scale.unsqueeze(2) + shift.unsqueeze(2)
     return y.reshape(x.shape).to(x.dtype)
 
 
@@ -342,7 +358,7 @@ def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """
     acc = _accumulation_dtype(x.dtype)
     B, C = x.shape[0], x.shape[1]
-    y = x.reshape(B, C, -1).to(acc) * scale.unsqueeze(2) + shift.unsqueeze(2)
+    y = _bcl(x).to(acc) * scale.unsqueeze(2) + shift.unsqueeze(2)
     return y.reshape(x.shape).to(x.dtype)
 
 
@@ -350,9 +366,9 @@ def channel_affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor) -> Tuple[T
     """grad_x = grad_y * scale[b, c]; grad_scale[b, c] = sum_l grad_y x; grad_shift[b, c] = sum_l grad_y."""
     acc = _accumulation_dtype(x.dtype)
     B, C = x.shape[0], x.shape[1]
-    g = grad_y.reshape(B, C, -1).to(acc)
+    g = _bcl(grad_y).to(acc)
     grad_x = (g * scale.unsqueeze(2)).reshape(x.shape).to(x.dtype)
-    return grad_x, (g * x.reshape(B, C, -1).to(acc)).sum(2), g.sum(2)
+    return grad_x, (g * _bcl(x).to(acc)).sum(2), g.sum(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,9 +596,15 @@ def unfolded_gram(
         x = x[:, :, None, None]
         factors = factors[..., None, None]
     N, K, C_out = factors.shape[0], factors.shape[1], factors.shape[2]
-    cols = torch.nn.functional.unfold(
-        x.to(acc), kernel_size, dilation=dilation, padding=padding, stride=stride
-    )  # [N, C_in * kh * kw, P]
+    if 0 in x.shape[1:]:
+        # F.unfold rejects an empty channel or spatial dimension; the unfolding is then all zeros
+        # (no channels, or only padding) over the P positions the factors have.
+        P = math.prod(factors.shape[3:])
+        cols = torch.zeros(N, x.shape[1] * kernel_size[0] * kernel_size[1], P, dtype=acc, device=x.device)
+    else:
+        cols = torch.nn.functional.unfold(
+            x.to(acc), kernel_size, dilation=dilation, padding=padding, stride=stride
+        )  # [N, C_in * kh * kw, P]
     cols = cols.reshape(N, groups, cols.shape[1] // groups, cols.shape[2])  # [N, G, D, P]
     s = factors.to(acc).reshape(N, K, groups, C_out // groups, cols.shape[3])  # [N, K, G, C_out/G, P]
     j = torch.einsum("nkgop,ngdp->nkgod", s, cols)

@@ -258,6 +258,26 @@ def test_empty_batch_gives_an_empty_output_and_channel_affine_is_fine():
     assert bnas_fast.channel_affine(x, torch.ones(0, 3), torch.zeros(0, 3)).shape == x.shape
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (0, 3), (5, 3, 0, 4)])
+def test_reference_handles_empty_inputs_as_the_kernels_do(shape):
+    """BNAS_FAST_BACKEND=reference serves these: an empty x (B = 0 or an empty spatial size) must
+    give the op's empty result, not a reshape error."""
+    x = torch.randn(shape, dtype=torch.float64)
+    B, C = shape[:2]
+    scale, shift = torch.randn(B, C, dtype=torch.float64), torch.randn(B, C, dtype=torch.float64)
+    y = reference.channel_affine(x, scale, shift)
+    assert y.shape == x.shape and torch.equal(y, torch.ops.bnas_fast.channel_affine(x, scale, shift))
+    grad_x, grad_scale, grad_shift = reference.channel_affine_backward(torch.ones_like(x), x, scale)
+    assert grad_x.shape == x.shape and torch.equal(grad_scale, torch.zeros(B, C, dtype=torch.float64))
+    assert torch.equal(grad_shift, torch.zeros(B, C, dtype=torch.float64))
+    arch, w = torch.zeros(B, dtype=torch.long), torch.ones(2, C, dtype=torch.float64)
+    for running in ((torch.zeros(C), torch.ones(C)), (torch.zeros(2, C), torch.ones(2, C))):
+        rm, rv = (r.double() for r in running)
+        y = reference.arch_batch_norm_eval(x, arch, w, torch.zeros_like(w), rm, rv, 1e-5)
+        expected = bnas_fast.arch_batch_norm(x, arch, w, torch.zeros_like(w), rm, rv, training=False)
+        assert y.shape == x.shape and torch.equal(y, expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. gradcheck (float64)
 # ---------------------------------------------------------------------------------------------
@@ -695,11 +715,28 @@ def test_bad_arguments_raise_naming_the_argument(name):
         (lambda: bnas_fast.nn.ArchBatchNorm2d(3, running_stats="per_example"), r"running_stats must be one of"),
         (lambda: bnas_fast.nn.ArchBatchNorm2d(3, momentum=-0.1), r"momentum must be in \[0, 1\]"),
         (lambda: bnas_fast.nn.ArchBatchNorm2d(3, group_size=1), r"group_size must be None .* >= 2"),
+        (lambda: bnas_fast.nn.ArchBatchNorm2d(3, eps=float("inf")), r"eps must be a finite number >= 0"),
+        (lambda: bnas_fast.nn.ArchBatchNorm2d(3, eps=float("nan")), r"eps must be a finite number >= 0"),
+        (lambda: bnas_fast.nn.ArchBatchNorm2d(3, eps=-1e-5), r"eps must be a finite number >= 0"),
     ],
 )
 def test_module_bad_arguments(make, pattern):
     with pytest.raises(ValueError, match=pattern):
         make()
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(momentum="0.1"), r"ArchBatchNorm2d: momentum must be None or a number in \[0, 1\], got '0.1'"),
+        (dict(momentum=True), r"ArchBatchNorm2d: momentum must be None or a number"),
+        (dict(eps="1e-5"), r"ArchBatchNorm2d: eps must be a finite number >= 0, got '1e-5'"),
+        (dict(eps=None), r"ArchBatchNorm2d: eps must be a finite number >= 0"),
+    ],
+)
+def test_module_non_number_momentum_or_eps_names_the_argument(kwargs, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        bnas_fast.nn.ArchBatchNorm2d(3, **kwargs)
 
 
 def test_module_needs_arch_with_several_architectures_and_the_right_rank():
@@ -1064,3 +1101,63 @@ def test_reference_backend_follows_the_layout_contract():
         for a, e in zip(got, torch.ops.bnas_fast.channel_affine_backward(grad_y, x, scale)):
             assert a.stride() == e.stride()
             assert_within(a, e, TOLERANCES[torch.float64])
+
+
+def test_per_arch_statistics_move_with_one_value_per_channel():
+    """[B, C] input with one example of an architecture per batch (the common case at large S): its
+    running statistics still move, and the batches it is counted in are the batches it moved in.
+    By hand, cumulative average (momentum=None): architecture 0 sees 1, then 4 and 6: mean (1 + 5) / 2,
+    variance the mixture 0.5 * 0 + 0.5 * 2 + 0.25 * (5 - 1)^2 = 5; architecture 1 sees 3, then 2."""
+    bn = bnas_fast.nn.ArchBatchNorm1d(1, num_archs=2, running_stats="per_arch", momentum=None).double()
+    bn(torch.tensor([[1.0], [3.0]], dtype=torch.float64), torch.tensor([0, 1]))
+    bn(torch.tensor([[4.0], [6.0], [2.0]], dtype=torch.float64), torch.tensor([0, 0, 1]))
+    torch.testing.assert_close(bn.running_mean.flatten(), torch.tensor([3.0, 2.5], dtype=torch.float64))
+    torch.testing.assert_close(bn.running_var.flatten(), torch.tensor([5.0, 0.25], dtype=torch.float64))
+    assert bn.num_batches_tracked.tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_float32_parameters_with_a_low_precision_input_as_nn_batch_norm(low):
+    """As under autocast: a float32 module, a bfloat16/float16 input. nn.BatchNorm2d takes the mix;
+    so must ArchBatchNorm2d (and NSANet's fused stem batch norm), in both modes, to its precision."""
+    from bnas_fast.nn.nsa import _FusedBatchNorm2d
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 5, 5).to(low)
+    for module in (bnas_fast.nn.ArchBatchNorm2d(3), _FusedBatchNorm2d(3)):
+        plain = torch.nn.BatchNorm2d(3)
+        with torch.no_grad():
+            plain.weight.uniform_(0.5, 1.5)
+            plain.bias.copy_(torch.linspace(-1, 1, 3))
+        module.load_state_dict(plain.state_dict())  # broadcast to every architecture
+        for train in (True, False):
+            module.train(train), plain.train(train)
+            y, expected = module(x), plain(x)
+            assert y.dtype == low
+            torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+        module.train()
+        module(x).float().sum().backward()
+        assert module.weight.grad.dtype == torch.float32
+
+
+def test_a_batch_norm_state_dict_without_num_batches_tracked_loads():
+    """State dicts of version 1 (saved before num_batches_tracked existed) load, as into nn.BatchNorm."""
+    from collections import OrderedDict
+
+    old = torch.nn.BatchNorm2d(3).state_dict()
+    del old["num_batches_tracked"]
+    old = OrderedDict(old)
+    old._metadata = OrderedDict({"": {"version": 1}})
+    for running_stats in ("shared", "per_arch"):
+        module = bnas_fast.nn.ArchBatchNorm2d(3, num_archs=2, running_stats=running_stats)
+        module.num_batches_tracked.fill_(5)
+        module.load_state_dict(old)
+        assert int(module.num_batches_tracked.sum()) == 0
+
+
+def test_recalibration_restores_each_modules_own_mode():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), bnas_fast.nn.ArchBatchNorm2d(2), torch.nn.Dropout(0.5))
+    model.eval()
+    model[2].train()  # left in train on purpose
+    bnas_fast.nn.recalibrate_batch_norm(model, [torch.randn(4, 1, 5, 5)])
+    assert [m.training for m in model.modules()] == [False, False, False, True]

@@ -790,6 +790,26 @@ def test_neg_inf_log_q_is_a_valid_input():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("bad", [_NAN, _INF, -_INF])
+def test_non_finite_logits_at_a_depth_without_mass_agree_across_backends(bad):
+    """The kernels never read the logits of a depth with q = 0, so a NaN there is not seen; the
+    reference kernels (BNAS_FAST_BACKEND=reference) must give the same answer, not raise, and the
+    same error when the depth has mass."""
+    ops_depth = importlib.import_module("bnas_fast.ops.depth_loglik")
+    logits, targets, grad = _with(_x(), (1, 2, 0), bad), _t(), torch.randn(4)
+    log_q = torch.tensor([0.0, -_INF, -_INF])
+    out = ops_depth._reference_kernel(logits, targets, log_q)
+    grads = ops_depth._reference_backward_kernel(grad, logits, targets, log_q)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert torch.count_nonzero(grads[0][1:]) == 0 and torch.count_nonzero(grads[1][1:]) == 0
+    torch.testing.assert_close(out, _op(logits, targets, log_q))
+    torch.testing.assert_close(grads, _op_bwd(grad, logits, targets, log_q))
+    with_mass = torch.log_softmax(torch.zeros(3), 0)
+    for call in (ops_depth._reference_kernel, _op):
+        with pytest.raises(ValueError, match=r"depth_loglik: logits contains NaN or infinity"):
+            call(logits, targets, with_mass)
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. Benchmark cases and peak memory
 # ---------------------------------------------------------------------------------------------

@@ -518,6 +518,8 @@ def _call(x=None, drop_logit=None, temperature=0.2, **kw):
         (dict(seed_offset=torch.tensor([1.0, 2.0])), TypeError, r"seed_offset must be a CPU int64 tensor"),
         (dict(seed_offset=torch.tensor([-1, 2])), ValueError, r"seed_offset must be non-negative"),
         (dict(drop_logit=torch.full((4,), 90.0)), ValueError, r"drop_logit holds 90: with rescale, 1 / \(1 - p\).*overflows"),
+        (dict(generator=123), TypeError, r"gumbel_sigmoid_dropout: generator must be None or a torch.Generator, got int"),
+        (dict(generator=123, training=False), TypeError, r"generator must be None or a torch.Generator"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, error, pattern):
@@ -551,12 +553,20 @@ def test_direct_op_calls_are_checked_in_cpp(args, pattern):
         (dict(granularity="x"), r"granularity must be one of"),
         (dict(mode="x"), r"mode must be one of"),
         (dict(shape=0), r"shape must give at least one drop rate"),
+        (dict(granularity="group"), r"granularity 'group' needs group_size, a positive int, got None"),
     ],
 )
 def test_module_bad_arguments(kwargs, pattern):
     kwargs = dict(dict(shape=4), **kwargs)
     with pytest.raises(ValueError, match=pattern):
         GumbelSigmoidDropout(**kwargs)
+
+
+def test_draw_seed_offset_bad_generator():
+    from bnas_fast.ops.gumbel_sigmoid_dropout import draw_seed_offset
+
+    with pytest.raises(TypeError, match=r"draw_seed_offset: generator must be None or a torch.Generator, got int"):
+        draw_seed_offset(123)
 
 
 def test_regularizer_bad_arguments():
@@ -571,6 +581,23 @@ def test_regularizer_bad_arguments():
         InputDropoutConv2d(nn.Conv2d(6, 2, 1), granularity="group", group_size=4)
     with pytest.raises(TypeError, match=r"conv must be an nn.Conv2d"):
         InputDropoutConv2d(nn.Linear(6, 2))
+    for key, value in (("conv_groups", 0), ("conv_groups", 2.0), ("unit_size", 2.0), ("unit_size", True), ("unit_size", 0)):
+        with pytest.raises(ValueError, match=rf"concrete_dropout_regularizer: {key} must be a positive int, got {value!r}"):
+            concrete_dropout_regularizer(w, torch.zeros(1), 0.1, 10, **{key: value})
+    for bad in (float("nan"), float("inf")):  # would give a NaN regulariser
+        with pytest.raises(ValueError, match=r"concrete_dropout_regularizer: drop_logit contains a non-finite value .* index \[2\]"):
+            concrete_dropout_regularizer(w, torch.tensor([0.0, 0.0, bad, 0.0, 0.0, 0.0]), 0.1, 10)
+    with pytest.raises(TypeError, match=r"concrete_dropout_regularizer: drop_logit must be a torch.Tensor"):
+        concrete_dropout_regularizer(w, [0.0] * 6, 0.1, 10)
+
+
+def test_fixed_keep_with_a_group_size_not_dividing_the_channels():
+    drop = GumbelSigmoidDropout(1, granularity="group", group_size=2)
+    drop.fixed_keep = torch.ones(1)
+    assert drop(torch.ones(2, 2, 3)).shape == (2, 2, 3)
+    for channels in (3, 5):  # 3 // 2 = 1 unit would pass the fixed_keep shape check
+        with pytest.raises(ValueError, match=rf"GumbelSigmoidDropout: group_size = 2 does not divide the C = {channels} channels"):
+            drop(torch.ones(2, channels, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -69,6 +69,24 @@ def test_architecture_bad_input(blocks, match):
         Architecture(tuple(blocks))
 
 
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: Architecture.sample(2, max_inputs=1.5), ValueError, r"Architecture.sample: max_inputs must be a positive int, got 1.5"),
+        (lambda: Architecture.sample(2, max_ops=0), ValueError, r"Architecture.sample: max_ops must be a positive int, got 0"),
+        (lambda: Architecture.sample(-1), ValueError, r"Architecture.sample: num_blocks must be a positive int, got -1"),
+        (lambda: Architecture.sample(2, generator=5), TypeError, r"Architecture.sample: generator must be None or a torch.Generator"),
+        (lambda: Architecture.all_on(2.5), ValueError, r"Architecture.all_on: num_blocks must be a positive int, got 2.5"),
+        (lambda: Architecture.all_on(2).path_masks(-1), ValueError, r"Architecture.path_masks: batch_size must be an int >= 0, got -1"),
+        (lambda: Architecture.all_on(2).path_masks(2.0), ValueError, r"Architecture.path_masks: batch_size must be an int >= 0, got 2.0"),
+    ],
+)
+def test_architecture_bad_counts_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+    assert Architecture.all_on(2).path_masks(0).ops[1].shape == (0, len(OPERATIONS))  # an empty batch is fine
+
+
 def test_architecture_sample_is_reproducible_and_in_the_search_space():
     a = [Architecture.sample(4, torch.Generator().manual_seed(3)) for _ in range(2)]
     assert a[0] == a[1]
@@ -188,8 +206,11 @@ def test_all_paths_dropped_gives_zeros_with_a_ghost_batch_norm_candidate():
 
     torch.manual_seed(0)
     op = MixedOp([torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), GhostBatchNorm2d(3, 2)), torch.nn.Identity()])
+    frozen = op.candidates[0][1]
+    frozen.eval()  # a submodule left in eval inside a training candidate stays so
     out = op(torch.randn(4, 3, 5, 5), torch.zeros(4, 2))
     assert torch.equal(out, torch.zeros(4, 3, 5, 5))
+    assert op.candidates[0].training and not frozen.training
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,6 +286,12 @@ def test_one_shot_model_bad_input():
     masks.ops[0][1] = 1 - masks.ops[0][0]  # differs inside the first ghost batch
     with pytest.raises(ValueError, match=r"masks.ops\[0\] must be constant within each ghost batch of 4"):
         model(x, masks)
+    for bad in (0.5, 2.0, float("nan")):  # only 0 and 1; NaN is not "non-constant"
+        masks = _masks(8)
+        masks.inputs[1] = masks.inputs[1].clone()
+        masks.inputs[1][:, 2] = bad  # constant over the batch, so only the 0/1 check can catch it
+        with pytest.raises(ValueError, match=r"masks.inputs\[1\] must hold only 0 and 1 .* at \[0, 2\]"):
+            model(x, masks)
     with pytest.raises(ValueError, match=r"masks.inputs\[1\] must have shape \[8, 3\]"):
         model(x, PathMasks([_masks(8).inputs[0], _masks(8).inputs[1][:, :2], _masks(8).inputs[2]], _masks(8).ops))
     with pytest.raises(ValueError, match="not a multiple of ghost_batch_size = 4"):

@@ -415,3 +415,14 @@ def test_low_precision_accumulates_in_float32(case: Case, dtype: torch.dtype):
     assert rel_norm_error(got, exact) <= LOW_PRECISION[dtype]
     on_rounded = reference.unfolded_gram(x_low.double(), f_low.double(), **bf.geometry)
     assert rel_norm_error(got, on_rounded) <= 1e-5
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_the_reference_takes_empty_inputs_as_the_kernel_does(diagonal):
+    """No input channels: the blocks hold only the bias coordinate, from the factors' sums."""
+    f = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64)
+    x = torch.randn(2, 0, 5, 5, dtype=torch.float64)
+    got = reference.unfolded_gram(x, f, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, diagonal)
+    expected = torch.ops.bnas_fast.unfolded_gram(x, f, [3, 3], [1, 1], [1, 1], [1, 1], 1, True, diagonal)
+    torch.testing.assert_close(got, expected)
+    assert got.shape == ((4, 1) if diagonal else (4, 1, 1))

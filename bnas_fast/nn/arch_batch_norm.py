@@ -45,6 +45,7 @@ def _check_arch(arch: Tensor, batch: int, num_archs: int, op: str) -> None:
 
 class _ArchBatchNorm(nn.Module):
     _expected_dims: tuple = ()
+    _version = 2  # as nn.BatchNorm: state_dicts of version 1 may lack num_batches_tracked
 
     def __init__(
         self,
@@ -66,10 +67,18 @@ class _ArchBatchNorm(nn.Module):
                 raise ValueError(f"{name}: {key} must be an int >= 1, got {value!r}")
         if running_stats not in _RUNNING_STATS:
             raise ValueError(f"{name}: running_stats must be one of {_RUNNING_STATS}, got {running_stats!r}")
+        # Type first: a string would otherwise fail inside the comparison with a raw TypeError, and a
+        # bool would pass as 0 or 1.
+        for key, value in (("momentum", momentum), ("eps", eps)):
+            if (key == "momentum" and value is None) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                continue
+            allowed = "None or a number in [0, 1]" if key == "momentum" else "a finite number >= 0"
+            raise TypeError(f"{name}: {key} must be {allowed}, got {value!r}")
         if momentum is not None and not 0 <= momentum <= 1:
             raise ValueError(f"{name}: momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
-        if not eps >= 0:
-            raise ValueError(f"{name}: eps must be >= 0, got {eps!r}")
+        # eps = 0 is allowed, as nn.BatchNorm allows it (and the functional op); "not >=" catches NaN.
+        if not eps >= 0 or eps == float("inf"):
+            raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps!r}")
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2):
             raise ValueError(f"{name}: group_size must be None (the whole batch) or an int >= 2, got {group_size!r}")
         factory = {"device": device, "dtype": dtype}
@@ -143,11 +152,12 @@ class _ArchBatchNorm(nn.Module):
                     if self.momentum is None:
                         arch_momentum = 1.0 / counts.clamp(min=1).to(torch.float64)
         running = self.track_running_stats and (self.training or not use_batch_stats)
+        weight, bias = _affine_in_dtype_of(x, self.weight, self.bias)
         y = arch_batch_norm(
             x,
             arch,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             self.running_mean if running else None,
             self.running_var if running else None,
             training=use_batch_stats,
@@ -165,6 +175,11 @@ class _ArchBatchNorm(nn.Module):
         # A BatchNorm state_dict has [C] weight and bias (and [C] running statistics, a scalar
         # num_batches_tracked): broadcast them to every architecture.
         S, C = self.num_archs, self.num_features
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            # as nn.BatchNorm: state_dicts saved before num_batches_tracked existed load with a count of 0
+            state_dict[key] = torch.zeros_like(self.num_batches_tracked)
         for key in ("weight", "bias"):
             value = state_dict.get(prefix + key)
             if value is not None and self.affine and value.shape == (C,):
@@ -178,6 +193,15 @@ class _ArchBatchNorm(nn.Module):
             if value is not None and value.dim() == 0:
                 state_dict[prefix + "num_batches_tracked"] = value.expand(S).clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def _affine_in_dtype_of(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+    """The affine parameters cast to x's dtype (float32 parameters with a bfloat16 input, as under
+    autocast): nn.BatchNorm takes such a mix, the fused op wants one dtype. The gradient flows back
+    through the cast to the parameters in their own dtype."""
+    if weight is not None and weight.dtype != x.dtype:
+        weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+    return weight, bias
 
 
 class ArchBatchNorm1d(_ArchBatchNorm):
@@ -199,7 +223,9 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Union[Tensor, Seq
 
     The statistics are reset, the model runs ``model(batch)`` (or ``model(*batch)`` for a tuple or
     list) on every batch in train mode without gradients, and each layer averages the batches'
-    statistics with equal weight (``momentum=None``). Momentum and train/eval mode are restored.
+    statistics with equal weight (``momentum=None``). Momentum and every module's train/eval mode
+    are restored afterwards (the whole model runs in train mode meanwhile, dropout included, as in
+    training).
 
     This is the batch-norm calibration of one-shot NAS (Bender et al. §3.2 compute the statistics
     "on the fly"; single-path one-shot NAS recomputes them per candidate): run with one architecture
@@ -215,7 +241,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Union[Tensor, Seq
     ]
     if not layers:
         raise ValueError("recalibrate_batch_norm: the model has no batch norm layer with running statistics")
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode, restored as it was
     momenta = [m.momentum for m in layers]
     for m in layers:
         m.reset_running_stats()
@@ -229,7 +255,8 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Union[Tensor, Seq
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     if used == 0:
         raise ValueError(
             "recalibrate_batch_norm: batches is empty (the statistics were reset and nothing replaced them)"

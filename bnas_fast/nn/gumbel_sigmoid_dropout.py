@@ -46,6 +46,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from bnas_fast import _checks
 from bnas_fast.ops.gumbel_sigmoid_dropout import GRANULARITIES, MODES, _check_temperature, gumbel_sigmoid_dropout
 
 __all__ = ["GumbelSigmoidDropout", "InputDropoutConv2d", "concrete_dropout_regularizer"]
@@ -97,6 +98,9 @@ class GumbelSigmoidDropout(nn.Module):
             raise ValueError(f"{owner}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if mode not in MODES:
             raise ValueError(f"{owner}: mode must be one of {MODES}, got {mode!r}")
+        # checked here too: the fixed_keep path and sample_keep divide by it before the functional sees it
+        if granularity == "group" and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"{owner}: granularity 'group' needs group_size, a positive int, got {group_size!r}")
         self.temperature, self.granularity, self.group_size = float(temperature), granularity, group_size
         self.rescale, self.mode = bool(rescale), mode
         self.drop_logit = nn.Parameter(torch.full((size,), math.log(p) - math.log1p(-p)))
@@ -129,9 +133,18 @@ class GumbelSigmoidDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fixed_keep is not None:
             # A sampled architecture: the same mask for every example, scaled as in training.
+            _checks.check_tensor("x", x, "GumbelSigmoidDropout")
+            if x.dim() < 2:
+                raise ValueError(f"GumbelSigmoidDropout: x must have shape [B, C, *] (at least 2 dimensions), got {tuple(x.shape)}")
+            if x.shape[1] % self._unit_channels():  # else the mask repeated per group would not fit x
+                raise ValueError(f"GumbelSigmoidDropout: group_size = {self.group_size} does not divide the "
+                                 f"C = {x.shape[1]} channels of x")
             units = x.shape[1] // self._unit_channels()
             if self.fixed_keep.shape != (units,):
                 raise ValueError(f"GumbelSigmoidDropout: fixed_keep must be [{units}] for an input of {x.shape[1]} channels, got {tuple(self.fixed_keep.shape)}")
+            if self.drop_logit.shape[0] not in (1, units):  # as the functional checks on the random path
+                raise ValueError(f"GumbelSigmoidDropout: the {self.drop_logit.shape[0]} drop rates do not fit an input of "
+                                 f"{x.shape[1]} channels ({units} mask units)")
             if not bool(((self.fixed_keep == 0) | (self.fixed_keep == 1)).all()):
                 raise ValueError("GumbelSigmoidDropout: fixed_keep must hold only 0 and 1 (a hard keep mask), got "
                                  f"{self.fixed_keep.tolist()}")
@@ -196,6 +209,13 @@ def concrete_dropout_regularizer(
         A scalar, differentiable in weight and drop_logit.
     """
     owner = "concrete_dropout_regularizer"
+    _checks.check_tensor("weight", weight, owner)
+    _checks.check_tensor("drop_logit", drop_logit, owner)
+    _checks.check_bool("rescale", rescale, owner)
+    # bools are ints: True would pass as 1; 0 would divide by zero below
+    for key, value in (("unit_size", unit_size), ("conv_groups", conv_groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {key} must be a positive int, got {value!r}")
     if weight.dim() < 2:
         raise ValueError(f"{owner}: weight must be a Linear [out, in] or Conv [out, in/groups, *k] weight, got {tuple(weight.shape)}")
     if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
@@ -211,6 +231,8 @@ def concrete_dropout_regularizer(
     units = in_channels // unit_size
     if drop_logit.dim() != 1 or drop_logit.shape[0] not in (1, units):
         raise ValueError(f"{owner}: drop_logit must be [{units}] (one per unit) or [1], got {tuple(drop_logit.shape)}")
+    if not torch.compiler.is_compiling():  # a NaN or infinite logit would give a NaN regulariser
+        _checks.check_finite_values("drop_logit", drop_logit, owner)
     logit = drop_logit.expand(units)
     unit_sq = sq.reshape(units, unit_size).sum(1)
     # w(p) and H(p) from the logit, stable at p near 0 and 1: log p = -softplus(-lambda),

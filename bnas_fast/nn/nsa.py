@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnas_fast
-from bnas_fast.nn.arch_batch_norm import ArchBatchNorm2d
+from bnas_fast.nn.arch_batch_norm import ArchBatchNorm2d, _affine_in_dtype_of
 
 __all__ = ["sample_architectures", "NSAStage", "NSANet", "VARIANTS"]
 
@@ -102,8 +102,9 @@ class _FusedBatchNorm2d(nn.BatchNorm2d):
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         arch = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        weight, bias = _affine_in_dtype_of(x, self.weight, self.bias)
         return bnas_fast.arch_batch_norm(
-            x, arch, self.weight.unsqueeze(0), self.bias.unsqueeze(0), self.running_mean, self.running_var,
+            x, arch, weight.unsqueeze(0), bias.unsqueeze(0), self.running_mean, self.running_var,
             training=True, momentum=momentum, eps=self.eps,
         )
 

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnas_fast import _checks
 from bnas_fast.nn.mix import mix_modules
 from bnas_fast.ops.arch_batch_norm import arch_batch_norm
 from bnas_fast.sampling import PathDropoutSchedule, path_dropout_mask
@@ -61,6 +62,14 @@ __all__ = [
 ]
 
 OPERATIONS: Tuple[str, ...] = ("identity", "sep3", "sep5", "sep7", "conv1x7_7x1", "max3", "avg3")
+
+
+def _check_int(name: str, value: object, op: str, minimum: int) -> None:
+    """An int >= minimum (not a bool, which would pass as 0 or 1): a float or a negative count would
+    otherwise fail deep inside torch.randint or Tensor.expand."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{op}: {name} must be {what}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +141,7 @@ class Architecture:
     @classmethod
     def all_on(cls, num_blocks: int, operations: Sequence[str] = OPERATIONS) -> "Architecture":
         """Every input and every operation: the reference of §5's KL divergences."""
+        _check_int("num_blocks", num_blocks, "Architecture.all_on", 1)
         return cls(tuple(ChoiceBlock(tuple(range(2 + i)), tuple(operations)) for i in range(num_blocks)), tuple(operations))
 
     @classmethod
@@ -145,8 +155,11 @@ class Architecture:
     ) -> "Architecture":
         """A random cell of the search space: block i takes n inputs of its 2 + i, n uniform in
         1..max_inputs, then a uniform subset of that size; likewise 1..max_ops operations."""
-        if max_inputs < 1 or max_ops < 1:
-            raise ValueError(f"Architecture.sample: max_inputs and max_ops must be >= 1, got {max_inputs}, {max_ops}")
+        op = "Architecture.sample"
+        for name, value in (("num_blocks", num_blocks), ("max_inputs", max_inputs), ("max_ops", max_ops)):
+            _check_int(name, value, op, 1)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"{op}: generator must be None or a torch.Generator, got {type(generator).__name__}")
         operations = tuple(operations)
 
         def subset(n_available: int, at_most: int) -> List[int]:
@@ -189,6 +202,7 @@ class Architecture:
 
     def path_masks(self, batch_size: int, dtype: torch.dtype = torch.float32, device=None) -> "PathMasks":
         """The masks that make the one-shot model run this architecture on every example."""
+        _check_int("batch_size", batch_size, "Architecture.path_masks", 0)
         inputs, ops = [], []
         for i, b in enumerate(self.blocks):
             m_in = torch.zeros(2 + i, dtype=dtype, device=device)
@@ -498,10 +512,20 @@ class OneShotNet(nn.Module):
             raise ValueError(f"OneShotNet: masks must be PathMasks with {self.num_blocks} blocks")
         for i, (m_in, m_op) in enumerate(zip(masks.inputs, masks.ops)):
             for name, m, width in ((f"masks.inputs[{i}]", m_in, 2 + i), (f"masks.ops[{i}]", m_op, len(self.operations))):
+                _checks.check_tensor(name, m, "OneShotNet")
                 if m.shape != (batch, width):
                     raise ValueError(f"OneShotNet: {name} must have shape [{batch}, {width}], got {tuple(m.shape)}")
                 if torch.compiler.is_compiling():
                     continue
+                # 0/1 first: a fractional mask would silently scale paths, and a NaN one would be
+                # reported as not constant (NaN != NaN) by the ghost-batch check below.
+                binary = (m == 0) | (m == 1)
+                if not bool(binary.all()):
+                    row, col = (~binary).nonzero()[0].tolist()
+                    raise ValueError(
+                        f"OneShotNet: {name} must hold only 0 and 1 (keep or drop a path per example), "
+                        f"got {float(m[row, col])} at [{row}, {col}]"
+                    )
                 g = self.ghost_batch_size
                 ghosts = m.reshape(batch // g, g, width) if batch % g == 0 else None
                 if ghosts is not None and not bool((ghosts == ghosts[:, :1]).all()):

@@ -285,8 +285,10 @@ def _update_running_stats(
     """running = (1 - momentum) running + momentum batch statistic, the variance unbiased (as
     torch.nn.BatchNorm). Shared ([C]): over the whole batch. Per architecture ([S, C]): row s from the
     examples with arch = s only, averaging the mean and the second moment var + mean^2 (so the
-    variance between batches' examples is kept); architectures absent from the batch (or with a
-    single value per channel) keep their statistics. ``arch_momentum`` [S] overrides the momentum per architecture
+    variance between batches' examples is kept); architectures absent from the batch keep their
+    statistics. An architecture with a single value per channel in the batch (one example of a
+    [B, C] input) still moves them: its within-batch variance is 0, and the mixture below adds the
+    spread between its examples across batches. ``arch_momentum`` [S] overrides the momentum per architecture
     (the cumulative average: 1 / number of batches that architecture has been seen in)."""
     B = row_mean.shape[0]
     if running_mean.dim() == 1:
@@ -298,7 +300,7 @@ def _update_running_stats(
         return
     S, C = running_mean.shape
     count = torch.bincount(arch, minlength=S).to(row_mean.dtype)  # examples per architecture
-    present = count * L >= 2
+    present = count > 0  # as the module counts the batches an architecture was seen in
     safe = count.clamp(min=1).unsqueeze(1)
     mean = torch.zeros(S, C, dtype=row_mean.dtype, device=row_mean.device).index_add_(0, arch, row_mean) / safe
     spread = L * (row_mean - mean[arch]) ** 2

@@ -124,9 +124,24 @@ for _device, _backend_name in _backend.backends().items():
             LIB.impl(_name, _fn, _device.upper())
 
 
+def _check_generator(generator: object, op: str) -> None:
+    """generator: None or a CPU torch.Generator (the pair is drawn on the CPU, whatever x's device).
+    Checked up front: torch.randint would otherwise dump its whole signature."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be None or a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError(
+            f"{op}: generator must be a CPU torch.Generator (the (seed, offset) pair is drawn on the CPU), "
+            f"got one on {generator.device}"
+        )
+
+
 def draw_seed_offset(generator: Optional[torch.Generator] = None) -> Tensor:
     """A fresh (seed, offset) pair, CPU int64 [2], from ``generator`` (default: torch's global CPU
     generator, so ``torch.manual_seed`` makes the masks reproducible)."""
+    _check_generator(generator, "draw_seed_offset")
     return torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64)
 
 
@@ -203,6 +218,7 @@ def gumbel_sigmoid_dropout(
     if x.dim() < 2:
         raise ValueError(f"{op}: x must have shape [B, C, *] (at least 2 dimensions), got {tuple(x.shape)}")
     temperature = _check_temperature(temperature, op)
+    _check_generator(generator, op)  # also when unused (eval mode, seed_offset given): a bad one is a bug
     if granularity not in GRANULARITIES:
         raise ValueError(f"{op}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if mode not in MODES:
