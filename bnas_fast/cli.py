@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -114,12 +115,39 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_run_options(args: argparse.Namespace) -> Optional[str]:
+    """What every method's options share, checked before any work starts (a bad --out would
+    otherwise fail only when the results are written, after the whole run): seeds >= 0, subset
+    sizes >= 1, finite numbers, and an output directory that can be created and written."""
+    for name in ("seed", "seeds"):
+        values = getattr(args, name, None)
+        values = [values] if isinstance(values, int) else (values or [])
+        if any(v < 0 for v in values):
+            return f"--{name} must be >= 0, got {values if name == 'seeds' else values[0]}"
+    for name in ("n_train", "n_val", "n_test"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be a positive int, got {value}"
+    for name, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"--{name.replace('_', '-')} must be a finite number, got {value}"
+    out = getattr(args, "out", None)
+    if out:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as error:
+            return f"--out {out!r}: cannot create the directory ({error.strerror})"
+        if not os.access(out, os.W_OK | os.X_OK):
+            return f"--out {out!r}: the directory is not writable"
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="bnas-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="run the benchmark suite and print a table")
-    bench.add_argument("--quick", action="store_true", help="skip the cases marked slow (B=128)")
+    bench.add_argument("--quick", action="store_true", help="skip the cases marked slow (mix at B=128, the one-shot model)")
     bench.add_argument("--filter", default="", help="only cases whose name contains this text")
     bench.add_argument("--malloc", choices=["default", "no-mmap", "both"], default="both",
                        help="glibc allocator settings to measure under (default: both, one after the other)")
@@ -163,8 +191,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = parser.parse_args(argv)
     method = getattr(args, "method", None)
+    problem = _check_run_options(args) if args.command == "run" else None
+    if args.command == "report" and not os.path.isdir(args.root):
+        problem = f"root {args.root!r} is not a directory"
+    if problem:
+        parser.exit(2, f"bnas-fast {args.command} {method}: error: {problem}\n")
     try:
         return args.func(args)
+    except FileNotFoundError as error:
+        if args.command != "report":
+            raise
+        parser.exit(2, f"bnas-fast report {method}: error: {error}\n")
     except (ValueError, TypeError, IndexError) as error:
         # A method's checks of its own options start their message with the method's name: show
         # those as usage errors (one line, exit status 2, as argparse does). Anything else is a bug

@@ -198,7 +198,9 @@ def _strip(r):
 
 
 def test_run_end_to_end_writes_results_and_is_reproducible(tmp_path):
+    state = torch.random.get_rng_state()
     a = bayesnas.run(_tiny(tmp_path / "a"))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's global generator is left alone
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert saved["derived"]["test_accuracy"] == a["derived"]["test_accuracy"]
     for name in ("gamma", "cells"):

@@ -351,7 +351,9 @@ def test_stratified_sample_takes_from_every_bucket():
 
 def test_run_quick_digits_is_reproducible():
     config = {"dataset": "digits", "quick": True, "progress": False, "plots": False, "threads": 1}
+    state = torch.random.get_rng_state()
     a, b = oneshot.run(config), oneshot.run(config)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's global generator is left alone
     assert a["architectures"] == b["architectures"]
     assert [r["standalone_val_accuracy"] for r in a["retrained"]] == [r["standalone_val_accuracy"] for r in b["retrained"]]
     assert a["throughput"]["max_abs_log_prob_difference"] < 1e-4

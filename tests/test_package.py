@@ -118,3 +118,35 @@ def test_bool_flags_must_be_bools(index):
     for value in (0, 1, "False", None):
         with pytest.raises(TypeError, match=rf"{name} must be a bool"):
             call(value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "nsa", "--quick", "--seed", "-1"], "--seed must be >= 0"),
+    (["run", "pgnas", "--quick", "--seeds", "0", "-1"], r"--seeds must be >= 0, got \[0, -1\]"),
+    (["run", "ldn", "--quick", "--n-train", "0"], "--n-train must be a positive int"),
+    (["run", "oneshot", "--quick", "--n-test", "-5"], "--n-test must be a positive int"),
+    (["run", "ldn", "--quick", "--lr", "inf"], "--lr must be a finite number"),
+    (["run", "bayesnas", "--quick", "--out", "/proc/no/such/dir"], "--out '/proc/no/such/dir': cannot create"),
+    (["report", "ldn", "/no/such/dir"], "root '/no/such/dir' is not a directory"),
+])
+def test_run_options_are_checked_before_any_work(argv, message, capsys):
+    """Options every method shares fail at once with a usage error naming them (exit status 2),
+    not with a traceback after the run (a bad --out used to fail only when the results were written)."""
+    from bnas_fast import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    import re
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_results_json_is_strict_json(tmp_path):
+    """NaN (a Spearman correlation of tied accuracies, say) is written as null: a bare NaN is not JSON."""
+    import json
+
+    from bnas_fast.methods._config import write_json
+
+    write_json(str(tmp_path / "r.json"), {"rho": float("nan"), "rows": [1.0, float("inf")], "ok": 2})
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text) == {"rho": None, "rows": [1.0, None], "ok": 2} and "NaN" not in text

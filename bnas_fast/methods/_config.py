@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
+import math
 import os
 import statistics
 import time
@@ -65,6 +67,37 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def keeps_global_rng(run: Callable) -> Callable:
+    """``run`` with torch's global CPU generator saved and restored around it. A method seeds its
+    own generators, so its results never depend on the global one; building throw-away modules
+    (to count parameters, say) draws from it, and the caller's later draws must not depend on that."""
+
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return run(*args, **kwargs)
+
+    return wrapper
+
+
+def _json_safe(value: Any) -> Any:
+    """value with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str, data: Any) -> None:
+    """``data`` as strict JSON: NaN and infinities (a Spearman correlation of tied accuracies, say)
+    become null, which every JSON parser reads (a bare NaN is not JSON)."""
+    with open(path, "w") as fh:
+        json.dump(_json_safe(data), fh, indent=2, allow_nan=False)
+
+
 def save_run(out_dir: Optional[str], results: Dict[str, Any], plots: Optional[Callable[[], Dict[str, str]]]) -> None:
     """When ``out_dir`` is set: draw the figures (``plots()`` returns {name: path}, recorded in
     results["files"]) and write ``results.json`` there."""
@@ -73,8 +106,7 @@ def save_run(out_dir: Optional[str], results: Dict[str, Any], plots: Optional[Ca
     os.makedirs(out_dir, exist_ok=True)
     if plots is not None:
         results["files"] = plots()
-    with open(os.path.join(out_dir, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=2)
+    write_json(os.path.join(out_dir, "results.json"), results)
 
 
 @torch.no_grad()

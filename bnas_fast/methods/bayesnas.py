@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from bnas_fast.curvature import GGNBlocks, diagonal_recursion_hessians
 from bnas_fast.data.images import fashion_mnist_available, load_images
-from bnas_fast.methods._config import check_int_fields, config_from_any, eval_accuracy, save_run, torch_threads
+from bnas_fast.methods._config import check_int_fields, config_from_any, eval_accuracy, save_run, torch_threads, keeps_global_rng
 from bnas_fast.nn.arch_batch_norm import recalibrate_batch_norm as calibrate_batch_norm
 from bnas_fast.nn.bayesnas import (
     CELL_EDGES, CELL_TYPES, NUM_NODES, OPERATIONS, BayesNASSupernet, build_network, count_parameters,
@@ -65,7 +65,7 @@ class BayesNASConfig:
     """Every knob of a run. ``None`` means the default for the data (see :meth:`resolved`).
 
     Defaults: Fashion-MNIST on a 5,000 / 2,000 subset, 1 warm-up + 3 search epochs, 5 retraining
-    epochs; digits (its 1,437 / 360 split) 2 + 8 search epochs and 20 retraining epochs. C = 8 channels,
+    epochs; digits (its 1,438 / 359 split) 2 + 8 search epochs and 20 retraining epochs. C = 8 channels,
     cells normal-reduction-normal over conv3, conv5, max3, avg3, skip; batch 64; SGD lr 0.05
     momentum 0.9 weight decay 3e-4 on weights (cosine schedule when retraining, constant while
     searching, as the authors' code), SGD lr 0.05 momentum 0.9 on the switches; lambda = 0.01 for
@@ -373,6 +373,7 @@ def _split(c: BayesNASConfig):
     return data, data.train.tensors, data.test.tensors
 
 
+@keeps_global_rng
 def run(config: Union[BayesNASConfig, Dict[str, Any], None] = None) -> Dict[str, Any]:
     """Run BayesNAS, its derived network and the random baseline (module docstring). Writes
     results.json and PNGs to ``out_dir`` when it is set; returns the results."""
@@ -623,7 +624,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--threads", type=int, default=d.threads)
     parser.add_argument("--out", default=os.path.join(".", "runs", "bayesnas"))
-    parser.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: small budgets and subsets, and caps on the numbers of architectures or candidates (even when given)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 

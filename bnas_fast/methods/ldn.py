@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from bnas_fast.data import Splits, load_images, spirals
 from bnas_fast.data.images import FASHION_MNIST_DIR, fashion_mnist_available
-from bnas_fast.methods._config import check_int_fields, config_from_any, median_ms, torch_threads
+from bnas_fast.methods._config import check_int_fields, config_from_any, median_ms, torch_threads, write_json
 from bnas_fast.nn.depth import (
     ConvBlocks,
     FCBlocks,
@@ -500,8 +500,7 @@ def _run(c: LDNConfig) -> Dict[str, Any]:
         results["files"]["results"] = os.path.join(c.out_dir, "results.json")
     results["seconds"] = time.perf_counter() - t0
     if c.out_dir:
-        with open(results["files"]["results"], "w") as fh:
-            json.dump(results, fh, indent=2)
+        write_json(results["files"]["results"], results)
     return results
 
 
@@ -854,8 +853,7 @@ def report_main(args: argparse.Namespace) -> int:
     result = report(load_runs(args.root))
     print(result["markdown"])
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result["groups"], fh, indent=2)
+        write_json(args.json, result["groups"])
     return 0
 
 
@@ -953,8 +951,7 @@ def main(args: argparse.Namespace) -> int:
         summary = summarize(runs)
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"summary_{runs[0]['config']['dataset']}_D{runs[0]['config']['max_depth']}.json")
-        with open(path, "w") as fh:
-            json.dump(summary, fh, indent=2)
+        write_json(path, summary)
         print(json.dumps({k: summary[k] for k in summary if not k.startswith("ddn_test_ll_by")}, indent=1))
         print(f"summary -> {path}")
     return 0

@@ -26,7 +26,7 @@ or ``bnas-fast run nsa --variant nsa_i`` / ``bnas-fast run nsa --compare``. One 
 The out-of-distribution set: Fashion-MNIST downsampled to 8x8 for a digits model when the Debian
 package is present, sklearn digits upsampled to 28x28 for a Fashion-MNIST model; otherwise the test
 images with their pixels shuffled by one fixed permutation (same pixel statistics, no object).
-``results["ood"]["source"]`` says which.
+``results["uncertainty"]["ood_source"]`` says which.
 
 Everything random derives from ``seed`` (initialisation under ``fork_rng``, the architecture spaces,
 the batch order and architecture draws from a ``torch.Generator``): the same seed gives the same run.
@@ -52,7 +52,7 @@ from torch import Tensor
 
 from bnas_fast.data import load_images
 from bnas_fast.data.images import fashion_mnist_available, load_digits, load_fashion_mnist
-from bnas_fast.methods._config import check_int_fields, config_from_any, save_run, torch_threads
+from bnas_fast.methods._config import check_int_fields, config_from_any, save_run, torch_threads, write_json
 from bnas_fast.nn.arch_batch_norm import recalibrate_batch_norm
 from bnas_fast.nn.depth import expected_calibration_error
 from bnas_fast.nn.nsa import VARIANTS, NSANet, sample_architectures
@@ -521,8 +521,7 @@ def compare(
             rows.append(_compare_row(variant, stats, seed, run(c)))
             if out_dir:
                 os.makedirs(out_dir, exist_ok=True)
-                with open(os.path.join(out_dir, "comparison.json"), "w") as fh:
-                    json.dump(rows, fh, indent=2)
+                write_json(os.path.join(out_dir, "comparison.json"), rows)
     return {"rows": rows, "markdown": compare_table(rows)}
 
 
@@ -556,7 +555,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true",
                         help="keep activations in channels-last (NHWC): faster convolutions on CPU")
     parser.add_argument("--out", default=os.path.join(".", "runs", "nsa"))
-    parser.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: small budgets and subsets, and caps on the numbers of architectures or candidates (even when given)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnas_fast.data.images import fashion_mnist_available
-from bnas_fast.methods._config import check_int_fields, config_from_any, eval_accuracy, images_with_validation_split, median_ms, save_run, torch_threads
+from bnas_fast.methods._config import check_int_fields, config_from_any, eval_accuracy, images_with_validation_split, median_ms, save_run, torch_threads, keeps_global_rng
 from bnas_fast.methods.nsa import spearman
 from bnas_fast.nn.oneshot import Architecture, OneShotNet, PathMasks, sample_path_dropout_masks
 from bnas_fast.sampling import PathDropoutSchedule
@@ -293,6 +293,7 @@ def _split(c: OneShotConfig):
     return images_with_validation_split("oneshot", c, min_train=c.batch_size)
 
 
+@keeps_global_rng
 def run(config: Union[OneShotConfig, Dict[str, Any], None] = None) -> Dict[str, Any]:
     """Run the one-shot search (module docstring). Writes results.json and PNGs to ``out_dir``
     when it is set; returns the results."""
@@ -509,7 +510,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(".", "runs", "oneshot"))
-    parser.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: small budgets and subsets, and caps on the numbers of architectures or candidates (even when given)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 

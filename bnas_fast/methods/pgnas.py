@@ -435,7 +435,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(".", "runs", "pgnas"))
-    parser.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: small budgets and subsets, and caps on the numbers of architectures or candidates (even when given)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 
