@@ -666,7 +666,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> arch_batch_norm_backward_cpu(
     // 2. per channel: the group means of dxhat = g w and of dxhat xhat, and the parameter gradients
     //    (each channel owns its column of grad_weight / grad_bias; examples are added in order), with
     //    x - mean(x) = (x - mean) - delta, so sum g (x - mean(x)) = Bs - delta A.
-    const double inv_N = 1.0 / static_cast<double>(g * L);
+    // No values per group (L = 0): every sum is 0, and so must the means be (not 0 * inf = NaN).
+    const double inv_N = g * L > 0 ? 1.0 / static_cast<double>(g * L) : 0.0;
     at::parallel_for(0, C, 8, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         for (int64_t k = 0; k < d.G; ++k) {

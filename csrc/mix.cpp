@@ -107,14 +107,15 @@ inline void weighted_sum_tile(const c10::SmallVector<Active<scalar_t>, 16>& acti
       }
     }
     if (relu) {
-      for (int64_t u = 0; u < kBlock; ++u) acc[u] = acc[u] > acc_t(0) ? acc[u] : acc_t(0);
+      // "below 0 becomes 0", not "not above 0": a NaN sum stays NaN, as torch.relu keeps it
+      for (int64_t u = 0; u < kBlock; ++u) acc[u] = acc[u] < acc_t(0) ? acc_t(0) : acc[u];
     }
     store_block<kBlock>(out + j, acc, streaming);
   }
   for (; j < n; ++j) {
     acc_t acc = 0;
     for (int64_t a = 0; a < na; ++a) acc += active[a].weight * static_cast<acc_t>(active[a].row[j]);
-    if (relu && !(acc > acc_t(0))) acc = 0;
+    if (relu && acc < acc_t(0)) acc = 0;
     out[j] = static_cast<scalar_t>(acc);
   }
 }

@@ -1161,3 +1161,13 @@ def test_recalibration_restores_each_modules_own_mode():
     model[2].train()  # left in train on purpose
     bnas_fast.nn.recalibrate_batch_norm(model, [torch.randn(4, 1, 5, 5)])
     assert [m.training for m in model.modules()] == [False, False, False, True]
+
+
+def test_backward_of_an_empty_spatial_size_is_zero_as_the_reference():
+    """The op's backward on x of [B, C, 0] (a direct op call: the public function returns early on an
+    empty x): no values per group, so zero parameter gradients, not 0 * inf = NaN."""
+    args = (torch.randn(4, 3, 0), torch.randn(4, 3, 0), torch.zeros(4, dtype=torch.long), torch.randn(1, 3),
+            torch.zeros(2, 3), torch.ones(2, 3), 2)
+    got = torch.ops.bnas_fast.arch_batch_norm_backward(*args)
+    assert torch.equal(got[1], torch.zeros(1, 3)) and torch.equal(got[2], torch.zeros(1, 3))
+    assert got[0].shape == (4, 3, 0)

@@ -1490,3 +1490,15 @@ def test_mix_backward_checks_relu_out():
         torch.ops.bnas_fast.mix_backward(g, ys, w, True, torch.randn(4, 6))
     with pytest.raises(ValueError, match="relu_out"):
         torch.ops.bnas_fast.mix_backward(g, ys, w, True, torch.randn(4, 5, dtype=torch.float64))
+
+
+def test_mix_relu_keeps_a_nan_sum():
+    """As torch.relu (the reference): a NaN sum stays NaN, in the vectorised blocks and the tail."""
+    y = torch.randn(3, 70)
+    y[0, 5] = float("nan")  # in a block
+    y[2, 69] = float("nan")  # in the tail
+    w = torch.ones(3, 1)
+    out = torch.ops.bnas_fast.mix_relu([y], w)
+    expected = reference.mix([y], w, relu=True)
+    assert torch.equal(out.isnan(), expected.isnan()) and int(out.isnan().sum()) == 2
+    torch.testing.assert_close(out.nan_to_num(), expected.nan_to_num())

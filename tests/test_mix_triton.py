@@ -277,3 +277,13 @@ def test_backward_is_deterministic():
     second = triton_mix.mix_backward(grad_out, ys, w, True)
     assert torch.equal(first[1], second[1])
     assert all(torch.equal(a, b) for a, b in zip(first[0], second[0]))
+
+
+def test_mix_relu_keeps_a_nan_sum():
+    """As torch.relu (the reference): a NaN sum stays NaN; only sums below 0 become 0."""
+    y = torch.tensor([[float("nan"), -1.0, 2.0, 0.5]])
+    w = torch.tensor([[1.0]])
+    out = triton_mix.mix([y], w, relu=True)
+    expected = reference.mix([y], w, relu=True)
+    assert torch.equal(out.isnan(), expected.isnan()) and out[0, 0].isnan()
+    assert torch.equal(out[:, 1:], expected[:, 1:])

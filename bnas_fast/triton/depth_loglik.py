@@ -98,7 +98,7 @@ def _depth_loglik_forward_kernel(
 
     # The tile's pointers at depth 0, advanced by stride_d per depth: pointer arithmetic stays
     # 64-bit, where i * stride_d could overflow the 32-bit loop index.
-    x_rows = x_ptr + b[:, None] * stride_b + cols[None, :] * stride_c
+    x_rows = x_ptr + b[:, None] * stride_b + cols[None, :].to(tl.int64) * stride_c
     acc = tl.zeros([BLOCK_B], dtype=ACC)
     for i in range(D1):
         q = tl.exp(tl.load(log_q_ptr + i).to(ACC))
@@ -138,7 +138,7 @@ def _depth_loglik_backward_kernel(
     # g = 0 beyond the batch zeroes those rows' share of the partial sums.
     g = tl.load(g_ptr + b, mask=in_batch, other=0.0).to(ACC)
     # Pointers at depth 0, advanced per depth (64-bit, as in the forward).
-    x_rows = x_ptr + b[:, None] * stride_b + cols[None, :] * stride_c
+    x_rows = x_ptr + b[:, None] * stride_b + cols[None, :].to(tl.int64) * stride_c
     gx_rows = gx_ptr + b[:, None] * C + cols[None, :]
 
     for i in range(D1):

@@ -153,11 +153,14 @@ def _scaled_gate(lam, noise, temperature, scale, inv_scale, log_scale, MODE: tl.
     the slope t = soft (1 - soft) / temperature (0 in mode 2), both times scale, for
     z = (lam + noise) / temperature. lam, temperature and the rescale constants are in the compute
     dtype, noise float32; the shapes broadcast."""
-    z = (lam + noise.to(lam.dtype)) / temperature
+    s = lam + noise.to(lam.dtype)
+    z = s / temperature
     if MODE == 0:
         keep, slope = _soft_scaled(z, temperature, inv_scale, log_scale)
     else:
-        keep = tl.where(z < 0, scale, 0.0).to(lam.dtype)
+        # the sign of lambda + L itself, as the reference: dividing a tiny negative s by the
+        # temperature could round it to -0
+        keep = tl.where(s < 0, scale, 0.0).to(lam.dtype)
         if MODE == 1 and GRAD:
             _, slope = _soft_scaled(z, temperature, inv_scale, log_scale)
         else:

@@ -123,7 +123,7 @@ def _mix_forward_kernel(
         acc = _accumulate(acc, y7, w_ptr, rows_ptr, b, k0 + 7, B, K, M, offs, in_row, SPARSE)
 
     if RELU:
-        acc = tl.where(acc > 0, acc, 0.0)
+        acc = tl.where(acc < 0, 0.0, acc)  # a NaN sum stays NaN, as torch.relu keeps it
     tl.store(out_ptr + b * M + offs, acc.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
