@@ -326,3 +326,62 @@ def test_channel_affine_empty(shape):
     assert grad_x.shape == x.shape
     assert grad_scale.shape == grad_shift.shape == (shape[0], shape[1])
     assert (grad_scale == 0).all() and (grad_shift == 0).all()
+
+
+def _bad(call, pattern, error=ValueError):
+    """A case: ``call`` must raise ``error`` matching ``pattern`` ("^op: argument ..."); id "op-argument"."""
+    op, message = pattern[1:].split(": ", 1)
+    return pytest.param(call, error, pattern, id=f"{op}-{message.split()[0]}")
+
+
+# Valid arguments: x [B, C, L] = [4, 3, 5], S = 2, group_size = 2 (G = 2).
+_X, _A, _W, _B = torch.randn(4, 3, 5), torch.tensor([0, 1, 0, 1]), torch.randn(2, 3), torch.randn(2, 3)
+_M, _I, _SC, _SH = torch.randn(2, 3), torch.rand(2, 3) + 1, torch.randn(4, 3), torch.randn(4, 3)
+
+
+@pytest.mark.parametrize(
+    "call, error, pattern",
+    [
+        _bad(lambda: triton_bn.arch_batch_norm(_X, _A[:3], _W, _B, 2, 1e-5),
+             r"^arch_batch_norm: arch must be a \[B\] = \[4\] int64 tensor"),
+        _bad(lambda: triton_bn.arch_batch_norm(_X, _A, _W[:, :2], _B, 2, 1e-5),
+             r"^arch_batch_norm: weight must be \[S, C\] with C = 3"),
+        _bad(lambda: triton_bn.arch_batch_norm(_X, _A, _W, _B[:1], 2, 1e-5),
+             r"^arch_batch_norm: bias must be \[S, C\] = \(2, 3\) like weight, got \(1, 3\)"),
+        _bad(lambda: triton_bn.arch_batch_norm(_X, _A, _W.double(), _B, 2, 1e-5),
+             r"^arch_batch_norm: weight has dtype torch.float64 but x has torch.float32"),
+        _bad(lambda: triton_bn.arch_batch_norm(_X, _A, _W, _B, 3, 1e-5),
+             r"^arch_batch_norm: group_size = 3 must be >= 1 and divide the batch size B = 4"),
+        _bad(lambda: triton_bn.arch_batch_norm(_X, _A, _W, _B, 2, float("nan")),
+             r"^arch_batch_norm: eps must be finite and >= 0"),
+        _bad(lambda: triton_bn.arch_batch_norm(_X[:, :, :1], _A, _W, _B, 1, 1e-5),
+             r"^arch_batch_norm: each statistics group has 1 value per channel"),
+        _bad(lambda: triton_bn.arch_batch_norm(_X[:, 0, 0], _A, _W, _B, 2, 1e-5),
+             r"^arch_batch_norm: x must be \[B, C, \*\]"),
+        _bad(lambda: triton_bn.arch_batch_norm_backward(_X[:2], _X, _A, _W, _M, _I, 2),
+             r"^arch_batch_norm_backward: grad_y must match x"),
+        _bad(lambda: triton_bn.arch_batch_norm_backward(_X, _X, _A, _W[:, :2], _M, _I, 2),
+             r"^arch_batch_norm_backward: weight must be \[S, C\] with C = 3"),
+        _bad(lambda: triton_bn.arch_batch_norm_backward(_X, _X, _A, _W, _M[:1], _I, 2),
+             r"^arch_batch_norm_backward: mean must be \[G, C\] = \[2, 3\]"),
+        _bad(lambda: triton_bn.arch_batch_norm_backward(_X, _X, _A, _W, _M, _I.double(), 2),
+             r"^arch_batch_norm_backward: invstd must be \[G, C\] = \[2, 3\] of dtype torch.float32"),
+        _bad(lambda: triton_bn.channel_affine(_X, _SC[:3], _SH),
+             r"^channel_affine: scale must be \[B, C\] = \[4, 3\]"),
+        _bad(lambda: triton_bn.channel_affine(_X, _SC.double(), _SH.double()),
+             r"^channel_affine: scale must have dtype torch.float32 for x of dtype torch.float32"),
+        _bad(lambda: triton_bn.channel_affine(_X, _SC, _SH[:, :2]),
+             r"^channel_affine: shift must match scale"),
+        _bad(lambda: triton_bn.channel_affine(_X.long(), _SC, _SH),
+             r"^channel_affine: x must be a float16, bfloat16, float32 or float64 tensor", TypeError),
+        _bad(lambda: triton_bn.channel_affine_backward(_X[:, :2], _X, _SC),
+             r"^channel_affine_backward: grad_y must match x"),
+        _bad(lambda: triton_bn.channel_affine_backward(_X, _X, _SC[:, :2]),
+             r"^channel_affine_backward: scale must be \[B, C\] = \[4, 3\]"),
+    ],
+)
+def test_bad_arguments_are_caught_before_launch(call, error, pattern):
+    """A direct op call on CUDA reaches the launchers unchecked: they repeat the C++ kernel's checks
+    (a weight, scale or statistic with too few rows or columns would be read out of bounds)."""
+    with pytest.raises(error, match=pattern):
+        call()

@@ -184,3 +184,50 @@ def test_backward_is_deterministic(monkeypatch):
         assert torch.equal(first[1], again[1])
     out = triton_depth_loglik.depth_loglik(logits, targets, log_q)
     assert torch.equal(out, triton_depth_loglik.depth_loglik(logits, targets, log_q))
+
+
+def _bad(call, pattern, error=ValueError):
+    """A case: ``call`` must raise ``error`` matching ``pattern`` ("^op: argument ..."); id "op-argument"."""
+    op, message = pattern[1:].split(": ", 1)
+    return pytest.param(call, error, pattern, id=f"{op}-{message.split()[0]}")
+
+
+# Valid arguments: D+1 = 3, B = 2, C = 4.
+_X, _Y, _G = torch.randn(3, 2, 4), torch.tensor([0, 3]), torch.randn(2)
+_Q = torch.log_softmax(torch.randn(3), 0)
+
+
+@pytest.mark.parametrize(
+    "call, error, pattern",
+    [
+        _bad(lambda: triton_depth_loglik.depth_loglik(_X[:, :1], _Y, _Q),
+             r"^depth_loglik: targets has 2 entries but logits has B = 1"),
+        _bad(lambda: triton_depth_loglik.depth_loglik(_X, _Y[:1], _Q),
+             r"^depth_loglik: targets has 1 entries but logits has B = 2"),
+        _bad(lambda: triton_depth_loglik.depth_loglik(_X, _Y.int(), _Q),
+             r"^depth_loglik: targets must be a 1-D int64 tensor"),
+        _bad(lambda: triton_depth_loglik.depth_loglik(_X[:, :, 0], _Y, _Q),
+             r"^depth_loglik: logits must be \[D\+1, B, C\], got \(3, 2\)"),
+        _bad(lambda: triton_depth_loglik.depth_loglik(_X[:, :, :0], _Y, _Q),
+             r"^depth_loglik: logits must have at least one class"),
+        _bad(lambda: triton_depth_loglik.depth_loglik(_X, _Y, _Q[:2]),
+             r"^depth_loglik: log_q must be \[D\+1\] = \[3\]"),
+        _bad(lambda: triton_depth_loglik.depth_loglik(_X, _Y, _Q.double()),
+             r"^depth_loglik: log_q has dtype torch.float64 but logits has torch.float32"),
+        _bad(lambda: triton_depth_loglik.depth_loglik(_X.long(), _Y, _Q.long()),
+             r"^depth_loglik: logits must be a float16, bfloat16, float32 or float64 tensor", TypeError),
+        _bad(lambda: triton_depth_loglik.depth_loglik_backward(_G[:1], _X, _Y, _Q),
+             r"^depth_loglik_backward: grad_out must be \[B\] = \[2\]"),
+        _bad(lambda: triton_depth_loglik.depth_loglik_backward(_G.double(), _X, _Y, _Q),
+             r"^depth_loglik_backward: grad_out has dtype torch.float64"),
+        _bad(lambda: triton_depth_loglik.depth_loglik_backward(_G, _X, _Y[:1], _Q),
+             r"^depth_loglik_backward: targets has 1 entries"),
+        _bad(lambda: triton_depth_loglik.depth_loglik_backward(_G, _X, _Y, _Q[:2]),
+             r"^depth_loglik_backward: log_q must be \[D\+1\] = \[3\]"),
+    ],
+)
+def test_bad_arguments_are_caught_before_launch(call, error, pattern):
+    """A direct op call on CUDA reaches the launchers unchecked: they repeat the C++ kernel's checks
+    (targets, log_q or grad_out shorter than the logits' B or D+1 would be read out of bounds)."""
+    with pytest.raises(error, match=pattern):
+        call()

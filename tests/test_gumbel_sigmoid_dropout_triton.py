@@ -434,3 +434,49 @@ def test_deterministic_and_seeded():
             other_units = unit_values(hard_keep(x.shape, half, other, 2, per_element), 2, per_element)
             differ = (units != other_units).float().mean().item()
             assert differ > 0.3, f"masks differ in only {differ:.0%} of units"
+
+
+def _bad(call, pattern, error=ValueError):
+    """A case: ``call`` must raise ``error`` matching ``pattern`` ("^op: argument ..."); id "op-argument"."""
+    op, message = pattern[1:].split(": ", 1)
+    return pytest.param(call, error, pattern, id=f"{op}-{message.split()[0]}")
+
+
+# Valid arguments: x [B, C, P] = [2, 6, 5], group_size = 2 (3 logits); then temperature, group_size,
+# per_element, rescale, mode.
+_X, _L, _SO = torch.randn(2, 6, 5), torch.randn(3), torch.tensor([1, 2])
+_CFG = (TEMPERATURE, 2, False, True, 0)
+
+
+@pytest.mark.parametrize(
+    "call, error, pattern",
+    [
+        _bad(lambda: triton_gsd.gumbel_sigmoid_dropout(_X, _L[:2], _SO, *_CFG),
+             r"^gumbel_sigmoid_dropout: drop_logit must be \[C / group_size\] = \[3\]"),
+        _bad(lambda: triton_gsd.gumbel_sigmoid_dropout(_X, _L, _SO, TEMPERATURE, 4, False, True, 0),
+             r"^gumbel_sigmoid_dropout: group_size = 4 must be >= 1 and divide C = 6"),
+        _bad(lambda: triton_gsd.gumbel_sigmoid_dropout(_X[0], _L, _SO, *_CFG),
+             r"^gumbel_sigmoid_dropout: x must be \[B, C, P\], got \(6, 5\)"),
+        _bad(lambda: triton_gsd.gumbel_sigmoid_dropout(_X, _L.double(), _SO, *_CFG),
+             r"^gumbel_sigmoid_dropout: drop_logit has dtype torch.float64 but x has dtype", TypeError),
+        _bad(lambda: triton_gsd.gumbel_sigmoid_dropout(_X, _L, _SO[:1], *_CFG),
+             r"^gumbel_sigmoid_dropout: seed_offset must be an int64 tensor of 2 entries", TypeError),
+        _bad(lambda: triton_gsd.gumbel_sigmoid_dropout(_X, _L, _SO, 0.0, 2, False, True, 0),
+             r"^gumbel_sigmoid_dropout: temperature must be > 0"),
+        _bad(lambda: triton_gsd.gumbel_sigmoid_dropout(_X, _L, _SO, TEMPERATURE, 2, False, True, 3),
+             r"^gumbel_sigmoid_dropout: mode must be 0 \(soft\), 1 \(straight-through\) or 2 \(hard\)"),
+        _bad(lambda: triton_gsd.gumbel_sigmoid_dropout_backward(_X[:1], _X, _L, _SO, *_CFG),
+             r"^gumbel_sigmoid_dropout_backward: grad_y must have x's shape \(2, 6, 5\), got \(1, 6, 5\)"),
+        _bad(lambda: triton_gsd.gumbel_sigmoid_dropout_backward(_X.double(), _X, _L, _SO, *_CFG),
+             r"^gumbel_sigmoid_dropout_backward: grad_y has dtype torch.float64", TypeError),
+        _bad(lambda: triton_gsd.gumbel_sigmoid_dropout_backward(_X, _X, _L[:2], _SO, *_CFG),
+             r"^gumbel_sigmoid_dropout_backward: drop_logit must be \[C / group_size\] = \[3\]"),
+        _bad(lambda: triton_gsd.logistic_noise(torch.tensor([1, 2], dtype=torch.int32)),
+             r"^logistic_noise_of_words: words must be an int64 tensor", TypeError),
+    ],
+)
+def test_bad_arguments_are_caught_before_launch(call, error, pattern):
+    """A direct op call on CUDA reaches the launchers unchecked: they repeat the C++ kernel's checks
+    (a drop_logit shorter than C / group_size would be read out of bounds)."""
+    with pytest.raises(error, match=pattern):
+        call()

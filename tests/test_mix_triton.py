@@ -287,3 +287,63 @@ def test_mix_relu_keeps_a_nan_sum():
     expected = reference.mix([y], w, relu=True)
     assert torch.equal(out.isnan(), expected.isnan()) and out[0, 0].isnan()
     assert torch.equal(out[:, 1:], expected[:, 1:])
+
+
+
+def _y(*shape, dtype=torch.float32):
+    return torch.randn(shape, dtype=dtype)
+
+
+def _bad(call, pattern, error=ValueError):
+    """A case: ``call`` must raise ``error`` matching ``pattern`` ("^op: argument ..."); id "op-argument"."""
+    op, message = pattern[1:].split(": ", 1)
+    return pytest.param(call, error, pattern, id=f"{op}-{message.split()[0].replace(chr(92), '')}")
+
+
+# Valid arguments: B = 2, rest = (3,), K = 2; _IDX lists both examples for each candidate.
+_W, _G, _IDX = torch.ones(2, 2), torch.ones(2, 3), [torch.tensor([0, 1]), torch.tensor([1, 0])]
+_YS = [_y(2, 3), _y(2, 3)]
+
+
+@pytest.mark.parametrize(
+    "call, error, pattern",
+    [
+        _bad(lambda: triton_mix.mix([_y(2, 3), _y(1, 3)], _W),
+             r"^mix: ys\[1\] has batch 1 but weights has B = 2"),
+        _bad(lambda: triton_mix.mix(_YS, torch.ones(2, 3)),
+             r"^mix: weights has K = 3 columns but ys holds 2 candidates"),
+        _bad(lambda: triton_mix.mix([_y(2, 3), _y(2, 4)], _W, relu=True),
+             r"^mix_relu: ys\[1\] has shape \(2, 4\), which disagrees with ys\[0\]"),
+        _bad(lambda: triton_mix.mix([_y(2, 3), _y(2, 3, dtype=torch.float64)], _W),
+             r"^mix: ys\[1\] has dtype torch.float64 but weights has dtype torch.float32"),
+        _bad(lambda: triton_mix.mix([_y(2, 3)], torch.ones(2)), r"^mix: weights must be \[B, K\]"),
+        _bad(lambda: triton_mix.mix([], torch.ones(2, 0)), r"^mix: ys must hold at least one candidate"),
+        _bad(lambda: triton_mix.mix([_y(2, 3)], torch.ones(2, 1, dtype=torch.int64)),
+             r"^mix: weights must be a float16, bfloat16, float32 or float64 tensor", TypeError),
+        _bad(lambda: triton_mix.mix_backward(_y(3, 3), _YS, _W, True),
+             r"^mix_backward: grad_out has shape \(3, 3\)"),
+        _bad(lambda: triton_mix.mix_backward(_G, [_y(2, 3), _y(1, 3)], _W, True),
+             r"^mix_backward: ys\[1\] has batch 1"),
+        _bad(lambda: triton_mix.mix_backward(_G.double(), _YS, _W, True),
+             r"^mix_backward: grad_out has dtype torch.float64"),
+        _bad(lambda: triton_mix.mix_backward(_G, _YS, _W, True, _y(2, 2)),
+             r"^mix_backward: relu_out must have grad_out's shape \(2, 3\)"),
+        _bad(lambda: triton_mix.mix_sparse(_YS, [_IDX[0], _IDX[1][:1]], _W),
+             r"^mix_sparse: indices\[1\] has 1 entries but ys\[1\] has 2 rows"),
+        _bad(lambda: triton_mix.mix_sparse(_YS, _IDX[:1], _W),
+             r"^mix_sparse: indices holds 1 tensors but there are K = 2 candidates"),
+        _bad(lambda: triton_mix.mix_sparse(_YS, [_IDX[0].int(), _IDX[1]], _W),
+             r"^mix_sparse: indices\[0\] must be a 1-D int64 tensor"),
+        _bad(lambda: triton_mix.mix_sparse([_y(2, 3), _y(2, 4)], _IDX, _W),
+             r"^mix_sparse: ys\[1\] has shape \(2, 4\)"),
+        _bad(lambda: triton_mix.mix_sparse_backward(_y(1, 3), _YS, _IDX, _W, True),
+             r"^mix_sparse_backward: grad_out has shape \(1, 3\)"),
+        _bad(lambda: triton_mix.mix_sparse_backward(_G, [_y(2, 3), _y(1, 3)], _IDX, _W, True),
+             r"^mix_sparse_backward: indices\[1\] has 2 entries but ys\[1\] has 1 rows"),
+    ],
+)
+def test_bad_arguments_are_caught_before_launch(call, error, pattern):
+    """A direct op call on CUDA reaches the launchers unchecked: they repeat the C++ kernel's checks
+    (a candidate with too few rows, or a grad_out of the wrong shape, would be read out of bounds)."""
+    with pytest.raises(error, match=pattern):
+        call()

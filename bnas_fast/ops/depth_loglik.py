@@ -58,6 +58,8 @@ torch.library.register_autograd("bnas_fast::depth_loglik", _backward_formula, se
 
 def _check_values(logits: Tensor, targets: Tensor, log_q: Tensor) -> None:
     op = "depth_loglik"
+    if logits.dim() != 3:  # (a direct op call: the kernels check the rest of the shapes)
+        raise ValueError(f"{op}: logits must be [D+1, B, C], got {tuple(logits.shape)}")
     _checks.check_index_range("targets", targets, logits.shape[2], op, what="C classes")
     if bool(torch.isnan(log_q).any()) or bool((log_q == float("inf")).any()):
         raise ValueError(f"{op}: log_q contains NaN or +infinity")

@@ -67,12 +67,16 @@ copy other layouts to contiguous ones, and return y and grad_x in the layout of 
 (:func:`bnas_fast.ops.arch_batch_norm.output_memory_format`: channels-last for a 4-D x that is
 channels-last-contiguous and not contiguous, else contiguous), converting at the end. That costs
 copies which the C++ kernels avoid (they read channels-last tensors in place); it keeps the GPU path
-correct, not fast, for channels-last networks. Argument and value checks (shapes, dtypes, arch in [0, S), group
-size dividing B) happen in :mod:`bnas_fast.ops.arch_batch_norm` before these launchers are called;
-there is no autograd logic here.
+correct, not fast, for channels-last networks. The value check (arch in [0, S)) happens in
+:mod:`bnas_fast.ops.arch_batch_norm` before the training forward's launcher is called; every launcher
+repeats the C++ kernel's shape, dtype and count checks (metadata only), because a direct call of the
+op on CUDA reaches it without the public function's checks, and a weight, scale or statistic with too
+few rows or columns would be read out of bounds. There is no autograd logic here.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -279,6 +283,51 @@ def _tl_accumulation_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _check_x(op: str, x: Tensor) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{op}: x must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be [B, C, *], got {tuple(x.shape)}")
+
+
+def _check_like(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """t must have ref's shape, dtype and device."""
+    if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(
+            f"{op}: {name} must match {ref_name} ({tuple(ref.shape)} {ref.dtype} on {ref.device}), got "
+            f"{tuple(t.shape)} {t.dtype} on {t.device}"
+        )
+
+
+def _check_common(op: str, x: Tensor, arch: Tensor, weight: Tensor, group_size: int) -> None:
+    """The checks the C++ training forward and backward share (csrc/arch_batch_norm.cpp, same
+    messages). Metadata only: nothing is read from the device (the arch range is checked by the op)."""
+    _check_x(op, x)
+    B, C = x.shape[0], x.shape[1]
+    if arch.dtype != torch.int64 or arch.dim() != 1 or arch.shape[0] != B or arch.device != x.device:
+        raise ValueError(
+            f"{op}: arch must be a [B] = [{B}] int64 tensor on {x.device}, got {arch.dtype} "
+            f"{tuple(arch.shape)} on {arch.device}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != C or weight.shape[0] < 1 or weight.device != x.device:
+        raise ValueError(f"{op}: weight must be [S, C] with C = {C} on {x.device}, got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"{op}: weight has dtype {weight.dtype} but x has {x.dtype}")
+    if group_size < 1 or B % group_size:
+        raise ValueError(f"{op}: group_size = {group_size} must be >= 1 and divide the batch size B = {B}")
+
+
+def _check_affine(op: str, x: Tensor, scale: Tensor) -> None:
+    """The C++ eval-mode checks (check_affine in csrc/arch_batch_norm.cpp, same messages)."""
+    _check_x(op, x)
+    B, C = x.shape[0], x.shape[1]
+    if scale.dim() != 2 or tuple(scale.shape) != (B, C) or scale.device != x.device:
+        raise ValueError(f"{op}: scale must be [B, C] = [{B}, {C}] on {x.device}, got {tuple(scale.shape)}")
+    acc = _accumulation_dtype(x.dtype)
+    if scale.dtype != acc:
+        raise ValueError(f"{op}: scale must have dtype {acc} for x of dtype {x.dtype}, got {scale.dtype}")
+
+
 def _as_rows(t: Tensor) -> tuple[Tensor, int, int, int]:
     """(t as a contiguous [B, C, L] tensor, B, C, L); L = 0 if t is empty."""
     B, C = t.shape[0], t.shape[1]
@@ -344,6 +393,8 @@ def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     float16/bfloat16, else x's dtype). Returns a tensor of x's shape and dtype, in the contract's
     layout (channels-last for a channels-last x, else contiguous).
     """
+    _check_affine("channel_affine", x, scale)
+    _check_like("channel_affine", "shift", shift, "scale", scale)
     xr, _, _, _ = _as_rows(x)
     y = torch.empty_like(xr)
     _launch_affine(y, xr, scale, shift)
@@ -358,6 +409,8 @@ def channel_affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor) -> tuple[T
     Returns a tensor of x's shape and dtype (in the contract's layout), and two [B, C] in the
     accumulation dtype.
     """
+    _check_affine("channel_affine_backward", x, scale)
+    _check_like("channel_affine_backward", "grad_y", grad_y, "x", x)
     xr, B, C, L = _as_rows(x)
     gr = grad_y.contiguous().reshape(B, C, L)
     acc_dtype = _accumulation_dtype(x.dtype)
@@ -395,6 +448,22 @@ def arch_batch_norm(
     group_size divides B. Returns y (x's shape and dtype, in the contract's layout), mean and invstd
     [G, C], and row_mean and row_m2 [B, C], all four in the accumulation dtype.
     """
+    op = "arch_batch_norm"
+    _check_common(op, x, arch, weight, group_size)
+    if bias.shape != weight.shape or bias.device != x.device:
+        raise ValueError(
+            f"{op}: bias must be [S, C] = {tuple(weight.shape)} like weight, got {tuple(bias.shape)}"
+        )
+    if bias.dtype != x.dtype:
+        raise ValueError(f"{op}: bias has dtype {bias.dtype} but x has {x.dtype}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps}")
+    L = math.prod(x.shape[2:]) if x.shape[0] * x.shape[1] else 0
+    if group_size * L < 2:
+        raise ValueError(
+            f"{op}: each statistics group has {group_size * L} value per channel (group_size = {group_size}, "
+            f"L = {L}); the batch variance needs at least 2"
+        )
     xr, B, C, L = _as_rows(x)
     acc_dtype = _accumulation_dtype(x.dtype)
     G = B // group_size
@@ -442,6 +511,15 @@ def arch_batch_norm_backward(
     grad_y, x: [B, C, *] (any strides); mean, invstd: [G, C] from the forward. Returns grad_x (x's
     shape and dtype, in the contract's layout) and grad_weight, grad_bias [S, C] in weight's dtype.
     """
+    op = "arch_batch_norm_backward"
+    _check_common(op, x, arch, weight, group_size)
+    _check_like(op, "grad_y", grad_y, "x", x)
+    G, C, acc = x.shape[0] // group_size, x.shape[1], _accumulation_dtype(x.dtype)
+    for name, t in (("mean", mean), ("invstd", invstd)):
+        if t.dtype != acc or t.dim() != 2 or tuple(t.shape) != (G, C) or t.device != x.device:
+            raise ValueError(
+                f"{op}: {name} must be [G, C] = [{G}, {C}] of dtype {acc}, got {t.dtype} {tuple(t.shape)}"
+            )
     xr, B, C, L = _as_rows(x)
     gr = grad_y.contiguous().reshape(B, C, L)
     acc_dtype = _accumulation_dtype(x.dtype)

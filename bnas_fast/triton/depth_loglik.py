@@ -24,9 +24,12 @@ The design mirrors csrc/depth_loglik.cpp:
   No atomics, so the backward is deterministic.
 
 The launchers own the layout (strides, output allocation, block sizes); the kernels own the math.
-Logits are read through their strides, so a non-contiguous view costs no copy. Argument and value
-checks happen in :mod:`bnas_fast.ops.depth_loglik` before these launchers are called; there is no
-autograd logic here.
+Logits are read through their strides, so a non-contiguous view costs no copy. The value checks
+(targets in range, log_q and logits finite) happen in :mod:`bnas_fast.ops.depth_loglik` before the
+forward launcher is called; both launchers repeat the C++ kernel's shape and dtype checks (metadata
+only), because a direct call of the op on CUDA reaches them without the public function's checks, and
+targets or log_q shorter than the logits' B or D+1 would be read out of bounds. There is no autograd
+logic here.
 """
 
 from __future__ import annotations
@@ -180,6 +183,42 @@ def _blocks(batch: int, classes: int) -> tuple[int, int, int]:
     return block_b, block_c, triton.cdiv(batch, block_b)
 
 
+def _check(op: str, logits: Tensor, targets: Tensor, log_q: Tensor, grad_out: Tensor | None = None) -> None:
+    """The C++ kernel's checks (csrc/depth_loglik.cpp, same messages); with ``grad_out`` also the
+    backward's. Metadata only: nothing is read from the device."""
+    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(
+            f"{op}: logits must be a float16, bfloat16, float32 or float64 tensor, got {logits.dtype}"
+        )
+    if logits.dim() != 3:
+        raise ValueError(f"{op}: logits must be [D+1, B, C], got {tuple(logits.shape)}")
+    depths, batch, classes = logits.shape
+    if classes < 1:
+        raise ValueError(f"{op}: logits must have at least one class")
+    if targets.dtype != torch.int64 or targets.dim() != 1 or targets.device != logits.device:
+        raise ValueError(
+            f"{op}: targets must be a 1-D int64 tensor on {logits.device}, got {targets.dtype} "
+            f"{tuple(targets.shape)} on {targets.device}"
+        )
+    if targets.shape[0] != batch:
+        raise ValueError(f"{op}: targets has {targets.shape[0]} entries but logits has B = {batch}")
+    if log_q.dim() != 1 or log_q.shape[0] != depths or log_q.device != logits.device:
+        raise ValueError(
+            f"{op}: log_q must be [D+1] = [{depths}] on {logits.device}, got {tuple(log_q.shape)} "
+            f"on {log_q.device}"
+        )
+    if log_q.dtype != logits.dtype:
+        raise ValueError(f"{op}: log_q has dtype {log_q.dtype} but logits has {logits.dtype}")
+    if grad_out is not None:
+        if grad_out.dim() != 1 or grad_out.shape[0] != batch or grad_out.device != logits.device:
+            raise ValueError(
+                f"{op}: grad_out must be [B] = [{batch}] on {logits.device}, got {tuple(grad_out.shape)} "
+                f"on {grad_out.device}"
+            )
+        if grad_out.dtype != logits.dtype:
+            raise ValueError(f"{op}: grad_out has dtype {grad_out.dtype} but logits has {logits.dtype}")
+
+
 def depth_loglik(logits: Tensor, targets: Tensor, log_q: Tensor) -> Tensor:
     """out[b] = sum_i q_i * log_softmax(logits[i, b])[targets[b]],  q_i = exp(log_q[i]).
 
@@ -187,6 +226,7 @@ def depth_loglik(logits: Tensor, targets: Tensor, log_q: Tensor) -> Tensor:
     logits. Returns a contiguous [B] in the dtype of logits (float32 accumulation for float16 and
     bfloat16). Depths with log_q = -inf are not read.
     """
+    _check("depth_loglik", logits, targets, log_q)
     depths, batch, classes = logits.shape
     out = torch.empty((batch,), dtype=logits.dtype, device=logits.device)
     if batch == 0:
@@ -223,6 +263,7 @@ def depth_loglik_backward(
     depths with q_i = 0) and [D+1] in the dtype of log_q. Deterministic: grad_log_q is reduced from
     per-program partial sums in a fixed order.
     """
+    _check("depth_loglik_backward", logits, targets, log_q, grad_out)
     depths, batch, classes = logits.shape
     grad_logits = torch.empty((depths, batch, classes), dtype=logits.dtype, device=logits.device)
     acc_dtype = _accumulation_dtype(logits.dtype)

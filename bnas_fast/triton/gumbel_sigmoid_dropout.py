@@ -64,9 +64,10 @@ The design:
 * Offsets are 64-bit: a row index times its length may exceed 2^31 elements.
 
 The launchers own the layout (contiguity, the views, output allocation, tiling) and read (seed,
-offset) on the host; the kernels own the per-element math. Argument checks (shapes, dtypes,
-group_size dividing C, temperature > 0, mode in {0, 1, 2}) are the caller's (the op module's),
-before these launchers are called; there is no autograd logic here.
+offset) on the host; the kernels own the per-element math. The launchers repeat the C++ kernel's
+argument checks (shapes, dtypes, group_size dividing C, temperature > 0, mode in {0, 1, 2}; metadata
+only), because a direct call of the op on CUDA reaches them without the public function's checks, and
+a drop_logit shorter than C / group_size would be read out of bounds. There is no autograd logic here.
 """
 
 from __future__ import annotations
@@ -345,6 +346,46 @@ def _tl_accumulation_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _check(
+    op: str,
+    x: Tensor,
+    drop_logit: Tensor,
+    seed_offset: Tensor,
+    temperature: float,
+    group_size: int,
+    mode: int,
+    grad_y: Tensor | None = None,
+) -> None:
+    """The C++ kernel's checks (make_config in csrc/gumbel_sigmoid_dropout.cpp, same messages); with
+    ``grad_y`` also the backward's. Metadata only: the sign of (seed, offset), which the C++ kernel
+    also checks, is left to the public function (the kernels key Philox with any int64 pair)."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{op}: x must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be [B, C, P], got {tuple(x.shape)}")
+    C = x.shape[1]
+    if group_size < 1 or C % group_size:
+        raise ValueError(f"{op}: group_size = {group_size} must be >= 1 and divide C = {C}")
+    if drop_logit.dim() != 1 or drop_logit.shape[0] != C // group_size or drop_logit.device != x.device:
+        raise ValueError(
+            f"{op}: drop_logit must be [C / group_size] = [{C // group_size}] on {x.device}, got "
+            f"{tuple(drop_logit.shape)} on {drop_logit.device}"
+        )
+    if drop_logit.dtype != x.dtype:
+        raise TypeError(f"{op}: drop_logit has dtype {drop_logit.dtype} but x has dtype {x.dtype}")
+    if seed_offset.dtype != torch.int64 or seed_offset.numel() != 2:
+        raise TypeError(f"{op}: seed_offset must be an int64 tensor of 2 entries (seed, offset)")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
+    if mode not in (0, 1, 2):
+        raise ValueError(f"{op}: mode must be 0 (soft), 1 (straight-through) or 2 (hard), got {mode}")
+    if grad_y is not None:
+        if grad_y.shape != x.shape or grad_y.device != x.device:
+            raise ValueError(f"{op}: grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
+        if grad_y.dtype != x.dtype:
+            raise TypeError(f"{op}: grad_y has dtype {grad_y.dtype} but x has dtype {x.dtype}")
+
+
 def _seed_offset(seed_offset: Tensor) -> Tuple[int, int]:
     # Read on the host: on a GPU this .tolist() synchronises with the device (acceptable here; the
     # kernels could instead load the two words themselves).
@@ -446,6 +487,7 @@ def gumbel_sigmoid_dropout(
     x: [B, C, P] (any strides); drop_logit: [C / group_size], x's dtype; seed_offset: int64 [2] =
     (seed, offset). Returns y, contiguous, x's shape and dtype.
     """
+    _check("gumbel_sigmoid_dropout", x, drop_logit, seed_offset, temperature, group_size, mode)
     B, C, P = x.shape
     xc = x.contiguous()
     y = torch.empty_like(xc)
@@ -474,6 +516,8 @@ def gumbel_sigmoid_dropout_backward(
     Returns grad_x (contiguous, x's shape and dtype) and grad_drop_logit [C / group_size] in
     drop_logit's dtype.
     """
+    op = "gumbel_sigmoid_dropout_backward"
+    _check(op, x, drop_logit, seed_offset, temperature, group_size, mode, grad_y=grad_y)
     B, C, P = x.shape
     G = C // group_size
     xc = x.contiguous()
@@ -509,6 +553,8 @@ def philox_bits(seed: int, offset: int, n: int, device=None) -> Tensor:
 def logistic_noise(bits: Tensor) -> Tensor:
     """The kernels' logistic noise of 32-bit words (int64 [n] in [0, 2^32)), float32 [n]:
     :func:`bnas_fast.reference.logistic_noise` up to the rounding of the log (a test helper)."""
+    if bits.dtype != torch.int64:  # the word range is not checked: that would read the tensor
+        raise TypeError("logistic_noise_of_words: words must be an int64 tensor")
     bits = bits.contiguous()
     out = torch.empty(bits.shape, dtype=torch.float32, device=bits.device)
     n = bits.numel()

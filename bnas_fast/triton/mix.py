@@ -24,8 +24,11 @@ The design mirrors csrc/mix.cpp:
   sums over the tiles afterwards. No atomics, so results are deterministic.
 
 The launchers own the layout (contiguity, the flat [rows, M] view, output allocation, block size);
-the kernels own the math. Argument and value checks happen in :mod:`bnas_fast.ops.mix` before these
-launchers are called; there is no autograd logic here.
+the kernels own the math. The value checks (finite weights, indices in range and distinct) happen in
+:mod:`bnas_fast.ops.mix` before the forward launchers are called (the backwards receive what the
+forward was given). The entry points repeat the C++ kernel's shape, dtype and count checks (metadata
+only), because a direct call of the op on CUDA reaches them without the public function's checks,
+and a candidate with too few rows would be read out of bounds. There is no autograd logic here.
 """
 
 from __future__ import annotations
@@ -232,6 +235,76 @@ def _slots(tensors: Sequence[Tensor]) -> List[Optional[Tensor]]:
     return list(tensors) + [None] * (MAX_CANDIDATES_PER_LAUNCH - len(tensors))
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(
+    op: str,
+    ys: Sequence[Tensor],
+    weights: Tensor,
+    indices: Optional[Sequence[Tensor]] = None,
+    grad_out: Optional[Tensor] = None,
+    relu_out: Optional[Tensor] = None,
+) -> None:
+    """The C++ kernel's checks (csrc/mix.cpp, same messages): dense when ``indices`` is None (every
+    y_k is [B, *rest]), else sparse (y_k is [n_k, *rest] and indices[k] is [n_k]); with ``grad_out``
+    (and ``relu_out``) those of the backward. Metadata only: nothing is read from the device."""
+    if len(ys) == 0:
+        raise ValueError(f"{op}: ys must hold at least one candidate tensor")
+    if weights.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: weights must be a float16, bfloat16, float32 or float64 tensor, got {weights.dtype}"
+        )
+    if weights.dim() != 2:
+        raise ValueError(f"{op}: weights must be [B, K], got shape {tuple(weights.shape)}")
+    B, K = weights.shape
+    if len(ys) != K:
+        raise ValueError(f"{op}: weights has K = {K} columns but ys holds {len(ys)} candidates")
+    if ys[0].dim() < 1:
+        raise ValueError(f"{op}: ys[0] must have a batch dimension")
+    rest = tuple(ys[0].shape[1:])
+    for k, y in enumerate(ys):
+        if y.dtype != weights.dtype:
+            raise ValueError(f"{op}: ys[{k}] has dtype {y.dtype} but weights has dtype {weights.dtype}")
+        if y.device != weights.device:
+            raise ValueError(f"{op}: ys[{k}] is on {y.device} but weights is on {weights.device}")
+        if y.dim() != len(rest) + 1 or tuple(y.shape[1:]) != rest:
+            raise ValueError(
+                f"{op}: ys[{k}] has shape {tuple(y.shape)}, which disagrees with ys[0] {tuple(ys[0].shape)} "
+                "beyond the batch dimension"
+            )
+        if indices is None and y.shape[0] != B:
+            raise ValueError(f"{op}: ys[{k}] has batch {y.shape[0]} but weights has B = {B}")
+    if indices is not None:
+        if len(indices) != K:
+            raise ValueError(f"{op}: indices holds {len(indices)} tensors but there are K = {K} candidates")
+        for k, idx in enumerate(indices):
+            if idx.dtype != torch.int64 or idx.dim() != 1 or idx.device != weights.device:
+                raise ValueError(
+                    f"{op}: indices[{k}] must be a 1-D int64 tensor on {weights.device}, got {idx.dtype} "
+                    f"{tuple(idx.shape)} on {idx.device}"
+                )
+            if idx.shape[0] != ys[k].shape[0]:
+                raise ValueError(
+                    f"{op}: indices[{k}] has {idx.shape[0]} entries but ys[{k}] has {ys[k].shape[0]} rows"
+                )
+    if grad_out is not None:
+        if grad_out.dtype != weights.dtype:
+            raise ValueError(f"{op}: grad_out has dtype {grad_out.dtype} but weights has {weights.dtype}")
+        if tuple(grad_out.shape) != (B,) + rest or grad_out.device != weights.device:
+            raise ValueError(
+                f"{op}: grad_out has shape {tuple(grad_out.shape)} on {grad_out.device}, expected the output "
+                f"shape {(B,) + rest} on {weights.device}"
+            )
+    if relu_out is not None and (relu_out.dtype, relu_out.shape, relu_out.device) != (
+        grad_out.dtype, grad_out.shape, grad_out.device
+    ):
+        raise ValueError(
+            f"{op}: relu_out must have grad_out's shape {tuple(grad_out.shape)} and dtype {grad_out.dtype}, "
+            f"got {tuple(relu_out.shape)} {relu_out.dtype}"
+        )
+
+
 def _inverse_rows(indices: Sequence[Tensor], batch: int, device: torch.device) -> Tensor:
     """rows[k, b] = i where indices[k][i] = b, else -1; [K, B] int64.
 
@@ -359,6 +432,7 @@ def mix(ys: Sequence[Tensor], weights: Tensor, relu: bool = False) -> Tensor:
 
     ys: K tensors [B, *rest]; weights: [B, K]. Returns a contiguous [B, *rest] in the dtype of ys.
     """
+    _check("mix_relu" if relu else "mix", ys, weights)
     return _forward(ys, weights, rows=None, relu=relu)
 
 
@@ -375,6 +449,7 @@ def mix_backward(
     grad_out: [B, *rest]. Returns K tensors [B, *rest] and [B, K] (zeros, with ys never read, when
     ``weights_requires_grad`` is False).
     """
+    _check("mix_backward", ys, weights, grad_out=grad_out, relu_out=relu_out)
     return _backward(grad_out, ys, weights, None, weights_requires_grad, relu_out)
 
 
@@ -384,6 +459,7 @@ def mix_sparse(ys: Sequence[Tensor], indices: Sequence[Tensor], weights: Tensor)
     ys: K tensors [n_k, *rest] (n_k may be 0); indices: K int64 tensors [n_k] of distinct examples in
     [0, B); weights: [B, K]. Returns a contiguous [B, *rest].
     """
+    _check("mix_sparse", ys, weights, indices=indices)
     rows = _inverse_rows(indices, weights.shape[0], weights.device)
     return _forward(ys, weights, rows)
 
@@ -401,5 +477,6 @@ def mix_sparse_backward(
     grad_out: [B, *rest]. Returns K tensors [n_k, *rest] and [B, K] (zeros when
     ``weights_requires_grad`` is False).
     """
+    _check("mix_sparse_backward", ys, weights, indices=indices, grad_out=grad_out)
     rows = _inverse_rows(indices, weights.shape[0], weights.device)
     return _backward(grad_out, ys, weights, rows, weights_requires_grad)
