@@ -202,21 +202,17 @@ def _check(op: str, logits: Tensor, targets: Tensor, log_q: Tensor, grad_out: Te
         )
     if targets.shape[0] != batch:
         raise ValueError(f"{op}: targets has {targets.shape[0]} entries but logits has B = {batch}")
-    if log_q.dim() != 1 or log_q.shape[0] != depths or log_q.device != logits.device:
-        raise ValueError(
-            f"{op}: log_q must be [D+1] = [{depths}] on {logits.device}, got {tuple(log_q.shape)} "
-            f"on {log_q.device}"
-        )
-    if log_q.dtype != logits.dtype:
-        raise ValueError(f"{op}: log_q has dtype {log_q.dtype} but logits has {logits.dtype}")
-    if grad_out is not None:
-        if grad_out.dim() != 1 or grad_out.shape[0] != batch or grad_out.device != logits.device:
+    # log_q is [D+1], grad_out [B]: both 1-D, on logits' device, in logits' dtype
+    for name, value, size, what in (("log_q", log_q, depths, "D+1"), ("grad_out", grad_out, batch, "B")):
+        if value is None:
+            continue
+        if value.dim() != 1 or value.shape[0] != size or value.device != logits.device:
             raise ValueError(
-                f"{op}: grad_out must be [B] = [{batch}] on {logits.device}, got {tuple(grad_out.shape)} "
-                f"on {grad_out.device}"
+                f"{op}: {name} must be [{what}] = [{size}] on {logits.device}, got {tuple(value.shape)} "
+                f"on {value.device}"
             )
-        if grad_out.dtype != logits.dtype:
-            raise ValueError(f"{op}: grad_out has dtype {grad_out.dtype} but logits has {logits.dtype}")
+        if value.dtype != logits.dtype:
+            raise ValueError(f"{op}: {name} has dtype {value.dtype} but logits has {logits.dtype}")
 
 
 def depth_loglik(logits: Tensor, targets: Tensor, log_q: Tensor) -> Tensor:
