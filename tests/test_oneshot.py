@@ -188,6 +188,10 @@ def test_ghost_batch_norm_bad_input():
     for eps in (-1.0, 0.0, float("nan"), "1e-5"):
         with pytest.raises(ValueError, match="eps must be a positive finite number"):
             GhostBatchNorm2d(3, 2, eps=eps)
+    with pytest.raises(ValueError, match="num_features must be a positive int"):
+        GhostBatchNorm2d(0, 2)
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        GhostBatchNorm2d(3, 2, fused="no")
 
 
 def test_ghost_batch_norm_takes_non_contiguous_inputs():

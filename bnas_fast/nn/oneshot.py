@@ -289,6 +289,8 @@ class GhostBatchNorm2d(nn.Module):
             )
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
             raise ValueError(f"GhostBatchNorm2d: eps must be a positive finite number, got {eps!r}")
+        _check_int("num_features", num_features, "GhostBatchNorm2d", 1)
+        _checks.check_bool("fused", fused, "GhostBatchNorm2d")
         self.num_features, self.ghost_batch_size, self.eps, self.fused = num_features, ghost_batch_size, eps, fused
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
