@@ -608,3 +608,18 @@ def test_eval_mode_in_low_precision_does_not_overflow_the_rescale(dtype):
     drop_logit = torch.full((3,), 12.0, dtype=dtype)
     y = bnas_fast.gumbel_sigmoid_dropout(x, drop_logit, training=False)
     torch.testing.assert_close(y, x, rtol=1e-2, atol=0)
+
+
+def test_fixed_keep_is_saved_loaded_and_moved_with_the_module():
+    """A sampled architecture (fixed_keep) survives state_dict round trips and dtype moves; a state
+    without one clears it."""
+    drop = GumbelSigmoidDropout(4, init_drop=0.3, rescale=True)
+    drop.fixed_keep = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    x = torch.randn(2, 4, 3)
+    fresh = GumbelSigmoidDropout(4, init_drop=0.3, rescale=True)
+    fresh.load_state_dict(drop.state_dict())
+    assert torch.equal(fresh.fixed_keep, drop.fixed_keep)
+    torch.testing.assert_close(fresh(x), drop(x))
+    assert drop.double().fixed_keep.dtype == torch.float64
+    fresh.load_state_dict(GumbelSigmoidDropout(4).state_dict())  # saved without a fixed mask
+    assert fresh.fixed_keep is None and "fixed_keep" not in fresh.state_dict()

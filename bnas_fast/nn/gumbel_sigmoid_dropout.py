@@ -74,7 +74,9 @@ class GumbelSigmoidDropout(nn.Module):
     Input [B, C, *]; output of the same shape. In eval mode the output is the deterministic
     expectation x (1 - p) scale. :meth:`sample_keep` draws a hard keep mask (an architecture), and
     :attr:`fixed_keep` ([C], or [C / group_size] for "group"), when set, replaces the random mask
-    by that one for every example, in training and eval.
+    by that one for every example, in training and eval. It is a buffer: it moves with the module
+    (``.to``, ``.double()``) and is saved in the state_dict when set, so a sampled architecture
+    survives saving and loading (a state_dict without it loads as no fixed mask).
     """
 
     def __init__(
@@ -104,7 +106,14 @@ class GumbelSigmoidDropout(nn.Module):
         self.temperature, self.granularity, self.group_size = float(temperature), granularity, group_size
         self.rescale, self.mode = bool(rescale), mode
         self.drop_logit = nn.Parameter(torch.full((size,), math.log(p) - math.log1p(-p)))
-        self.fixed_keep: Optional[Tensor] = None
+        self.register_buffer("fixed_keep", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A None buffer is neither saved nor loaded: make room for a saved mask (or clear ours when
+        # the state has none), so that loading restores exactly the saved architecture.
+        saved = state_dict.get(prefix + "fixed_keep")
+        self.fixed_keep = None if saved is None else torch.empty_like(saved, device=self.drop_logit.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     @property
     def drop_rate(self) -> Tensor:
