@@ -519,19 +519,22 @@ class OneShotNet(nn.Module):
                     raise ValueError(f"OneShotNet: {name} must have shape [{batch}, {width}], got {tuple(m.shape)}")
                 if torch.compiler.is_compiling():
                     continue
-                # 0/1 first: a fractional mask would silently scale paths, and a NaN one would be
-                # reported as not constant (NaN != NaN) by the ghost-batch check below.
+                # Both checks in one read of the result (one sync when all is well). 0/1 is reported
+                # first: a fractional mask would silently scale paths, and a NaN one would look
+                # not constant (NaN != NaN) to the ghost-batch check.
                 binary = (m == 0) | (m == 1)
+                g = self.ghost_batch_size
+                ghosts = m.reshape(batch // g, g, width) if batch % g == 0 else None
+                constant = (ghosts == ghosts[:, :1]).all() if ghosts is not None else torch.tensor(True, device=m.device)
+                if bool(binary.all() & constant):
+                    continue
                 if not bool(binary.all()):
                     row, col = (~binary).nonzero()[0].tolist()
                     raise ValueError(
                         f"OneShotNet: {name} must hold only 0 and 1 (keep or drop a path per example), "
                         f"got {float(m[row, col])} at [{row}, {col}]"
                     )
-                g = self.ghost_batch_size
-                ghosts = m.reshape(batch // g, g, width) if batch % g == 0 else None
-                if ghosts is not None and not bool((ghosts == ghosts[:, :1]).all()):
-                    raise ValueError(f"OneShotNet: {name} must be constant within each ghost batch of {g} examples")
+                raise ValueError(f"OneShotNet: {name} must be constant within each ghost batch of {g} examples")
 
     # ------------------------------------------------------------------------------------------
 
