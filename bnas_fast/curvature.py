@@ -279,9 +279,10 @@ class GGNBlocks:
         train mode or without running statistics, bnas_fast's arch_batch_norm and fused
         GhostBatchNorm2d); otherwise a probe tells: a cotangent on the first and last examples,
         back-propagated with the first chunk of factors (one cotangent more, about 1/K of their
-        backward pass: 4% to 6% of the time on issue 6's network), must reach no other example
-        (it catches the plain GhostBatchNorm2d, ``x - x.mean(0)``, anything else). Pass True or
-        False to skip the probe when you know."""
+        backward pass: 4% to 6% of the time on issue 6's network in exact mode, but 28% in "mc"
+        mode, whose single factor the probe doubles), must reach no other example (it catches the
+        plain GhostBatchNorm2d, ``x - x.mean(0)``, anything else). Pass True or False to skip the
+        probe when you know."""
         if not isinstance(diagonal, bool):
             raise TypeError(f"GGNBlocks.compute: diagonal must be a bool, got {diagonal!r}")
         if couples_examples is not None and not isinstance(couples_examples, bool):
