@@ -602,3 +602,13 @@ def test_the_image_learning_rate_drops_within_the_epoch_cap(overrides, drop_epoc
     c = ldn.LDNConfig(**overrides).resolved()
     assert c.lr_drop_epoch == drop_epoch
     assert c.lr_drop_epoch == 0 or c.lr_drop_epoch < c.max_epochs
+
+
+def test_the_posterior_repr_names_the_prior_it_holds():
+    """"geometric" only while the buffer holds that prior: not after pruning (the tail is folded) or
+    after loading another prior."""
+    posterior = DepthPosterior(5)
+    assert "prior=geometric(gamma=0.85)" in repr(posterior)
+    assert "prior=custom" in repr(posterior.pruned(3))
+    posterior.load_state_dict(DepthPosterior(5, gamma=0.5).state_dict())
+    assert "prior=custom" in repr(posterior)

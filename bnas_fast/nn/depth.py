@@ -238,7 +238,11 @@ class DepthPosterior(nn.Module):
         return self.logits.shape[0] - 1
 
     def extra_repr(self) -> str:
-        prior = f"geometric(gamma={self.gamma:g})" if self.prior_name == "geometric" else self.prior_name
+        # "geometric" only while the buffer still holds that prior: pruned() folds its tail, and a
+        # loaded state_dict may bring another one
+        geometric = self.prior_name == "geometric" and torch.allclose(
+            self.log_prior.double(), geometric_prior(self.max_depth, self.gamma).log(), atol=1e-6)
+        prior = f"geometric(gamma={self.gamma:g})" if geometric else "custom"
         return f"max_depth={self.max_depth}, prior={prior}"
 
     def log_q(self) -> Tensor:
