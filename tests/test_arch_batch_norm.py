@@ -1116,6 +1116,68 @@ def test_per_arch_statistics_move_with_one_value_per_channel():
     assert bn.num_batches_tracked.tolist() == [2, 2]
 
 
+@pytest.mark.parametrize("momentum_per", ["batch", "update"])
+def test_per_arch_momentum_counts_training_batches_or_updates(momentum_per):
+    """By hand, momentum 0.5, one channel. Batches 1 and 2 hold architecture 0 only (values 2 and 4:
+    mean 3, unbiased variance 2); batch 3 holds architecture 1 only (5 and 7: mean 6, variance 2).
+    Architecture 1 was last updated 3 batches before batch 3 (never: at the start), so "batch" moves
+    it by w = 1 - 0.5^3 = 0.875 and "update" by 0.5. The mixture's variance:
+    (1 - w) 1 + w 2 + w (1 - w) 6^2."""
+    bn = bnas_fast.nn.ArchBatchNorm1d(1, num_archs=2, running_stats="per_arch", momentum=0.5, momentum_per=momentum_per)
+    bn = bn.double()
+    two = torch.tensor([[2.0], [4.0]], dtype=torch.float64)
+    for _ in range(2):
+        bn(two, torch.tensor([0, 0]))
+    assert bn.batches_since_update.tolist() == [0, 2]
+    bn(two + 3, torch.tensor([1, 1]))
+    assert bn.batches_since_update.tolist() == [1, 0]
+    w = 0.875 if momentum_per == "batch" else 0.5
+    torch.testing.assert_close(bn.running_mean[1], torch.tensor([6 * w], dtype=torch.float64))
+    torch.testing.assert_close(bn.running_var[1], torch.tensor([(1 - w) + 2 * w + w * (1 - w) * 36], dtype=torch.float64))
+    # architecture 0 was met in consecutive batches: both modes move it by 0.5 twice
+    torch.testing.assert_close(bn.running_mean[0], torch.tensor([2.25], dtype=torch.float64))
+    bn.eval()
+    bn(two, torch.tensor([0, 1]))  # eval batches are not training batches: nothing is counted
+    assert bn.batches_since_update.tolist() == [1, 0]
+
+
+def test_per_arch_momentum_per_batch_matches_shared_statistics_when_every_architecture_is_present():
+    """Every architecture in every batch, each with the same examples' statistics: per-architecture
+    rows follow nn.BatchNorm's running statistics exactly (the per-batch and per-update counts agree)."""
+    torch.manual_seed(0)
+    bn = bnas_fast.nn.ArchBatchNorm2d(2, num_archs=3, running_stats="per_arch", momentum=0.2)
+    plain = nn.BatchNorm2d(2, momentum=0.2)
+    for _ in range(4):
+        x = torch.randn(1, 2, 4, 4) * 3 + 1
+        bn(x.expand(3, -1, -1, -1), torch.tensor([0, 1, 2]))
+        plain(x)
+    for s in range(3):
+        torch.testing.assert_close(bn.running_mean[s], plain.running_mean, rtol=1e-5, atol=1e-6)
+    assert bn.batches_since_update.tolist() == [0, 0, 0]
+
+
+def test_per_arch_state_dict_without_the_batch_counter_loads():
+    """State_dicts saved before momentum_per existed (and BatchNorm ones) lack batches_since_update:
+    they load, strictly, with every row counted as just updated; the counter is saved and restored."""
+    bn = bnas_fast.nn.ArchBatchNorm2d(2, num_archs=3, running_stats="per_arch")
+    bn(torch.randn(4, 2, 3, 3), torch.tensor([0, 0, 1, 1]))
+    saved = bn.state_dict()
+    assert saved["batches_since_update"].tolist() == [0, 0, 1]
+    other = bnas_fast.nn.ArchBatchNorm2d(2, num_archs=3, running_stats="per_arch")
+    other.load_state_dict(saved)
+    assert other.batches_since_update.tolist() == [0, 0, 1]
+    old = {k: v for k, v in saved.items() if k != "batches_since_update"}
+    other.load_state_dict(old)
+    assert other.batches_since_update.tolist() == [0, 0, 0]
+    other.load_state_dict(nn.BatchNorm2d(2).state_dict())
+    assert other.batches_since_update.tolist() == [0, 0, 0]
+
+
+def test_bad_momentum_per_names_the_argument():
+    with pytest.raises(ValueError, match="momentum_per must be one of \\('batch', 'update'\\), got 'epoch'"):
+        bnas_fast.nn.ArchBatchNorm2d(3, num_archs=2, running_stats="per_arch", momentum_per="epoch")
+
+
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
 def test_float32_parameters_with_a_low_precision_input_as_nn_batch_norm(low):
     """As under autocast: a float32 module, a bfloat16/float16 input. nn.BatchNorm2d takes the mix;

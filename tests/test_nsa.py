@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bnas_fast.nn
 from bnas_fast.methods import nsa
 from bnas_fast.nn.nsa import NSANet, NSAStage, sample_architectures
 
@@ -277,6 +278,7 @@ def test_compare_table_averages_over_seeds():
     [
         (dict(variant="nsa_x"), r"variant must be one of"),
         (dict(running_stats="per_example"), r"running_stats must be"),
+        (dict(bn_momentum_per="epoch"), r"bn_momentum_per must be 'batch' or 'update', got 'epoch'"),
         (dict(num_archs=1), r"num_archs must be an int >= 2"),
         (dict(n_train=1), r"need at least 2 training images"),
         (dict(batch_size=1), r"batch_size must be an int >= 2"),
@@ -322,6 +324,35 @@ def test_per_arch_statistics_keep_a_shared_affine_for_nsa_i():
     assert norm.norm.num_batches_tracked.tolist() == [1, 1, 0, 1, 0]
     conditional = NSANet(1, 3, width=4, num_stages=1, num_nodes=2, num_archs=5, variant="nsa_id", running_stats="per_arch")
     assert conditional.stages[0].norms[0].weight.shape == (5, 4)
+
+
+@pytest.mark.parametrize("variant", ["nsa", "nsa_id"])
+@pytest.mark.parametrize("momentum_per", ["batch", "update"])
+def test_momentum_per_reaches_every_per_architecture_batch_norm(variant, momentum_per):
+    """NSANet hands momentum_per to every stage BatchNorm with per-architecture statistics, and each
+    counts training batches: after batches of architectures 0, 1, 0 (one per batch, as NSA trains),
+    architecture 1 was last met 1 batch ago and architecture 2 never (3 batches). The moves these
+    counts give are tested on the module (test_arch_batch_norm.py)."""
+    torch.manual_seed(0)
+    net = NSANet(1, 3, width=4, num_stages=2, num_nodes=2, num_archs=3, variant=variant, running_stats="per_arch",
+                 momentum_per=momentum_per)
+    norms = [m for m in net.modules() if isinstance(m, bnas_fast.nn.ArchBatchNorm2d)]
+    assert len(norms) == 4 and all(m.momentum_per == momentum_per for m in norms)
+    for a in (0, 1, 0):
+        net(torch.randn(4, 1, 6, 6), a)
+    assert all(m.batches_since_update.tolist() == [0, 1, 3] for m in norms)
+
+
+def test_train_mode_evaluation_leaves_every_buffer_as_it_was():
+    """Scoring with BN in train mode (each test batch's statistics) must not touch the running
+    statistics or their batch counters (a later training step would see them)."""
+    torch.manual_seed(0)
+    net = NSANet(1, 3, width=4, num_stages=2, num_nodes=2, num_archs=3, variant="nsa", running_stats="per_arch")
+    net(torch.randn(4, 1, 6, 6), 0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    nsa._probs(net, torch.randn(5, 1, 6, 6), 1, bn_train=True)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_cli_option_errors_are_one_line_usage_errors(capsys):

@@ -74,6 +74,7 @@ class NSAConfig:
     dataset: str = "fashion"
     variant: str = "nsa_i"
     running_stats: str = "shared"
+    bn_momentum_per: str = "batch"  # per_arch statistics: momentum per training batch or per update
     seed: int = 0
     num_archs: int = 50
     width: int = 8
@@ -109,6 +110,8 @@ class NSAConfig:
             raise ValueError(f"nsa: variant must be one of {VARIANTS}, got {c.variant!r}")
         if c.running_stats not in ("shared", "per_arch"):
             raise ValueError(f"nsa: running_stats must be 'shared' or 'per_arch', got {c.running_stats!r}")
+        if c.bn_momentum_per not in ("batch", "update"):
+            raise ValueError(f"nsa: bn_momentum_per must be 'batch' or 'update', got {c.bn_momentum_per!r}")
         fashion = c.dataset == "fashion" and fashion_mnist_available(c.data_root or "/usr/share/datasets/fashion-mnist")
         if c.epochs is None:
             c.epochs = 1 if c.quick else (4 if fashion else 40)
@@ -192,6 +195,7 @@ def _build_model(c: NSAConfig, in_channels: int, num_classes: int) -> NSANet:
         model = NSANet(
             in_channels, num_classes, width=c.width, num_stages=c.num_stages, num_nodes=c.num_nodes,
             num_archs=c.num_archs, variant=c.variant, running_stats=c.running_stats, seed=c.seed,
+            momentum_per=c.bn_momentum_per,
         )
     if c.channels_last:
         # channels-last convolution weights make every activation channels-last (the stem's
@@ -238,7 +242,8 @@ def _probs(model: NSANet, x: Tensor, arch: int, bn_train: bool, batch: int = 256
     """Softmax of architecture ``arch`` on every example of x, [N, C]. bn_train: BN uses the batch
     statistics of each test batch (running statistics left untouched)."""
     if bn_train:
-        saved = copy.deepcopy({k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k})
+        saved = copy.deepcopy({k: v for k, v in model.state_dict().items()
+                               if "running" in k or "num_batches" in k or "batches_since_update" in k})
         model.train()
     else:
         model.eval()
@@ -536,6 +541,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fashion (Debian idx files; digits if absent) or digits")
     parser.add_argument("--variant", choices=VARIANTS, default="nsa_i")
     parser.add_argument("--running-stats", choices=("shared", "per_arch"), default="shared")
+    parser.add_argument("--bn-momentum-per", choices=("batch", "update"), default="batch",
+                        help="per_arch statistics: an architecture met again after t training batches moves by "
+                             "1 - (1 - momentum)^t (batch) or by momentum (update: stale at large S)")
     parser.add_argument("--compare", action="store_true", help="run every variant on the same budget and print a table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -563,8 +571,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = NSAConfig(
-        dataset=args.dataset, variant=args.variant, running_stats=args.running_stats, seed=args.seed,
-        num_archs=args.num_archs, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        dataset=args.dataset, variant=args.variant, running_stats=args.running_stats,
+        bn_momentum_per=args.bn_momentum_per, seed=args.seed, num_archs=args.num_archs, width=args.width,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         eval_archs=args.eval_archs, calibration_batches=args.calibration_batches, n_train=args.n_train,
         n_test=args.n_test, data_root=args.data_root,
         threads=args.threads, channels_last=args.channels_last, quick=args.quick, plots=not args.no_plots,

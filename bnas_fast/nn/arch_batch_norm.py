@@ -11,7 +11,11 @@ the examples of architecture s present in the batch), which attacks the train/ev
 section 3 of seed 002: an architecture evaluated in eval mode uses statistics of its own activations.
 Per-architecture statistics average the mean and the second moment E[x^2] over batches (not the
 per-batch variances), so an architecture met by one example per batch still gets the variance
-between its examples. They match training when training normalised each architecture's examples
+between its examples. ``momentum`` counts training batches, as for shared statistics
+(``momentum_per="batch"``, the default): an architecture met again after t batches moves by
+1 - (1 - momentum)^t, so its statistics are as recent as the shared ones. With
+``momentum_per="update"`` it moves by ``momentum`` whenever it is met, which leaves an
+architecture met once in S batches (NSA) with statistics from early in training. They match training when training normalised each architecture's examples
 by themselves (NSA: one architecture per batch); with NSA-i's whole-batch statistics they do not
 (README, "NSA, NSA-i and NSA-id").
 
@@ -33,6 +37,7 @@ from bnas_fast.ops.arch_batch_norm import arch_batch_norm
 __all__ = ["ArchBatchNorm1d", "ArchBatchNorm2d", "recalibrate_batch_norm"]
 
 _RUNNING_STATS = ("shared", "per_arch")
+_MOMENTUM_PER = ("batch", "update")
 
 
 def _check_arch(arch: Tensor, batch: int, num_archs: int, op: str) -> None:
@@ -57,6 +62,7 @@ class _ArchBatchNorm(nn.Module):
         track_running_stats: bool = True,
         running_stats: str = "shared",
         group_size: Optional[int] = None,
+        momentum_per: str = "batch",
         device=None,
         dtype=None,
     ) -> None:
@@ -81,11 +87,13 @@ class _ArchBatchNorm(nn.Module):
             raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps!r}")
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2):
             raise ValueError(f"{name}: group_size must be None (the whole batch) or an int >= 2, got {group_size!r}")
+        if momentum_per not in _MOMENTUM_PER:
+            raise ValueError(f"{name}: momentum_per must be one of {_MOMENTUM_PER}, got {momentum_per!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.num_archs = num_features, num_archs
         self.eps, self.momentum = eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
-        self.running_stats, self.group_size = running_stats, group_size
+        self.running_stats, self.group_size, self.momentum_per = running_stats, group_size, momentum_per
         if affine:
             self.weight = nn.Parameter(torch.ones(num_archs, num_features, **factory))
             self.bias = nn.Parameter(torch.zeros(num_archs, num_features, **factory))
@@ -99,6 +107,9 @@ class _ArchBatchNorm(nn.Module):
             # per_arch: batches in which each architecture was present (for momentum=None)
             counts = () if running_stats == "shared" else (num_archs,)
             self.register_buffer("num_batches_tracked", torch.zeros(counts, dtype=torch.long, device=device))
+            if running_stats == "per_arch":
+                # training batches since each architecture's statistics last moved (momentum_per="batch")
+                self.register_buffer("batches_since_update", torch.zeros(num_archs, dtype=torch.long, device=device))
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
@@ -109,6 +120,7 @@ class _ArchBatchNorm(nn.Module):
             f"{self.num_features}, num_archs={self.num_archs}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
             f"running_stats={self.running_stats!r}, group_size={self.group_size}"
+            + (f", momentum_per={self.momentum_per!r}" if self.running_stats == "per_arch" else "")
         )
 
     def reset_running_stats(self) -> None:
@@ -116,6 +128,8 @@ class _ArchBatchNorm(nn.Module):
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
+            if self.running_stats == "per_arch":
+                self.batches_since_update.zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -137,7 +151,7 @@ class _ArchBatchNorm(nn.Module):
         momentum, arch_momentum = self.momentum if self.momentum is not None else 0.0, None
         # The batch counts advance only once the call has succeeded (a rejected arch must not skew
         # the cumulative average); the momentum they give is worked out beforehand.
-        counts = None
+        counts, since = None, None
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 if self.running_stats == "shared":
@@ -149,8 +163,14 @@ class _ArchBatchNorm(nn.Module):
                         _check_arch(arch, x.shape[0], self.num_archs, name)
                     present = torch.bincount(arch, minlength=self.num_archs)[: self.num_archs] > 0
                     counts = self.num_batches_tracked + present.long()
+                    since = torch.where(present, 0, self.batches_since_update + 1)
                     if self.momentum is None:
                         arch_momentum = 1.0 / counts.clamp(min=1).to(torch.float64)
+                    elif self.momentum_per == "batch":
+                        # the weight that shared statistics give the batches since the last update:
+                        # 1 - (1 - momentum)^t for an architecture last met t batches ago (t = 1: momentum)
+                        t = (self.batches_since_update + 1).to(torch.float64)
+                        arch_momentum = 1.0 - (1.0 - self.momentum) ** t
         running = self.track_running_stats and (self.training or not use_batch_stats)
         weight, bias = _affine_in_dtype_of(x, self.weight, self.bias)
         y = arch_batch_norm(
@@ -169,6 +189,8 @@ class _ArchBatchNorm(nn.Module):
         )
         if counts is not None:
             self.num_batches_tracked.copy_(counts)
+        if since is not None:
+            self.batches_since_update.copy_(since)
         return y
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -192,6 +214,9 @@ class _ArchBatchNorm(nn.Module):
             value = state_dict.get(prefix + "num_batches_tracked")
             if value is not None and value.dim() == 0:
                 state_dict[prefix + "num_batches_tracked"] = value.expand(S).clone()
+            # BatchNorm state_dicts and those saved before momentum_per existed: every row counts as
+            # just updated (its next update moves it by momentum)
+            state_dict.setdefault(prefix + "batches_since_update", torch.zeros_like(self.batches_since_update))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 

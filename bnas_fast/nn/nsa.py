@@ -80,9 +80,10 @@ class _PerArchStatsBN(nn.Module):
     """Batch norm with per-architecture running statistics but one shared affine map: NSA / NSA-i
     with ``running_stats="per_arch"`` (only NSA-id makes the affine parameters per architecture)."""
 
-    def __init__(self, channels: int, num_archs: int):
+    def __init__(self, channels: int, num_archs: int, momentum_per: str = "batch"):
         super().__init__()
-        self.norm = ArchBatchNorm2d(channels, num_archs=num_archs, affine=False, running_stats="per_arch")
+        self.norm = ArchBatchNorm2d(channels, num_archs=num_archs, affine=False, running_stats="per_arch",
+                                    momentum_per=momentum_per)
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
@@ -120,9 +121,12 @@ class NSAStage(nn.Module):
         running_stats: "shared" or "per_arch" running statistics of the BatchNorms (per_arch keeps
             the affine parameters shared unless ``conditional``).
         fused: bnas_fast ops (True) or the plain-PyTorch twin (False; shared statistics only).
+        momentum_per: with per_arch statistics, "batch" (an architecture met again after t batches
+            moves by 1 - (1 - momentum)^t) or "update" (by momentum whenever met); see ArchBatchNorm2d.
     """
 
-    def __init__(self, channels: int, adjacency: Tensor, conditional: bool, running_stats: str = "shared", fused: bool = True):
+    def __init__(self, channels: int, adjacency: Tensor, conditional: bool, running_stats: str = "shared", fused: bool = True,
+                 momentum_per: str = "batch"):
         super().__init__()
         if adjacency.dim() != 3 or adjacency.shape[1] != adjacency.shape[2] or adjacency.shape[1] < 2:
             raise ValueError(f"NSAStage: adjacency must be [S, N+1, N+1] with N >= 1, got {tuple(adjacency.shape)}")
@@ -143,10 +147,11 @@ class NSAStage(nn.Module):
         if not fused:
             self.norms = nn.ModuleList(_PlainArchBN(channels, bn_archs) for _ in range(self.num_nodes))
         elif running_stats == "per_arch" and not conditional:
-            self.norms = nn.ModuleList(_PerArchStatsBN(channels, self.num_archs) for _ in range(self.num_nodes))
+            self.norms = nn.ModuleList(_PerArchStatsBN(channels, self.num_archs, momentum_per) for _ in range(self.num_nodes))
         else:
             self.norms = nn.ModuleList(
-                ArchBatchNorm2d(channels, num_archs=self.num_archs if self.bn_uses_arch else 1, running_stats=running_stats)
+                ArchBatchNorm2d(channels, num_archs=self.num_archs if self.bn_uses_arch else 1, running_stats=running_stats,
+                                momentum_per=momentum_per)
                 for _ in range(self.num_nodes)
             )
 
@@ -181,7 +186,10 @@ class NSANet(nn.Module):
     Args:
         variant: "nsa" and "nsa_i" (shared weights only; they differ in how training samples
             architectures) or "nsa_id" (plus per-architecture aggregation and BN affine parameters).
-        running_stats: "shared" or "per_arch" running statistics in the stages' BatchNorms.
+        running_stats: "shared" or "per_arch" running statistics in the stages' BatchNorms (the
+            stem's and the down-samplings' BatchNorms keep shared statistics).
+        momentum_per: with per_arch statistics, how their momentum counts: "batch" (default) or
+            "update" (see :class:`bnas_fast.nn.ArchBatchNorm2d`).
         fused: the bnas_fast ops (True) or the plain-PyTorch twin (False).
     """
 
@@ -198,6 +206,7 @@ class NSANet(nn.Module):
         p: float = 0.3,
         seed: int = 0,
         fused: bool = True,
+        momentum_per: str = "batch",
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -216,7 +225,7 @@ class NSANet(nn.Module):
         for k in range(num_stages):
             channels = width * 2**k
             adjacency = sample_architectures(num_archs, num_nodes, p, seed=seed * 1000 + k)
-            stages.append(NSAStage(channels, adjacency, conditional, running_stats, fused))
+            stages.append(NSAStage(channels, adjacency, conditional, running_stats, fused, momentum_per))
             if k + 1 < num_stages:
                 downs.append(
                     nn.Sequential(
