@@ -52,6 +52,16 @@ def check_finite_values(name: str, value: Tensor, op: str) -> None:
         raise ValueError(f"{op}: {name} contains a non-finite value (NaN or infinity) at index {bad}")
 
 
+def check_int(name: str, value: object, op: str, minimum: int) -> int:
+    """An int >= minimum, returned. A bool would pass as 0 or 1, and a float or a negative count
+    would fail deep inside torch (randint, expand, empty) with a message naming nothing of ours.
+    ValueError for both a wrong type and a value out of range, as the library's other counts."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{op}: {name} must be {what}, got {value!r}")
+    return value
+
+
 def check_bool(name: str, value: object, op: str) -> None:
     """A flag must be a real bool: 0, 1, "False" or None would otherwise pass as their truth value."""
     if not isinstance(value, bool):

@@ -351,6 +351,12 @@ def test_bad_inputs_name_the_argument():
         DepthPosterior(0)
     with pytest.raises(ValueError, match="max_depth"):
         learnt_depth_net(fam, 0)
+    # counts: a float or a bool is refused like a count out of range (ValueError, as elsewhere)
+    for bad in (2.5, True, "3"):
+        with pytest.raises(ValueError, match=rf"DepthPosterior: max_depth must be a positive int, got {bad!r}"):
+            DepthPosterior(bad)
+    with pytest.raises(ValueError, match=r"FCBlocks: width must be a positive int, got 0"):
+        FCBlocks(2, 3, 0)
     for gamma in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="gamma"):
             DepthPosterior(3, gamma=gamma)

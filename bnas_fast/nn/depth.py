@@ -76,14 +76,6 @@ PriorLike = Union[str, Tensor, Sequence[float]]
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: object, where: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{where}: {name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_probabilities(name: str, q: Tensor, where: str) -> Tensor:
     """A 1-D non-empty tensor of finite, non-negative values (a categorical, up to normalisation)."""
     if not isinstance(q, Tensor):
@@ -119,7 +111,7 @@ def geometric_prior(max_depth: int, gamma: float = 0.85, dtype: torch.dtype = to
     Returns:
         [D+1] probabilities, computed in log space so that large D with small gamma does not underflow.
     """
-    _check_int("max_depth", max_depth, "geometric_prior", 0)
+    _checks.check_int("max_depth", max_depth, "geometric_prior", 0)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < float(gamma) <= 1.0:
         raise ValueError(f"geometric_prior: gamma must be a number in (0, 1], got {gamma!r}")
     exponents = torch.arange(1, max_depth + 2, dtype=torch.float64) * math.log(float(gamma))
@@ -215,7 +207,7 @@ class DepthPosterior(nn.Module):
         init_logits: Optional[Tensor] = None,
     ):
         super().__init__()
-        _check_int("max_depth", max_depth, "DepthPosterior", 1)
+        _checks.check_int("max_depth", max_depth, "DepthPosterior", 1)
         log_prior = _log_prior(max_depth, prior, gamma, "DepthPosterior")
         if init_logits is None:
             logits = torch.zeros(max_depth + 1)
@@ -274,7 +266,7 @@ class DepthPosterior(nn.Module):
         that the returned object is a valid posterior/prior pair over depths 0..depth.
         ``depth`` may be 0 (a linear model) here, unlike in the constructor.
         """
-        _check_int("depth", depth, "DepthPosterior.pruned", 0)
+        _checks.check_int("depth", depth, "DepthPosterior.pruned", 0)
         if depth > self.max_depth:
             raise ValueError(
                 f"DepthPosterior.pruned: depth must be <= max_depth = {self.max_depth}, got {depth}"
@@ -318,7 +310,7 @@ def elbo(logits: Tensor, targets: Tensor, posterior: DepthPosterior, dataset_siz
             f"D+1 = {posterior.max_depth + 1} "
             f"(max_depth = {posterior.max_depth})"
         )
-    _check_int("dataset_size", dataset_size, op, 1)
+    _checks.check_int("dataset_size", dataset_size, op, 1)
     if dataset_size < logits.shape[1]:
         raise ValueError(
             f"{op}: dataset_size (N = {dataset_size}) is smaller than the batch (B = {logits.shape[1]})"
@@ -386,7 +378,7 @@ def prune_log_q(log_q: Tensor, depth: int) -> Tensor:
     if log_q.dim() != 1:
         raise ValueError(f"prune_log_q: log_q must be 1-D [D+1], got shape {tuple(log_q.shape)}")
     _check_log_probabilities("log_q", log_q, "prune_log_q")
-    _check_int("depth", depth, "prune_log_q", 0)
+    _checks.check_int("depth", depth, "prune_log_q", 0)
     if depth > log_q.shape[0] - 1:
         raise ValueError(f"prune_log_q: depth must be <= D = {log_q.shape[0] - 1}, got {depth}")
     return torch.cat([log_q[:depth], torch.logsumexp(log_q[depth:], dim=0, keepdim=True)])
@@ -418,7 +410,7 @@ def marginal_log_predictive(logits: Tensor, log_q: Tensor, depth: Optional[int] 
                 "marginalise over the first depth+1 only"
             )
         depth = log_q.shape[0] - 1
-    _check_int("depth", depth, op, 0)
+    _checks.check_int("depth", depth, op, 0)
     if depth > logits.shape[0] - 1:
         raise ValueError(f"{op}: depth = {depth} but logits only covers depths 0..{logits.shape[0] - 1}")
     lq = prune_log_q(log_q.to(logits.dtype), depth)
@@ -449,7 +441,7 @@ def per_depth_predictions(logits: Tensor) -> Tensor:
 def _calibration_bins(probs: Tensor, targets: Tensor, n_bins: int, op: str) -> Dict[str, Tensor]:
     _checks.check_tensor("probs", probs, op)
     _checks.check_tensor("targets", targets, op)
-    _check_int("n_bins", n_bins, op, 1)
+    _checks.check_int("n_bins", n_bins, op, 1)
     if probs.dim() != 2:
         raise ValueError(f"{op}: probs must have shape [N, C], got {tuple(probs.shape)}")
     _checks.check_floating("probs", probs, op)
@@ -622,7 +614,7 @@ class LearntDepthNet(nn.Module):
     def _check_depth(self, depth: Optional[int], name: str, where: str) -> int:
         if depth is None:
             return self.max_depth
-        _check_int(name, depth, where, 0)
+        _checks.check_int(name, depth, where, 0)
         if depth > self.max_depth:
             raise ValueError(f"{where}: {name} must be <= D = {self.max_depth}, got {depth}")
         return depth
@@ -727,9 +719,9 @@ class PreActBottleneck(nn.Sequential):
     """
 
     def __init__(self, channels: int = 64, bottleneck: int = 32, kernel_size: int = 3):
-        _check_int("channels", channels, "PreActBottleneck", 1)
-        _check_int("bottleneck", bottleneck, "PreActBottleneck", 1)
-        _check_int("kernel_size", kernel_size, "PreActBottleneck", 1)
+        _checks.check_int("channels", channels, "PreActBottleneck", 1)
+        _checks.check_int("bottleneck", bottleneck, "PreActBottleneck", 1)
+        _checks.check_int("kernel_size", kernel_size, "PreActBottleneck", 1)
         if kernel_size % 2 == 0:
             raise ValueError(f"PreActBottleneck: kernel_size must be odd (same padding), got {kernel_size}")
         super().__init__(
@@ -755,9 +747,9 @@ class FCBlocks:
     BatchNorm1d(w); f_{D+1} = Linear(w, C). Depth 0 is a linear model. Default PyTorch initialisation."""
 
     def __init__(self, in_features: int, num_classes: int, width: int = 20):
-        self.in_features = _check_int("in_features", in_features, "FCBlocks", 1)
-        self.num_classes = _check_int("num_classes", num_classes, "FCBlocks", 1)
-        self.width = _check_int("width", width, "FCBlocks", 1)
+        self.in_features = _checks.check_int("in_features", in_features, "FCBlocks", 1)
+        self.num_classes = _checks.check_int("num_classes", num_classes, "FCBlocks", 1)
+        self.width = _checks.check_int("width", width, "FCBlocks", 1)
 
     def __repr__(self) -> str:
         return f"FCBlocks(in_features={self.in_features}, num_classes={self.num_classes}, width={self.width})"
@@ -788,11 +780,11 @@ class ConvBlocks:
         bottleneck: int = 32,
         kernel_size: int = 3,
     ):
-        self.in_channels = _check_int("in_channels", in_channels, "ConvBlocks", 1)
-        self.num_classes = _check_int("num_classes", num_classes, "ConvBlocks", 1)
-        self.channels = _check_int("channels", channels, "ConvBlocks", 1)
-        self.bottleneck = _check_int("bottleneck", bottleneck, "ConvBlocks", 1)
-        self.kernel_size = _check_int("kernel_size", kernel_size, "ConvBlocks", 1)
+        self.in_channels = _checks.check_int("in_channels", in_channels, "ConvBlocks", 1)
+        self.num_classes = _checks.check_int("num_classes", num_classes, "ConvBlocks", 1)
+        self.channels = _checks.check_int("channels", channels, "ConvBlocks", 1)
+        self.bottleneck = _checks.check_int("bottleneck", bottleneck, "ConvBlocks", 1)
+        self.kernel_size = _checks.check_int("kernel_size", kernel_size, "ConvBlocks", 1)
 
     def __repr__(self) -> str:
         return (
@@ -824,7 +816,7 @@ def learnt_depth_net(
 ) -> LearntDepthNet:
     """A :class:`LearntDepthNet` of ``max_depth`` fresh blocks of ``family``, with a
     :class:`DepthPosterior`."""
-    _check_int("max_depth", max_depth, "learnt_depth_net", 1)
+    _checks.check_int("max_depth", max_depth, "learnt_depth_net", 1)
     posterior = DepthPosterior(max_depth, prior=prior, gamma=gamma)
     blocks = [family.block() for _ in range(max_depth)]
     return LearntDepthNet(family.input_block(), blocks, family.output_block(), posterior)
@@ -832,5 +824,5 @@ def learnt_depth_net(
 
 def resnet(family: Family, depth: int) -> ResNet:
     """The deterministic baseline: a :class:`ResNet` of ``depth`` >= 0 fresh blocks of ``family``."""
-    _check_int("depth", depth, "resnet", 0)
+    _checks.check_int("depth", depth, "resnet", 0)
     return ResNet(family.input_block(), [family.block() for _ in range(depth)], family.output_block())

@@ -64,14 +64,6 @@ __all__ = [
 OPERATIONS: Tuple[str, ...] = ("identity", "sep3", "sep5", "sep7", "conv1x7_7x1", "max3", "avg3")
 
 
-def _check_int(name: str, value: object, op: str, minimum: int) -> None:
-    """An int >= minimum (not a bool, which would pass as 0 or 1): a float or a negative count would
-    otherwise fail deep inside torch.randint or Tensor.expand."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{op}: {name} must be {what}, got {value!r}")
-
-
 # ----------------------------------------------------------------------------------------------
 # architectures: plain data
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +133,7 @@ class Architecture:
     @classmethod
     def all_on(cls, num_blocks: int, operations: Sequence[str] = OPERATIONS) -> "Architecture":
         """Every input and every operation: the reference of §5's KL divergences."""
-        _check_int("num_blocks", num_blocks, "Architecture.all_on", 1)
+        _checks.check_int("num_blocks", num_blocks, "Architecture.all_on", 1)
         return cls(tuple(ChoiceBlock(tuple(range(2 + i)), tuple(operations)) for i in range(num_blocks)), tuple(operations))
 
     @classmethod
@@ -157,7 +149,7 @@ class Architecture:
         1..max_inputs, then a uniform subset of that size; likewise 1..max_ops operations."""
         op = "Architecture.sample"
         for name, value in (("num_blocks", num_blocks), ("max_inputs", max_inputs), ("max_ops", max_ops)):
-            _check_int(name, value, op, 1)
+            _checks.check_int(name, value, op, 1)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"{op}: generator must be None or a torch.Generator, got {type(generator).__name__}")
         operations = tuple(operations)
@@ -202,7 +194,7 @@ class Architecture:
 
     def path_masks(self, batch_size: int, dtype: torch.dtype = torch.float32, device=None) -> "PathMasks":
         """The masks that make the one-shot model run this architecture on every example."""
-        _check_int("batch_size", batch_size, "Architecture.path_masks", 0)
+        _checks.check_int("batch_size", batch_size, "Architecture.path_masks", 0)
         inputs, ops = [], []
         for i, b in enumerate(self.blocks):
             m_in = torch.zeros(2 + i, dtype=dtype, device=device)
@@ -289,7 +281,7 @@ class GhostBatchNorm2d(nn.Module):
             )
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
             raise ValueError(f"GhostBatchNorm2d: eps must be a positive finite number, got {eps!r}")
-        _check_int("num_features", num_features, "GhostBatchNorm2d", 1)
+        _checks.check_int("num_features", num_features, "GhostBatchNorm2d", 1)
         _checks.check_bool("fused", fused, "GhostBatchNorm2d")
         self.num_features, self.ghost_batch_size, self.eps, self.fused = num_features, ghost_batch_size, eps, fused
         self.weight = nn.Parameter(torch.ones(num_features))
