@@ -7,8 +7,9 @@ runs under the default glibc settings, then again in a child process with
 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 (no page faults on large temporaries).
 
 The network: 3x3 convolutions 3 -> 16 -> 32 -> 32 with ReLUs on 16x16 inputs, global average pool,
-linear to 10 classes; batch 32, float32, 2 threads. Prints the median of 7 calls of each, twice,
-and the peak memory of one call of each (bnas_fast.bench.peak_memory_bytes).
+linear to 10 classes; batch 32, float32, 2 threads. Prints the median of 7 calls of each, the
+providers called in turn, twice, and the peak memory of one call of each
+(bnas_fast.bench.peak_memory_bytes).
 BackPACK is a test-only dependency (`pip install --no-deps backpack-for-pytorch unfoldNd einops`).
 Not yet a `bnas-fast bench` case: the harness's providers are eager / compile / bnas_fast.
 
@@ -82,22 +83,26 @@ def main() -> None:
         finally:
             bnas_fast.curvature.unfolded_gram = fused
 
-    def median_ms(fn, repeat=7):
-        fn()
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
+    def interleaved_medians_ms(fns, repeat=7):
+        """Median ms of each of fns, called in turn (one call of each per round, after a warm-up
+        round): a drift of the host's speed then shifts every provider alike, not one of them."""
+        for fn in fns:
             fn()
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times)
+        times = [[] for _ in fns]
+        for _ in range(repeat):
+            for fn, spent in zip(fns, times):
+                start = time.perf_counter()
+                fn()
+                spent.append(time.perf_counter() - start)
+        return [1e3 * statistics.median(spent) for spent in times]
 
     print(f"## malloc: {_malloc_label()}")
     for _ in range(2):
-        a, b, c = median_ms(diag_ggn_exact), median_ms(blocks), median_ms(blocks_with_reference)
+        a, b, c, d = interleaved_medians_ms([diag_ggn_exact, blocks, blocks_with_reference, diagonals])
         print(
             f"BackPACK DiagGGNExact {a:.1f} ms | bnas_fast GGNBlocks (exact blocks) {b:.1f} ms ({a / b:.2f}x) "
             f"| GGNBlocks on the unfold + einsum reference {c:.1f} ms ({c / b:.2f}x ours) "
-            f"| GGNBlocks diagonals only {median_ms(diagonals):.1f} ms"
+            f"| GGNBlocks diagonals only {d:.1f} ms"
         )
     providers = (
         ("BackPACK DiagGGNExact", diag_ggn_exact), ("GGNBlocks", blocks), ("GGNBlocks on the reference", blocks_with_reference),

@@ -15,9 +15,10 @@ between its examples. ``momentum`` counts training batches, as for shared statis
 (``momentum_per="batch"``, the default): an architecture met again after t batches moves by
 1 - (1 - momentum)^t, so its statistics are as recent as the shared ones. With
 ``momentum_per="update"`` it moves by ``momentum`` whenever it is met, which leaves an
-architecture met once in S batches (NSA) with statistics from early in training. They match training when training normalised each architecture's examples
-by themselves (NSA: one architecture per batch); with NSA-i's whole-batch statistics they do not
-(README, "NSA, NSA-i and NSA-id").
+architecture met once in S batches (NSA) with statistics from early in training. Per-architecture
+statistics match training when training normalised each architecture's examples by themselves
+(NSA: one architecture per batch); with NSA-i's whole-batch statistics they do not (README, "NSA,
+NSA-i and NSA-id").
 
 With ``num_archs = 1`` the module matches ``nn.BatchNorm2d`` in both modes, and
 ``load_state_dict`` accepts a BatchNorm state_dict: its [C] parameters and statistics are broadcast
