@@ -1173,6 +1173,30 @@ def test_per_arch_state_dict_without_the_batch_counter_loads():
     assert other.batches_since_update.tolist() == [0, 0, 0]
 
 
+def test_partial_state_dict_leaves_the_batch_counter_alone():
+    """A state_dict without this module's statistics (e.g. only another layer's weights, loaded with
+    strict=False) must not reset the counter; loading statistics into a meta module with assign=True
+    puts the filled-in counter on the statistics' device."""
+    bn = bnas_fast.nn.ArchBatchNorm2d(2, num_archs=3, running_stats="per_arch")
+    for arch in ([0, 0], [1, 1], [0, 0]):
+        bn(torch.randn(2, 2, 3, 3), torch.tensor(arch))
+    assert bn.batches_since_update.tolist() == [0, 1, 3]
+    bn.load_state_dict({"weight": torch.ones(3, 2), "bias": torch.zeros(3, 2)}, strict=False)
+    assert bn.batches_since_update.tolist() == [0, 1, 3]
+    with torch.device("meta"):
+        meta = bnas_fast.nn.ArchBatchNorm2d(2, num_archs=3, running_stats="per_arch")
+    old = {k: v for k, v in bn.state_dict().items() if k != "batches_since_update"}
+    meta.load_state_dict(old, assign=True)
+    assert meta.batches_since_update.device.type == "cpu" and meta.batches_since_update.tolist() == [0, 0, 0]
+    meta(torch.randn(2, 2, 3, 3), torch.tensor([0, 2]))
+
+
+def test_momentum_per_comes_after_device_and_dtype():
+    """Positional arguments keep nn.BatchNorm-style meaning up to dtype (momentum_per was added last)."""
+    bn = bnas_fast.nn.ArchBatchNorm2d(3, 2, 1e-5, 0.1, True, True, "per_arch", None, "cpu", torch.float64)
+    assert bn.running_mean.dtype == torch.float64 and bn.momentum_per == "batch"
+
+
 def test_bad_momentum_per_names_the_argument():
     with pytest.raises(ValueError, match="momentum_per must be one of \\('batch', 'update'\\), got 'epoch'"):
         bnas_fast.nn.ArchBatchNorm2d(3, num_archs=2, running_stats="per_arch", momentum_per="epoch")

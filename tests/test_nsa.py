@@ -343,6 +343,28 @@ def test_momentum_per_reaches_every_per_architecture_batch_norm(variant, momentu
     assert all(m.batches_since_update.tolist() == [0, 1, 3] for m in norms)
 
 
+def test_model_checks_momentum_per_in_both_forms():
+    for fused in (True, False):
+        with pytest.raises(ValueError, match="NSANet: momentum_per must be 'batch' or 'update', got 'epoch'"):
+            NSANet(1, 3, width=2, num_archs=2, momentum_per="epoch", fused=fused)
+
+
+def test_update_rule_runs_write_apart_and_are_labelled(tmp_path, capsys):
+    """The two rules of per-architecture statistics must not overwrite each other's results."""
+    from bnas_fast.cli import main
+
+    common = ["run", "nsa", "--quick", "--dataset", "digits", "--running-stats", "per_arch", "--out", str(tmp_path),
+              "--no-progress", "--no-plots"]
+    assert main(common) == 0
+    assert main(common + ["--bn-momentum-per", "update"]) == 0
+    out = capsys.readouterr().out
+    assert "nsa_i (per_arch) seed 0" in out and "nsa_i (per_arch_update) seed 0" in out
+    batch = json.loads((tmp_path / "nsa_i_per_arch_seed0" / "results.json").read_text())
+    update = json.loads((tmp_path / "nsa_i_per_arch_update_seed0" / "results.json").read_text())
+    assert (batch["config"]["bn_momentum_per"], update["config"]["bn_momentum_per"]) == ("batch", "update")
+    assert nsa._compare_row("nsa_i", "per_arch", 0, update)["running_stats"] == "per_arch_update"
+
+
 def test_train_mode_evaluation_leaves_every_buffer_as_it_was():
     """Scoring with BN in train mode (each test batch's statistics) must not touch the running
     statistics or their batch counters (a later training step would see them)."""

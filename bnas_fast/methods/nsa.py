@@ -404,7 +404,8 @@ def _plots(c: NSAConfig, r: Dict[str, Any]) -> Dict[str, str]:
         ax.hist(calibrated, bins=bins, alpha=0.6, label="BN calibrated per architecture")
     ax.set_xlabel("test accuracy of one architecture (%)")
     ax.set_ylabel("architectures")
-    ax.set_title(f"{c.variant} ({c.running_stats} BN statistics): Spearman {arch['spearman_train_vs_eval_bn']:.2f}")
+    stats = _stats_label(c.running_stats, c.bn_momentum_per)
+    ax.set_title(f"{c.variant} ({stats} BN statistics): Spearman {arch['spearman_train_vs_eval_bn']:.2f}")
     ax.legend()
     fig.tight_layout()
     files["histogram"] = os.path.join(c.out_dir, "fig2_accuracy_histograms.png")
@@ -455,12 +456,20 @@ _COMPARE_COLUMNS = (
 )
 
 
+def _stats_label(running_stats: str, momentum_per: str) -> str:
+    """How a run's running statistics are named in directories and tables: "shared", "per_arch"
+    (momentum per training batch, the default) or "per_arch_update" (the per-update rule)."""
+    if running_stats == "shared" or momentum_per == "batch":
+        return running_stats
+    return f"{running_stats}_update"
+
+
 def _compare_row(variant: str, stats: str, seed: int, r: Dict[str, Any]) -> Dict[str, Any]:
     a = r["architectures"]
     five = next((e for e in r["ensemble"] if e["T"] == min(5, len(r["ensemble"]))), r["ensemble"][-1])
     return {
         "variant": variant,
-        "running_stats": stats,
+        "running_stats": _stats_label(stats, r["config"]["bn_momentum_per"]),
         "seed": seed,
         "spearman": a["spearman_train_vs_eval_bn"],
         "eval_std": a["eval_bn_std"],
@@ -522,7 +531,8 @@ def compare(
     for seed in seeds:
         for variant, stats in COMPARISON:
             c = dataclasses.replace(base, variant=variant, running_stats=stats, seed=seed)
-            c.out_dir = os.path.join(out_dir, f"{variant}_{stats}_seed{seed}") if out_dir else None
+            label = _stats_label(stats, c.bn_momentum_per)
+            c.out_dir = os.path.join(out_dir, f"{variant}_{label}_seed{seed}") if out_dir else None
             rows.append(_compare_row(variant, stats, seed, run(c)))
             if out_dir:
                 os.makedirs(out_dir, exist_ok=True)
@@ -542,8 +552,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", choices=VARIANTS, default="nsa_i")
     parser.add_argument("--running-stats", choices=("shared", "per_arch"), default="shared")
     parser.add_argument("--bn-momentum-per", choices=("batch", "update"), default="batch",
-                        help="per_arch statistics: an architecture met again after t training batches moves by "
-                             "1 - (1 - momentum)^t (batch) or by momentum (update: stale at large S)")
+                        help="per_arch statistics: an architecture met again after t training batches "
+                             "moves by 1 - (1 - momentum)^t (batch) or by momentum (update: stale at large S)")
     parser.add_argument("--compare", action="store_true", help="run every variant on the same budget and print a table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -585,11 +595,12 @@ def main(args: argparse.Namespace) -> int:
         result = compare(config, out_dir=args.out, seeds=args.seeds)
         print(result["markdown"])
         return 0
-    config.out_dir = os.path.join(args.out, f"{args.variant}_{args.running_stats}_seed{args.seed}")
+    label = _stats_label(args.running_stats, args.bn_momentum_per)
+    config.out_dir = os.path.join(args.out, f"{args.variant}_{label}_seed{args.seed}")
     r = run(config)
     a = r["architectures"]
     print(
-        f"{args.variant} ({args.running_stats}) seed {args.seed}: Spearman {a['spearman_train_vs_eval_bn']:.3f}, "
+        f"{args.variant} ({label}) seed {args.seed}: Spearman {a['spearman_train_vs_eval_bn']:.3f}, "
         f"eval-BN accuracy {100 * a['mean_single_accuracy']:.2f}% (std {100 * a['eval_bn_std']:.2f}), "
         f"ensemble T={r['ensemble'][-1]['T']} {100 * r['ensemble'][-1]['accuracy']:.2f}%, MI AUROC {r['uncertainty']['auroc']:.3f} "
         f"| {r['seconds']:.0f} s -> {config.out_dir}"

@@ -63,9 +63,9 @@ class _ArchBatchNorm(nn.Module):
         track_running_stats: bool = True,
         running_stats: str = "shared",
         group_size: Optional[int] = None,
-        momentum_per: str = "batch",
         device=None,
         dtype=None,
+        momentum_per: str = "batch",
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -110,7 +110,8 @@ class _ArchBatchNorm(nn.Module):
             self.register_buffer("num_batches_tracked", torch.zeros(counts, dtype=torch.long, device=device))
             if running_stats == "per_arch":
                 # training batches since each architecture's statistics last moved (momentum_per="batch")
-                self.register_buffer("batches_since_update", torch.zeros(num_archs, dtype=torch.long, device=device))
+                since = torch.zeros(num_archs, dtype=torch.long, device=device)
+                self.register_buffer("batches_since_update", since)
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
@@ -170,7 +171,9 @@ class _ArchBatchNorm(nn.Module):
                     elif self.momentum_per == "batch":
                         # the weight that shared statistics give the batches since the last update:
                         # 1 - (1 - momentum)^t for an architecture last met t batches ago (t = 1: momentum)
-                        t = (self.batches_since_update + 1).to(torch.float64)
+                        # (float32 at least: no float64 on backends that lack it, unless the module is)
+                        acc = torch.promote_types(self.running_mean.dtype, torch.float32)
+                        t = (self.batches_since_update + 1).to(acc)
                         arch_momentum = 1.0 - (1.0 - self.momentum) ** t
         running = self.track_running_stats and (self.training or not use_batch_stats)
         weight, bias = _affine_in_dtype_of(x, self.weight, self.bias)
@@ -216,8 +219,11 @@ class _ArchBatchNorm(nn.Module):
             if value is not None and value.dim() == 0:
                 state_dict[prefix + "num_batches_tracked"] = value.expand(S).clone()
             # BatchNorm state_dicts and those saved before momentum_per existed: every row counts as
-            # just updated (its next update moves it by momentum)
-            state_dict.setdefault(prefix + "batches_since_update", torch.zeros_like(self.batches_since_update))
+            # just updated (its next update moves it by momentum). Only when this module's statistics
+            # are loaded (a partial state_dict leaves the counter alone), on their device (assign=True).
+            key, loaded = prefix + "batches_since_update", state_dict.get(prefix + "running_mean")
+            if key not in state_dict and loaded is not None:
+                state_dict[key] = torch.zeros(S, dtype=torch.long, device=loaded.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 

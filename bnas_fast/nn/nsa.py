@@ -125,13 +125,17 @@ class NSAStage(nn.Module):
             moves by 1 - (1 - momentum)^t) or "update" (by momentum whenever met); see ArchBatchNorm2d.
     """
 
-    def __init__(self, channels: int, adjacency: Tensor, conditional: bool, running_stats: str = "shared", fused: bool = True,
-                 momentum_per: str = "batch"):
+    def __init__(
+        self, channels: int, adjacency: Tensor, conditional: bool, running_stats: str = "shared", fused: bool = True,
+        momentum_per: str = "batch",
+    ):
         super().__init__()
         if adjacency.dim() != 3 or adjacency.shape[1] != adjacency.shape[2] or adjacency.shape[1] < 2:
             raise ValueError(f"NSAStage: adjacency must be [S, N+1, N+1] with N >= 1, got {tuple(adjacency.shape)}")
         if not fused and running_stats != "shared":
             raise ValueError("NSAStage: the plain-PyTorch twin (fused=False) supports running_stats='shared' only")
+        if momentum_per not in ("batch", "update"):
+            raise ValueError(f"NSAStage: momentum_per must be 'batch' or 'update', got {momentum_per!r}")
         self.num_archs, self.num_nodes = adjacency.shape[0], adjacency.shape[1] - 1
         self.conditional, self.fused = conditional, fused
         self.register_buffer("adjacency", adjacency.float().clone())
@@ -147,11 +151,13 @@ class NSAStage(nn.Module):
         if not fused:
             self.norms = nn.ModuleList(_PlainArchBN(channels, bn_archs) for _ in range(self.num_nodes))
         elif running_stats == "per_arch" and not conditional:
-            self.norms = nn.ModuleList(_PerArchStatsBN(channels, self.num_archs, momentum_per) for _ in range(self.num_nodes))
+            self.norms = nn.ModuleList(
+                _PerArchStatsBN(channels, self.num_archs, momentum_per) for _ in range(self.num_nodes)
+            )
         else:
             self.norms = nn.ModuleList(
-                ArchBatchNorm2d(channels, num_archs=self.num_archs if self.bn_uses_arch else 1, running_stats=running_stats,
-                                momentum_per=momentum_per)
+                ArchBatchNorm2d(channels, num_archs=self.num_archs if self.bn_uses_arch else 1,
+                                running_stats=running_stats, momentum_per=momentum_per)
                 for _ in range(self.num_nodes)
             )
 
@@ -213,6 +219,8 @@ class NSANet(nn.Module):
             raise ValueError(f"NSANet: variant must be one of {VARIANTS}, got {variant!r}")
         if running_stats not in ("shared", "per_arch"):
             raise ValueError(f"NSANet: running_stats must be 'shared' or 'per_arch', got {running_stats!r}")
+        if momentum_per not in ("batch", "update"):
+            raise ValueError(f"NSANet: momentum_per must be 'batch' or 'update', got {momentum_per!r}")
         for name, value in (("width", width), ("num_stages", num_stages), ("num_nodes", num_nodes), ("num_archs", num_archs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"NSANet: {name} must be an int >= 1, got {value!r}")
