@@ -5,6 +5,7 @@ dilated and grouped convolutions, BatchNorm in eval and in train mode, a switch 
 """
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -536,3 +537,18 @@ def test_string_paddings_give_the_blocks_of_the_explicit_padding(train):
             results[-1]["recursion"] = diagonal_recursion_hessians(model, x)["0"]
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_prototype_of_exact_train_mode_batch_norm_in_o_n_matches_the_exact_path(monkeypatch):
+    """benchmarks/prototype_leaf_stats_ggn.py (not library code; README, Known limits) stays a
+    faithful starting point: on its float64 network with two train-mode BatchNorms, its O(N) blocks
+    equal the O(N^2) exact path's."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "prototype_leaf_stats_ggn.py"
+    spec = importlib.util.spec_from_file_location("prototype_leaf_stats_ggn", path)
+    prototype = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, prototype)  # its dataclasses look their module up
+    spec.loader.exec_module(prototype)
+    assert prototype.check_tiny() < 1e-12
