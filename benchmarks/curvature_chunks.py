@@ -11,6 +11,10 @@ median of 3 calls and the peak memory of one call (bnas_fast.bench.peak_memory_b
 is one pass over every factor, which is what GGNBlocks did before the bound existed. Runs under
 the default glibc settings, then again in a child process with MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=68719476736 (no page faults on large temporaries). About 2 minutes.
+
+Then the two exact paths for train-mode BatchNorm at the default bound, called in turn (medians
+of 5 calls, forward pass included): ``batch_norm_path="pairs"`` (N K = 288 cotangents) and
+``"statistics"`` (K + 2 sum C = 9 + 96 cotangents), with their peak memory.
 """
 
 import os
@@ -58,6 +62,26 @@ def main() -> None:
         print(f"max_factor_bytes {label}: {seconds[bound]:.2f} s, peak memory {peak_memory_bytes(blocks) / MiB:.0f} MiB",
               flush=True)
     print(f"default against unbounded: {seconds[2**50] / seconds[MAX_FACTOR_BYTES]:.2f}x as fast")
+
+    def blocks_by(path):
+        with GGNBlocks(model, batch_norm_path=path) as curvature:
+            logits = model(x)
+        return curvature.compute(logits, "exact")
+
+    paths = ("pairs", "statistics")
+    for path in paths:
+        blocks_by(path)  # warm-up
+    times = {path: [] for path in paths}
+    for _ in range(5):
+        for path in paths:  # in turn: a drift of the host shifts both alike
+            start = time.perf_counter()
+            blocks_by(path)
+            times[path].append(time.perf_counter() - start)
+    median = {path: statistics.median(spent) for path, spent in times.items()}
+    for path in paths:
+        print(f"batch_norm_path={path!r}: {median[path]:.2f} s, peak memory "
+              f"{peak_memory_bytes(lambda: blocks_by(path)) / MiB:.0f} MiB", flush=True)
+    print(f"'statistics' against 'pairs': {median['pairs'] / median['statistics']:.2f}x as fast")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ Supported layers, and what a block is:
   back-propagated per (example, factor) over the whole batch (N K backward passes, batched in
   chunks that ``max_factor_bytes`` bounds), and every layer's blocks sum over all examples'
   contributions. That is exact, and slower: its work grows as N^2.
+  ``GGNBlocks(model, batch_norm_path="statistics")`` is exact as well and grows as N: the batch
+  statistics become leaves, and 2 C cotangents per BatchNorm add their effect (class docstring).
 * :class:`Switch` (a scalar gate y = s x, BayesNAS's architecture parameters): [1, 1, 1], the
   switch Hessian H_s = sum_{n,k} (sum x * S)^2 of notes section 2.1.
 
@@ -93,8 +95,22 @@ class _Record:
     calls: int = 0  # forward calls since the context was entered
 
 
+@dataclass
+class _LeafNorm:
+    """A BatchNorm that normalised with batch statistics inside a context with
+    ``batch_norm_path="statistics"``: its statistics enter the model as leaves."""
+
+    name: str
+    module: nn.Module
+    stats: Optional[Tensor] = None  # [2 C]: mean and biased variance of its input, in the graph
+    leaves: Optional[Tuple[Tensor, Tensor]] = None  # per-example copies [N, C] of both, leaves
+
+
 #: Default bound on the bytes of back-propagated factors held at once (GGNBlocks.compute).
 MAX_FACTOR_BYTES = 2**27
+
+#: How GGNBlocks takes train-mode BatchNorm (class docstring).
+BATCH_NORM_PATHS = ("pairs", "statistics")
 
 
 def _accumulate(sums: Dict[str, Tensor], name: str, part: Tensor) -> None:
@@ -170,12 +186,31 @@ class GGNBlocks:
             (the factors pass through them). The factors' backward pass through the whole network
             is paid either way; the blocks of the layers left out are not (BayesNAS needs only its
             switches: half the time per batch).
+        batch_norm_path: how BatchNorm layers that normalise with batch statistics (train mode)
+            are taken, both exact. "pairs" (the default) back-propagates every (example, factor)
+            pair over the whole batch: N K cotangents, work growing as N^2, and right for any
+            operation that couples examples. "statistics" makes each such BatchNorm's batch mean
+            and variance leaves of the graph (per-example copies) and adds their effect from
+            2 C cotangents per BatchNorm: K + 2 sum C cotangents in all, work growing as N (about
+            4x faster on ``benchmarks/curvature_chunks.py``'s network at batch 32, README). It
+            needs BatchNorm to be the only thing that couples examples, and refuses otherwise.
+            It pays when 2 sum C < (N - 1) K.
     """
 
-    def __init__(self, model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module]]] = None):
+    def __init__(
+        self, model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module]]] = None, batch_norm_path: str = "pairs",
+    ):
+        if batch_norm_path not in BATCH_NORM_PATHS:
+            raise ValueError(f"GGNBlocks: batch_norm_path must be one of {BATCH_NORM_PATHS}, got {batch_norm_path!r}")
         self.model = model
+        self.batch_norm_path = batch_norm_path
         self.records: List[_Record] = []
         self._handles: list = []
+        self._norms = [
+            _LeafNorm(name or type(m).__name__, m) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ] if batch_norm_path == "statistics" else []
+        self._norm_order: List[_LeafNorm] = []  # the norms that used batch statistics, in forward order
         selected = None if layers is None else self._select(model, layers)
         for name, module in model.named_modules():
             if selected is None:
@@ -222,6 +257,12 @@ class GGNBlocks:
     def __enter__(self) -> "GGNBlocks":
         if self._handles:
             raise RuntimeError("GGNBlocks: this context is already entered (it cannot be nested in itself)")
+        # Before the records' hooks: a BatchNorm that is also a recorded layer hands its record the
+        # output computed from the leaves.
+        self._norm_order = []
+        for norm in self._norms:
+            norm.stats, norm.leaves = None, None
+            self._handles.append(norm.module.register_forward_hook(self._leaf_hook(norm), with_kwargs=True))
         for record in self.records:
             record.input, record.output, record.node, record.calls = None, None, None, 0
             self._handles.append(record.module.register_forward_hook(self._hook(record), with_kwargs=True))
@@ -250,6 +291,41 @@ class GGNBlocks:
             copy = output.clone()
             record.node = copy.grad_fn
             return copy
+
+        return hook
+
+    def _leaf_hook(self, norm: _LeafNorm):
+        """batch_norm_path="statistics": a BatchNorm that normalises with batch statistics returns
+        instead weight (x - mu[n]) / sqrt(var[n] + eps) + bias with mu, var per-example leaf copies
+        of the batch mean and biased variance (the same values: the output is unchanged). The
+        statistics computed from x stay in the graph, off the path to the logits, for the basis
+        passes of compute. The module's own forward already ran and updated its running statistics."""
+
+        def hook(module, args, kwargs, output):
+            if not (module.training or not module.track_running_stats):
+                return None  # running statistics: nothing couples the examples
+            if norm.stats is not None:
+                raise RuntimeError(f"GGNBlocks: BatchNorm {norm.name!r} ran more than once inside the context; run "
+                                   "exactly one forward pass per context")
+            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+            N, C = x.shape[:2]
+            acc = torch.promote_types(x.dtype, torch.float32)
+            xa = x.to(acc)
+            dims = [0] + list(range(2, x.dim()))
+            mean, var = xa.mean(dims), xa.var(dims, unbiased=False)
+            norm.stats = torch.cat([mean, var])
+            mu, sigma2 = (t.detach().expand(N, C).clone().requires_grad_(True) for t in (mean, var))
+            norm.leaves = (mu, sigma2)
+            # x * scale + shift with [N, C] scale and shift: a cheaper backward than (x - mu) / sqrt(.)
+            scale = torch.rsqrt(sigma2 + module.eps)
+            if module.weight is not None:
+                scale = scale * module.weight.to(acc)
+            shift = -mu * scale
+            if module.bias is not None:
+                shift = shift + module.bias.to(acc)
+            shape = (N, C) + (1,) * (x.dim() - 2)
+            self._norm_order.append(norm)
+            return (xa * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
 
         return hook
 
@@ -325,6 +401,8 @@ class GGNBlocks:
         # One back-propagated factor (a cotangent of the logits) fills one tensor per recorded output.
         per_factor = sum(out.numel() * out.element_size() for out in outputs)
         chunk = max(1, max_factor_bytes // max(per_factor, 1))
+        if self._norm_order:
+            return self._statistics_path(logits, v, outputs, chunk, diagonal, reached, couples_examples)
         if couples_examples is None and _has_batch_statistics(reached):
             couples_examples = True
         if couples_examples:
@@ -351,9 +429,9 @@ class GGNBlocks:
         return blocks
 
     @staticmethod
-    def _batched_grads(logits: Tensor, outputs: List[Tensor], cotangents: Tensor) -> List[Tensor]:
+    def _batched_grads(logits: Tensor, outputs: List[Tensor], cotangents: Tensor, fill: bool = True) -> List[Tensor]:
         """[R, *out] at each output for R cotangents of the logits [R, N, C], from one batched
-        backward pass (zeros where an output does not reach the logits)."""
+        backward pass (zeros where an output does not reach the logits; None with ``fill=False``)."""
         try:
             grads = torch.autograd.grad(logits, outputs, cotangents, retain_graph=True, allow_unused=True,
                                         is_grads_batched=True)
@@ -362,6 +440,8 @@ class GGNBlocks:
             each = [torch.autograd.grad(logits, outputs, c, retain_graph=True, allow_unused=True) for c in cotangents]
             grads = tuple(None if each[0][i] is None else torch.stack([g[i] for g in each]) for i in range(len(outputs)))
         R = cotangents.shape[0]
+        if not fill:
+            return list(grads)
         return [torch.zeros((R,) + tuple(out.shape), dtype=out.dtype, device=out.device) if g is None else g
                 for g, out in zip(grads, outputs)]
 
@@ -408,6 +488,106 @@ class GGNBlocks:
         elif xhat.dim() == 3:
             xhat, factors = xhat[:, :, :, None], factors[..., None]
         return unfolded_gram(xhat, factors, groups=xhat.shape[1], bias=True, diagonal=diagonal)
+
+    def _statistics_path(
+        self, logits: Tensor, v: Tensor, outputs: List[Tensor], chunk: int, diagonal: bool, reached: set,
+        couples_examples: Optional[bool],
+    ) -> Dict[str, Tensor]:
+        """batch_norm_path="statistics" (class docstring). With s_l the statistics of BatchNorm l
+        (forward order) and f_n example n's logits,
+
+            d f_n / d theta = (d f_n / d theta, every s fixed) + sum_l (d f_n / d s_l) (D s_l / D theta),
+
+        D the total derivative (s_l depends on theta also through earlier statistics). The K
+        factors, back-propagated once, give the first term per example and a[n, k, l] =
+        d(v_{n,k} . f_n) / d s_l at example n's leaf copies; 2 C_l one-hot cotangents on s_l give
+        D s_l / D theta, summed over the examples, built up in forward order. The per-example
+        rows and their corrections are summed in double: the two terms cancel to about a tenth of
+        their size (README, Known limits)."""
+        if couples_examples is True:
+            raise ValueError("GGNBlocks.compute: couples_examples=True asks for the (example, factor) pairs, which "
+                             "need the true graph; this context made BatchNorm statistics leaves "
+                             "(batch_norm_path='statistics'): use batch_norm_path='pairs'")
+        other = ("GGNBlocks.compute: something besides nn.BatchNorm couples the examples (batch statistics of "
+                 "another kind{}), which batch_norm_path='statistics' cannot take: use batch_norm_path='pairs'")
+        if _has_batch_statistics(reached):
+            raise ValueError(other.format(" in the graph"))
+        if couples_examples is None:
+            probe = self._probe(logits)
+            if probe is not None:
+                for g in self._batched_grads(logits, outputs, probe[0], fill=False):
+                    if g is not None and bool(g[0, probe[1]].any()):
+                        raise ValueError(other.format(": a probe cotangent on two examples reached the others"))
+        norms, wide = self._norm_order, torch.float64
+        # 1. D s_l / D theta at every recorded layer ([2 C_l, C_out, D'], summed over examples)
+        totals: List[Dict[str, Tensor]] = []
+        for l, norm in enumerate(norms):
+            total: Dict[str, Tensor] = {}
+            if norm.stats.requires_grad:
+                earlier = [t for e in norms[:l] for t in e.leaves]
+                basis = torch.eye(norm.stats.numel(), dtype=norm.stats.dtype, device=norm.stats.device)
+                partial: Dict[str, List[Tensor]] = {}
+                # d s_l / d (every earlier leaf), summed over its per-example copies: [2 C_l, C_l']
+                through: List[List[Tensor]] = [[] for _ in earlier]
+                for j0 in range(0, basis.shape[0], chunk):
+                    rows = basis[j0:j0 + chunk]
+                    grads = self._batched_grads(norm.stats, outputs + earlier, rows, fill=False)
+                    for r, g in zip(self.records, grads[:len(outputs)]):
+                        if g is not None:  # per-example rows in the model's precision, their sum in double
+                            partial.setdefault(r.name, []).append(self._rows(r, g).to(wide).sum(1))
+                    for parts, g, leaf in zip(through, grads[len(outputs):], earlier):
+                        parts.append(g.to(wide).sum(1) if g is not None
+                                     else torch.zeros(rows.shape[0], leaf.shape[1], dtype=wide, device=leaf.device))
+                total = {name: torch.cat(parts) for name, parts in partial.items()}
+                for lp in range(l):  # through earlier statistics: (d s_l / d s_l') D s_l' / D theta
+                    ds = torch.cat([torch.cat(through[2 * lp]), torch.cat(through[2 * lp + 1])], 1)  # [2 C_l, 2 C_l']
+                    for name, B in totals[lp].items():
+                        _accumulate(total, name, torch.einsum("ij,jod->iod", ds, B))
+            totals.append(total)
+        # 2. the factors, and the rows corrected by a . D s / D theta
+        leaves = [t for norm in norms for t in norm.leaves]
+        blocks: Dict[str, Tensor] = {}
+        K = v.shape[1]
+        for k0 in range(0, K, chunk):
+            grads = self._batched_grads(logits, outputs + leaves, v[:, k0:k0 + chunk].movedim(1, 0))
+            at_leaves = grads[len(outputs):]
+            # d(v . f_n) / d s_l at example n's copies: [R, N, 2 C_l] per BatchNorm
+            a = [torch.cat([at_leaves[2 * i], at_leaves[2 * i + 1]], -1).to(wide) for i in range(len(norms))]
+            for r, g in zip(self.records, grads[:len(outputs)]):
+                j = self._rows(r, g).to(wide)  # [R, N, C_out, D']
+                for a_l, total in zip(a, totals):
+                    if r.name in total:
+                        j = j + torch.einsum("rnj,jod->rnod", a_l, total[r.name])
+                part = j.square().sum((0, 1)) if diagonal else torch.einsum("rnod,rnoe->ode", j, j)
+                _accumulate(blocks, r.name, part)
+        return {r.name: blocks[r.name].to(torch.promote_types(r.input.dtype, torch.float32)) for r in self.records}
+
+    def _rows(self, r: _Record, g: Tensor) -> Tensor:
+        """Each example's Jacobian rows of layer r: g [R, N, *output] (cotangents back-propagated
+        to its output) -> [R, N, C_out, D'] (per example, not summed as in _blocks_coupled)."""
+        m = r.module
+        acc = torch.promote_types(r.input.dtype, torch.float32)  # float32 at least, as unfolded_gram
+        x, g = r.input.to(acc), g.to(acc)
+        R, N = g.shape[:2]
+        if isinstance(m, Switch):
+            return (x.unsqueeze(0) * g).flatten(2).sum(2).reshape(R, N, 1, 1)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            xhat = _batch_norm_input(m, x)
+            cols = xhat.reshape(N, xhat.shape[1], 1, -1)
+            cols = torch.cat([cols, torch.ones_like(cols)], 2)  # (xhat, 1) per channel: [N, C, 2, P]
+            return torch.einsum("rncp,ncdp->rncd", g.reshape(R, N, xhat.shape[1], -1), cols)
+        if isinstance(m, nn.Linear):
+            x2 = x.reshape(N, -1, x.shape[-1])  # [N, T, F]: an example's positions sum
+            cols = torch.cat([x2, torch.ones_like(x2[..., :1])], -1) if m.bias is not None else x2
+            return torch.einsum("rnto,ntd->rnod", g.reshape(R, N, -1, g.shape[-1]), cols)
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m, "GGNBlocks", r.name),
+                        stride=m.stride)  # [N, C_in k, P]
+        G = m.groups
+        cols = cols.reshape(N, G, -1, cols.shape[-1])
+        if m.bias is not None:
+            cols = torch.cat([cols, torch.ones_like(cols[:, :, :1])], 2)
+        S = g.reshape(R, N, G, m.out_channels // G, -1)
+        return torch.einsum("rngop,ngdp->rngod", S, cols).reshape(R, N, m.out_channels, -1)
 
     def _coupled(self, logits: Tensor, v: Tensor, outputs: List[Tensor], chunk: int, diagonal: bool) -> Dict[str, Tensor]:
         """Train-mode BatchNorm: back-propagate each (example n, factor k) separately over the whole

@@ -5,7 +5,6 @@ dilated and grouped convolutions, BatchNorm in eval and in train mode, a switch 
 """
 
 import copy
-import sys
 
 import pytest
 import torch
@@ -323,9 +322,9 @@ def _brute_force_by_rows(model: nn.Module, x: torch.Tensor, names):
     return out
 
 
-def _assert_blocks_match_brute_force(model, x, names, **compute_kwargs):
+def _assert_blocks_match_brute_force(model, x, names, batch_norm_path="pairs", **compute_kwargs):
     expected = _brute_force_by_rows(model, x, names)
-    with GGNBlocks(model, layers=names) as curvature:
+    with GGNBlocks(model, layers=names, batch_norm_path=batch_norm_path) as curvature:
         logits = model(x)
     got = curvature.compute(logits, "exact", **compute_kwargs)
     diagonals = curvature.compute(logits, "exact", diagonal=True, **compute_kwargs)
@@ -539,16 +538,107 @@ def test_string_paddings_give_the_blocks_of_the_explicit_padding(train):
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-12, atol=1e-12, msg=name)
 
 
-def test_prototype_of_exact_train_mode_batch_norm_in_o_n_matches_the_exact_path(monkeypatch):
-    """benchmarks/prototype_leaf_stats_ggn.py (not library code; README, Known limits) stays a
-    faithful starting point: on its float64 network with two train-mode BatchNorms, its O(N) blocks
-    equal the O(N^2) exact path's."""
-    import importlib.util
-    import pathlib
+class _ThreeNorms(nn.Module):
+    """Grouped convolutions, BatchNorm2d twice and BatchNorm1d once in train mode (each later
+    BatchNorm's statistics depend on the earlier ones'), a Switch, and a Linear head."""
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "prototype_leaf_stats_ggn.py"
-    spec = importlib.util.spec_from_file_location("prototype_leaf_stats_ggn", path)
-    prototype = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, prototype)  # its dataclasses look their module up
-    spec.loader.exec_module(prototype)
-    assert prototype.check_tiny() < 1e-12
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+        )
+        self.gate = Switch(0.7)
+        self.fc = nn.Linear(36, 6)
+        self.norm = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.fc(self.gate(self.features(x))))))
+
+
+@pytest.mark.parametrize("factors_per_pass", [None, 1, 4])
+def test_batch_norm_statistics_as_leaves_give_the_exact_blocks(factors_per_pass):
+    """batch_norm_path="statistics" (the O(N) path): the blocks and diagonals of every layer equal
+    the float64 brute force through the true coupled graph, also with the factors and the basis
+    cotangents back-propagated in chunks."""
+    torch.manual_seed(0)
+    model = _ThreeNorms().double().train()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    names = ["features.0", "features.1", "features.3", "features.4", "gate", "fc", "norm", "head"]
+    kwargs = {}
+    if factors_per_pass is not None:
+        with GGNBlocks(model) as probe:
+            model(x)
+        kwargs["max_factor_bytes"] = factors_per_pass * sum(r.output.numel() * 8 for r in probe.records)
+    _assert_blocks_match_brute_force(model, x, names, batch_norm_path="statistics", couples_examples=False, **kwargs)
+    _assert_blocks_match_brute_force(model, x, ["features.3", "norm"], batch_norm_path="statistics")  # a subset
+
+
+def test_batch_norm_statistics_path_keeps_float32_accuracy():
+    """float32 blocks of the statistics path stay within 5e-6 (relative to the largest entry) of
+    its float64 ones, as the pairs path's do (up to 2e-6 on this network at 28x28). The
+    frozen-statistics rows and their correction cancel to about a tenth of their size, so the
+    path sums and corrects them in double."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).train()
+    x = torch.randn(32, 1, 14, 14)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        m = copy.deepcopy(model).to(dtype)
+        with GGNBlocks(m, batch_norm_path="statistics") as curvature:
+            logits = m(x.to(dtype))
+        results.append(curvature.compute(logits, "exact", couples_examples=False))
+    for name, truth in results[1].items():
+        error = float((results[0][name].double() - truth).abs().max() / truth.abs().max())
+        assert error < 5e-6, (name, error)
+
+
+def test_batch_norm_statistics_path_leaves_the_model_as_it_runs():
+    """The leaf statistics have the batch statistics' values: the logits are the model's, the
+    running statistics move once per forward pass, and eval mode takes the usual path."""
+    torch.manual_seed(0)
+    model = _ThreeNorms().double().train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
+    with GGNBlocks(model, batch_norm_path="statistics") as curvature:
+        logits = model(x)
+    torch.testing.assert_close(logits, twin(x), rtol=1e-12, atol=1e-12)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    model.eval()
+    with GGNBlocks(model, batch_norm_path="statistics") as curvature:
+        logits = model(x)
+    assert curvature._norm_order == []
+    eval_blocks = curvature.compute(logits, "exact")
+    with GGNBlocks(model) as curvature:
+        logits = model(x)
+    for name, expected in curvature.compute(logits, "exact").items():
+        torch.testing.assert_close(eval_blocks[name], expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("mixer", ["center", "arch_batch_norm"])
+def test_batch_norm_statistics_path_refuses_other_couplings(mixer):
+    torch.manual_seed(0)
+    other = _Center() if mixer == "center" else bnas_fast.nn.ArchBatchNorm2d(3, affine=False)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), other, nn.Flatten(), nn.Linear(12, 3)).double()
+    with GGNBlocks(model, batch_norm_path="statistics") as curvature:
+        logits = model(torch.randn(4, 1, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="something besides nn.BatchNorm couples the examples.*batch_norm_path='pairs'"):
+        curvature.compute(logits, "exact")
+    with pytest.raises(ValueError, match="couples_examples=True asks for the \\(example, factor\\) pairs"):
+        curvature.compute(logits, "exact", couples_examples=True)
+
+
+def test_batch_norm_statistics_path_misuse_raises():
+    with pytest.raises(ValueError, match="batch_norm_path must be one of \\('pairs', 'statistics'\\), got 'leaves'"):
+        GGNBlocks(nn.Linear(2, 2), batch_norm_path="leaves")
+    norm = nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.Linear(2, 3), norm, norm, nn.Linear(3, 2))
+    with pytest.raises(RuntimeError, match="BatchNorm '1' ran more than once"):
+        with GGNBlocks(model, batch_norm_path="statistics"):
+            model(torch.randn(4, 2))
