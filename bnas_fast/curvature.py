@@ -93,6 +93,7 @@ class _Record:
     output: Optional[Tensor] = None  # layer output, in the graph; the model goes on with a copy
     node: object = None  # the autograd node of that copy: how the logits reach this layer
     calls: int = 0  # forward calls since the context was entered
+    batch_stats: bool = False  # a BatchNorm that normalised with batch statistics when it ran
 
 
 @dataclass
@@ -127,12 +128,24 @@ _BATCH_STATISTICS_NODES = frozenset({"_ArchBatchNormFunctionBackward", "CudnnBat
 
 
 def _has_batch_statistics(nodes: set) -> bool:
-    """Whether any of these autograd nodes normalises with batch statistics."""
+    """Whether any of these autograd nodes normalises with batch statistics. InstanceNorm runs
+    batch_norm on a batch of one ([1, N C, ...]): per example, no coupling."""
     return any(
         type(node).__name__ in _BATCH_STATISTICS_NODES
-        or (type(node).__name__ == "NativeBatchNormBackward0" and bool(getattr(node, "_saved_training", False)))
+        or (type(node).__name__ == "NativeBatchNormBackward0" and bool(getattr(node, "_saved_training", False))
+            and node._saved_input.shape[0] > 1)
         for node in nodes
     )
+
+
+#: Registry of BatchNorm modules (by id) under a leaf hook of an entered
+#: ``GGNBlocks(batch_norm_path="statistics")``: a second such context would replace the first's leaves.
+_LEAF_HOOKED: set = set()
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Agreement expected between a BatchNorm's output and its recomputation from the leaves."""
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
 
 
 def _conv_padding(m: nn.Conv2d, where: str, label: str) -> Tuple[int, int]:
@@ -163,11 +176,12 @@ def _graph_nodes(root) -> set:
     return seen
 
 
-def _batch_norm_input(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
-    """x normalised as the module normalised it (batch statistics in training, running ones in eval)."""
+def _batch_norm_input(module: nn.modules.batchnorm._BatchNorm, x: Tensor, batch_stats: bool) -> Tensor:
+    """x normalised as the module normalised it: with batch statistics (``batch_stats``, recorded
+    when it ran: training, or no running statistics) or the running ones."""
     dims = [0] + list(range(2, x.dim()))
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    if module.training or not module.track_running_stats:
+    if batch_stats:
         mean, var = x.mean(dims), x.var(dims, unbiased=False)
     else:
         mean, var = module.running_mean, module.running_var
@@ -193,8 +207,11 @@ class GGNBlocks:
             and variance leaves of the graph (per-example copies) and adds their effect from
             2 C cotangents per BatchNorm: K + 2 sum C cotangents in all, work growing as N (about
             4x faster on ``benchmarks/curvature_chunks.py``'s network at batch 32, README). It
-            needs BatchNorm to be the only thing that couples examples, and refuses otherwise.
-            It pays when 2 sum C < (N - 1) K.
+            needs BatchNorm to be the only thing that couples examples, and refuses otherwise
+            (``couples_examples=False`` skips that check). It back-propagates fewer cotangents
+            when 2 sum C < (N - 1) K, but each factor also holds every layer's per-example rows
+            (N C_out D' numbers in double), which ``max_factor_bytes`` counts: wide layers cost
+            more than the count of cotangents says.
     """
 
     def __init__(
@@ -257,6 +274,11 @@ class GGNBlocks:
     def __enter__(self) -> "GGNBlocks":
         if self._handles:
             raise RuntimeError("GGNBlocks: this context is already entered (it cannot be nested in itself)")
+        taken = [norm.name for norm in self._norms if id(norm.module) in _LEAF_HOOKED]
+        if taken:
+            raise RuntimeError(f"GGNBlocks: BatchNorms {taken} are already under another entered GGNBlocks with "
+                               "batch_norm_path='statistics'; two such contexts cannot share a BatchNorm")
+        _LEAF_HOOKED.update(id(norm.module) for norm in self._norms)
         # Before the records' hooks: a BatchNorm that is also a recorded layer hands its record the
         # output computed from the leaves.
         self._norm_order = []
@@ -272,6 +294,7 @@ class GGNBlocks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        _LEAF_HOOKED.difference_update(id(norm.module) for norm in self._norms)
 
     @staticmethod
     def _hook(record: _Record):
@@ -280,6 +303,8 @@ class GGNBlocks:
             if not isinstance(x, Tensor) or not isinstance(output, Tensor):
                 raise TypeError(f"GGNBlocks: layer {record.name!r} must take a tensor and return one")
             record.input, record.input_version = x.detach(), x._version
+            record.batch_stats = isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                module.training or not module.track_running_stats)
             if not output.requires_grad:
                 # A frozen layer whose input needs no gradient (e.g. a frozen first layer): its
                 # output becomes a leaf that requires one, so that the factors can reach it.
@@ -305,8 +330,8 @@ class GGNBlocks:
             if not (module.training or not module.track_running_stats):
                 return None  # running statistics: nothing couples the examples
             if norm.stats is not None:
-                raise RuntimeError(f"GGNBlocks: BatchNorm {norm.name!r} ran more than once inside the context; run "
-                                   "exactly one forward pass per context")
+                raise RuntimeError(f"GGNBlocks: BatchNorm {norm.name!r} ran more than once inside the context (shared "
+                                   "by two places, or a second forward pass); run exactly one forward pass per context")
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
             N, C = x.shape[:2]
             acc = torch.promote_types(x.dtype, torch.float32)
@@ -324,8 +349,16 @@ class GGNBlocks:
             if module.bias is not None:
                 shift = shift + module.bias.to(acc)
             shape = (N, C) + (1,) * (x.dim() - 2)
+            y = (xa * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
+            # The leaves stand for a plain BatchNorm: a subclass that computes something else, or an
+            # earlier forward hook that changed the output, would get the wrong blocks silently.
+            if not isinstance(output, Tensor) or not torch.allclose(
+                    y, output, rtol=_tolerance(output.dtype), atol=_tolerance(output.dtype)):
+                raise ValueError(f"GGNBlocks: BatchNorm {norm.name!r} ({type(module).__name__}) returned something other "
+                                 "than BatchNorm of its input (a subclass or a forward hook?); batch_norm_path="
+                                 "'statistics' needs plain BatchNorm: use batch_norm_path='pairs'")
             self._norm_order.append(norm)
-            return (xa * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
+            return y
 
         return hook
 
@@ -402,6 +435,9 @@ class GGNBlocks:
         per_factor = sum(out.numel() * out.element_size() for out in outputs)
         chunk = max(1, max_factor_bytes // max(per_factor, 1))
         if self._norm_order:
+            # each factor of this path also holds every layer's per-example rows, in double (and float32)
+            rows = sum(logits.shape[0] * c_out * width * 12 for c_out, width in map(self._row_shape, self.records))
+            chunk = max(1, max_factor_bytes // max(per_factor + rows, 1))
             return self._statistics_path(logits, v, outputs, chunk, diagonal, reached, couples_examples)
         if couples_examples is None and _has_batch_statistics(reached):
             couples_examples = True
@@ -482,7 +518,7 @@ class GGNBlocks:
             h = j.square().sum()
             return h.reshape(1, 1) if diagonal else h.reshape(1, 1, 1)
         # BatchNorm: a depthwise 1x1 "convolution" of the normalised input, with bias
-        xhat = _batch_norm_input(m, x)
+        xhat = _batch_norm_input(m, x, r.batch_stats)
         if xhat.dim() == 2:
             xhat, factors = xhat[:, :, None, None], factors[:, :, :, None, None]
         elif xhat.dim() == 3:
@@ -510,7 +546,7 @@ class GGNBlocks:
                              "(batch_norm_path='statistics'): use batch_norm_path='pairs'")
         other = ("GGNBlocks.compute: something besides nn.BatchNorm couples the examples (batch statistics of "
                  "another kind{}), which batch_norm_path='statistics' cannot take: use batch_norm_path='pairs'")
-        if _has_batch_statistics(reached):
+        if couples_examples is None and _has_batch_statistics(reached):
             raise ValueError(other.format(" in the graph"))
         if couples_examples is None:
             probe = self._probe(logits)
@@ -533,8 +569,16 @@ class GGNBlocks:
                     rows = basis[j0:j0 + chunk]
                     grads = self._batched_grads(norm.stats, outputs + earlier, rows, fill=False)
                     for r, g in zip(self.records, grads[:len(outputs)]):
-                        if g is not None:  # per-example rows in the model's precision, their sum in double
+                        if g is None:
+                            continue
+                        # Summed over the examples in double. Per-example rows in float32 first,
+                        # then summed, is faster where they are smaller than the layer's output
+                        # (D' <= positions: convolutions); a Linear layer's would be D' times it.
+                        positions = g[0, 0].numel() // self._row_shape(r)[0]
+                        if self._row_shape(r)[1] <= positions:
                             partial.setdefault(r.name, []).append(self._rows(r, g).to(wide).sum(1))
+                        else:
+                            partial.setdefault(r.name, []).append(self._rows(r, g, summed=True))
                     for parts, g, leaf in zip(through, grads[len(outputs):], earlier):
                         parts.append(g.to(wide).sum(1) if g is not None
                                      else torch.zeros(rows.shape[0], leaf.shape[1], dtype=wide, device=leaf.device))
@@ -562,24 +606,41 @@ class GGNBlocks:
                 _accumulate(blocks, r.name, part)
         return {r.name: blocks[r.name].to(torch.promote_types(r.input.dtype, torch.float32)) for r in self.records}
 
-    def _rows(self, r: _Record, g: Tensor) -> Tensor:
-        """Each example's Jacobian rows of layer r: g [R, N, *output] (cotangents back-propagated
-        to its output) -> [R, N, C_out, D'] (per example, not summed as in _blocks_coupled)."""
+    @staticmethod
+    def _row_shape(r: _Record) -> Tuple[int, int]:
+        """(C_out, D') of layer r's blocks."""
         m = r.module
-        acc = torch.promote_types(r.input.dtype, torch.float32)  # float32 at least, as unfolded_gram
+        if isinstance(m, Switch):
+            return 1, 1
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return m.num_features, 2
+        bias = int(m.bias is not None)
+        if isinstance(m, nn.Linear):
+            return m.out_features, m.in_features + bias
+        return m.out_channels, m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] + bias
+
+    def _rows(self, r: _Record, g: Tensor, summed: bool = False) -> Tensor:
+        """Each example's Jacobian rows of layer r: g [R, N, *output] (cotangents back-propagated
+        to its output) -> [R, N, C_out, D'] (as _blocks_coupled, but per example); with ``summed``,
+        their sum over the examples [R, C_out, D'], computed in double."""
+        m = r.module
+        # float32 at least, as unfolded_gram; double for sums over examples (they cancel: README)
+        acc = torch.float64 if summed else torch.promote_types(r.input.dtype, torch.float32)
         x, g = r.input.to(acc), g.to(acc)
         R, N = g.shape[:2]
+        n = "" if summed else "n"  # the example index kept, or summed over
         if isinstance(m, Switch):
-            return (x.unsqueeze(0) * g).flatten(2).sum(2).reshape(R, N, 1, 1)
+            j = (x.unsqueeze(0) * g).flatten(2).sum(2)  # [R, N]
+            return j.sum(1).reshape(R, 1, 1) if summed else j.reshape(R, N, 1, 1)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            xhat = _batch_norm_input(m, x)
+            xhat = _batch_norm_input(m, x, r.batch_stats)
             cols = xhat.reshape(N, xhat.shape[1], 1, -1)
             cols = torch.cat([cols, torch.ones_like(cols)], 2)  # (xhat, 1) per channel: [N, C, 2, P]
-            return torch.einsum("rncp,ncdp->rncd", g.reshape(R, N, xhat.shape[1], -1), cols)
+            return torch.einsum(f"rncp,ncdp->r{n}cd", g.reshape(R, N, xhat.shape[1], -1), cols)
         if isinstance(m, nn.Linear):
             x2 = x.reshape(N, -1, x.shape[-1])  # [N, T, F]: an example's positions sum
             cols = torch.cat([x2, torch.ones_like(x2[..., :1])], -1) if m.bias is not None else x2
-            return torch.einsum("rnto,ntd->rnod", g.reshape(R, N, -1, g.shape[-1]), cols)
+            return torch.einsum(f"rnto,ntd->r{n}od", g.reshape(R, N, -1, g.shape[-1]), cols)
         cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m, "GGNBlocks", r.name),
                         stride=m.stride)  # [N, C_in k, P]
         G = m.groups
@@ -587,7 +648,8 @@ class GGNBlocks:
         if m.bias is not None:
             cols = torch.cat([cols, torch.ones_like(cols[:, :, :1])], 2)
         S = g.reshape(R, N, G, m.out_channels // G, -1)
-        return torch.einsum("rngop,ngdp->rngod", S, cols).reshape(R, N, m.out_channels, -1)
+        rows = torch.einsum(f"rngop,ngdp->r{n}god", S, cols)
+        return rows.reshape((R,) + (() if summed else (N,)) + (m.out_channels, -1))
 
     def _coupled(self, logits: Tensor, v: Tensor, outputs: List[Tensor], chunk: int, diagonal: bool) -> Dict[str, Tensor]:
         """Train-mode BatchNorm: back-propagate each (example n, factor k) separately over the whole
@@ -622,7 +684,7 @@ class GGNBlocks:
             h = j.square().sum()
             return h.reshape(1, 1) if diagonal else h.reshape(1, 1, 1)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            x = _batch_norm_input(m, x)
+            x = _batch_norm_input(m, x, r.batch_stats)
             cols = x.reshape(x.shape[0], x.shape[1], 1, -1)  # [N, C, 1, P]
             cols = torch.cat([cols, torch.ones_like(cols)], 2)  # (xhat, 1) per channel
             S = g.reshape(R, x.shape[0], x.shape[1], -1)  # [R, N, C, P]

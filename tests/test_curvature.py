@@ -634,11 +634,64 @@ def test_batch_norm_statistics_path_refuses_other_couplings(mixer):
         curvature.compute(logits, "exact", couples_examples=True)
 
 
+class _ScaledBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 3
+
+
+@pytest.mark.parametrize("change", ["subclass", "hook"])
+def test_batch_norm_statistics_path_refuses_a_batch_norm_that_returns_something_else(change):
+    """The leaves stand for a plain BatchNorm: a subclass or an earlier forward hook that changes
+    the output would otherwise get wrong blocks silently."""
+    norm = _ScaledBatchNorm(3) if change == "subclass" else nn.BatchNorm2d(3)
+    if change == "hook":
+        norm.register_forward_hook(lambda module, args, out: out * 2)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), norm, nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(ValueError, match="BatchNorm '1' .* returned something other than BatchNorm of its input"):
+        with GGNBlocks(model, batch_norm_path="statistics"):
+            model(torch.randn(4, 1, 4, 4))
+
+
+def test_instance_norm_does_not_count_as_coupling_and_modes_are_recorded_when_layers_run():
+    """InstanceNorm normalises each example by itself (batch_norm on a batch of one): the
+    statistics path takes it, and so does the probe-free per-example path. A BatchNorm's mode is
+    the one it ran in, even if the model is switched to eval before compute."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3, affine=True), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(12, 3)).double().train()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    _assert_blocks_match_brute_force(model, x, ["0", "2", "5"], batch_norm_path="statistics")
+    eval_model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3), nn.Flatten(), nn.Linear(12, 3)).double()
+    with GGNBlocks(eval_model) as curvature:
+        logits = eval_model(x)
+    from bnas_fast.curvature import _graph_nodes, _has_batch_statistics
+    assert not _has_batch_statistics(_graph_nodes(logits.grad_fn))
+    expected = _brute_force_by_rows(model, x, ["0", "2", "5"])
+    with GGNBlocks(model, layers=["0", "2", "5"], batch_norm_path="statistics") as curvature:
+        logits = model(x)
+    model.eval()  # after the forward pass: the blocks are those of the pass that ran
+    got = curvature.compute(logits, "exact")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_two_statistics_contexts_cannot_share_a_batch_norm():
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    with GGNBlocks(model, batch_norm_path="statistics"):
+        with pytest.raises(RuntimeError, match="already under another entered GGNBlocks"):
+            with GGNBlocks(model, batch_norm_path="statistics"):
+                pass
+        with GGNBlocks(model):  # the pairs path adds no leaves: allowed
+            pass
+    with GGNBlocks(model, batch_norm_path="statistics"):  # released on exit
+        model(torch.randn(4, 2))
+
+
 def test_batch_norm_statistics_path_misuse_raises():
     with pytest.raises(ValueError, match="batch_norm_path must be one of \\('pairs', 'statistics'\\), got 'leaves'"):
         GGNBlocks(nn.Linear(2, 2), batch_norm_path="leaves")
     norm = nn.BatchNorm1d(3)
     model = nn.Sequential(nn.Linear(2, 3), norm, norm, nn.Linear(3, 2))
-    with pytest.raises(RuntimeError, match="BatchNorm '1' ran more than once"):
+    with pytest.raises(RuntimeError, match="BatchNorm '1' ran more than once inside the context \\(shared"):
         with GGNBlocks(model, batch_norm_path="statistics"):
             model(torch.randn(4, 2))
