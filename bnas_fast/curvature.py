@@ -133,9 +133,18 @@ def _has_batch_statistics(nodes: set) -> bool:
     return any(
         type(node).__name__ in _BATCH_STATISTICS_NODES
         or (type(node).__name__ == "NativeBatchNormBackward0" and bool(getattr(node, "_saved_training", False))
-            and node._saved_input.shape[0] > 1)
+            and _batch_size_of_saved_input(node) != 1)
         for node in nodes
     )
+
+
+def _batch_size_of_saved_input(node) -> Optional[int]:
+    """The batch size a batch_norm node normalised over; None when its saved input is gone (a
+    graph already back-propagated), which then counts as coupling."""
+    try:
+        return node._saved_input.shape[0]
+    except RuntimeError:
+        return None
 
 
 #: Registry of BatchNorm modules (by id) under a leaf hook of an entered
