@@ -583,8 +583,8 @@ class GGNBlocks:
                         # Summed over the examples in double. Per-example rows in float32 first,
                         # then summed, is faster where they are smaller than the layer's output
                         # (D' <= positions: convolutions); a Linear layer's would be D' times it.
-                        positions = g[0, 0].numel() // self._row_shape(r)[0]
-                        if self._row_shape(r)[1] <= positions:
+                        c_out, width = self._row_shape(r)
+                        if width <= g[0, 0].numel() // c_out:  # D' <= positions per output channel
                             partial.setdefault(r.name, []).append(self._rows(r, g).to(wide).sum(1))
                         else:
                             partial.setdefault(r.name, []).append(self._rows(r, g, summed=True))
