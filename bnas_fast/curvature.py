@@ -105,6 +105,7 @@ class _LeafNorm:
     module: nn.Module
     stats: Optional[Tensor] = None  # [2 C]: mean and biased variance of its input, in the graph
     leaves: Optional[Tuple[Tensor, Tensor]] = None  # per-example copies [N, C] of both, leaves
+    buffers_before: Optional[Dict[str, Tensor]] = None  # its running statistics before it ran (restored on refusal)
 
 
 #: Default bound on the bytes of back-propagated factors held at once (GGNBlocks.compute).
@@ -293,6 +294,7 @@ class GGNBlocks:
         self._norm_order = []
         for norm in self._norms:
             norm.stats, norm.leaves = None, None
+            self._handles.append(norm.module.register_forward_pre_hook(self._snapshot_hook(norm)))
             self._handles.append(norm.module.register_forward_hook(self._leaf_hook(norm), with_kwargs=True))
         for record in self.records:
             record.input, record.output, record.node, record.calls = None, None, None, 0
@@ -328,19 +330,44 @@ class GGNBlocks:
 
         return hook
 
+    @staticmethod
+    def _snapshot_hook(norm: _LeafNorm):
+        """Copies a training BatchNorm's running statistics before it runs (C values each), so
+        that the leaf hook can put them back when it refuses the module."""
+
+        def hook(module, args):
+            norm.buffers_before = None
+            if module.training and module.track_running_stats:
+                norm.buffers_before = {name: b.clone() for name, b in module.named_buffers(recurse=False)
+                                       if b is not None}
+
+        return hook
+
+    @staticmethod
+    def _refuse(norm: _LeafNorm, error: Exception) -> Exception:
+        """Puts back the running statistics a refused BatchNorm updated, and returns the error."""
+        if norm.buffers_before is not None:
+            with torch.no_grad():
+                for name, b in norm.module.named_buffers(recurse=False):
+                    if name in norm.buffers_before:
+                        b.copy_(norm.buffers_before[name])
+        return error
+
     def _leaf_hook(self, norm: _LeafNorm):
         """batch_norm_path="statistics": a BatchNorm that normalises with batch statistics returns
         instead weight (x - mu[n]) / sqrt(var[n] + eps) + bias with mu, var per-example leaf copies
         of the batch mean and biased variance (the same values: the output is unchanged). The
         statistics computed from x stay in the graph, off the path to the logits, for the basis
-        passes of compute. The module's own forward already ran and updated its running statistics."""
+        passes of compute. The module's own forward already ran and updated its running statistics
+        (put back if the hook refuses the module)."""
 
         def hook(module, args, kwargs, output):
             if not (module.training or not module.track_running_stats):
                 return None  # running statistics: nothing couples the examples
             if norm.stats is not None:
-                raise RuntimeError(f"GGNBlocks: BatchNorm {norm.name!r} ran more than once inside the context (shared "
-                                   "by two places, or a second forward pass); run exactly one forward pass per context")
+                raise self._refuse(norm, RuntimeError(
+                    f"GGNBlocks: BatchNorm {norm.name!r} ran more than once inside the context (shared by two places, "
+                    "or a second forward pass); run exactly one forward pass per context"))
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
             N, C = x.shape[:2]
             acc = torch.promote_types(x.dtype, torch.float32)
@@ -363,9 +390,10 @@ class GGNBlocks:
             # earlier forward hook that changed the output, would get the wrong blocks silently.
             if not isinstance(output, Tensor) or not torch.allclose(
                     y, output, rtol=_tolerance(output.dtype), atol=_tolerance(output.dtype)):
-                raise ValueError(f"GGNBlocks: BatchNorm {norm.name!r} ({type(module).__name__}) returned something other "
-                                 "than BatchNorm of its input (a subclass or a forward hook?); batch_norm_path="
-                                 "'statistics' needs plain BatchNorm: use batch_norm_path='pairs'")
+                raise self._refuse(norm, ValueError(
+                    f"GGNBlocks: BatchNorm {norm.name!r} ({type(module).__name__}) returned something other than "
+                    "BatchNorm of its input (a subclass or a forward hook?); batch_norm_path='statistics' needs "
+                    "plain BatchNorm: use batch_norm_path='pairs'"))
             self._norm_order.append(norm)
             return y
 
@@ -587,7 +615,7 @@ class GGNBlocks:
                         if width <= g[0, 0].numel() // c_out:  # D' <= positions per output channel
                             partial.setdefault(r.name, []).append(self._rows(r, g).to(wide).sum(1))
                         else:
-                            partial.setdefault(r.name, []).append(self._rows(r, g, summed=True))
+                            partial.setdefault(r.name, []).append(self._rows(r, g, summed=True, dtype=wide))
                     for parts, g, leaf in zip(through, grads[len(outputs):], earlier):
                         parts.append(g.to(wide).sum(1) if g is not None
                                      else torch.zeros(rows.shape[0], leaf.shape[1], dtype=wide, device=leaf.device))
@@ -628,13 +656,12 @@ class GGNBlocks:
             return m.out_features, m.in_features + bias
         return m.out_channels, m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] + bias
 
-    def _rows(self, r: _Record, g: Tensor, summed: bool = False) -> Tensor:
+    def _rows(self, r: _Record, g: Tensor, summed: bool = False, dtype: Optional[torch.dtype] = None) -> Tensor:
         """Each example's Jacobian rows of layer r: g [R, N, *output] (cotangents back-propagated
-        to its output) -> [R, N, C_out, D'] (as _blocks_coupled, but per example); with ``summed``,
-        their sum over the examples [R, C_out, D'], computed in double."""
+        to its output) -> [R, N, C_out, D']; with ``summed``, their sum over the examples
+        [R, C_out, D']. Computed in ``dtype``, by default float32 at least, as unfolded_gram."""
         m = r.module
-        # float32 at least, as unfolded_gram; double for sums over examples (they cancel: README)
-        acc = torch.float64 if summed else torch.promote_types(r.input.dtype, torch.float32)
+        acc = torch.promote_types(r.input.dtype, torch.float32) if dtype is None else dtype
         x, g = r.input.to(acc), g.to(acc)
         R, N = g.shape[:2]
         n = "" if summed else "n"  # the example index kept, or summed over
@@ -679,40 +706,10 @@ class GGNBlocks:
 
     def _blocks_coupled(self, r: _Record, g: Tensor, diagonal: bool) -> Tensor:
         """g [R = N K, N, *output]: the factor of each (n, k) at every example's output. Returns the
-        blocks sum_r j_r j_r^T of this chunk ([C_out, D', D']), or with ``diagonal`` their
-        diagonals sum_r j_r^2 ([C_out, D'])."""
-        m, x = r.module, r.input
-        R = g.shape[0]
-
-        def gram(j: Tensor) -> Tensor:  # j [R, ..., D'] -> sum over r of j j^T (or j^2): [..., D', D'] (or [..., D'])
-            return j.square().sum(0) if diagonal else torch.einsum("r...d,r...e->...de", j, j)
-
-        if isinstance(m, Switch):
-            acc = torch.promote_types(x.dtype, torch.float32)
-            j = (x.unsqueeze(0).to(acc) * g.to(acc)).flatten(1).sum(1)  # [R]
-            h = j.square().sum()
-            return h.reshape(1, 1) if diagonal else h.reshape(1, 1, 1)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            x = _batch_norm_input(m, x, r.batch_stats)
-            cols = x.reshape(x.shape[0], x.shape[1], 1, -1)  # [N, C, 1, P]
-            cols = torch.cat([cols, torch.ones_like(cols)], 2)  # (xhat, 1) per channel
-            S = g.reshape(R, x.shape[0], x.shape[1], -1)  # [R, N, C, P]
-            return gram(torch.einsum("rmcp,mcdp->rcd", S, cols))  # j: [R, C, 2]
-        if isinstance(m, nn.Linear):
-            x2 = x.reshape(-1, x.shape[-1])
-            S = g.reshape(R, -1, g.shape[-1])  # [R, M, C_out]
-            cols = torch.cat([x2, torch.ones_like(x2[:, :1])], 1) if m.bias is not None else x2
-            return gram(torch.einsum("rmo,md->rod", S, cols))
-        # Conv2d: unfold every example once; sum over examples and positions
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m, "GGNBlocks", r.name),
-                        stride=m.stride)  # [N, C_in k, P]
-        G, N = m.groups, x.shape[0]
-        cols = cols.reshape(N, G, -1, cols.shape[-1])
-        if m.bias is not None:
-            cols = torch.cat([cols, torch.ones_like(cols[:, :, :1])], 2)
-        S = g.reshape(R, N, G, m.out_channels // G, -1)  # [R, N, G, O_g, P]
-        blocks = gram(torch.einsum("rmgop,mgdp->rgod", S, cols))  # [G, O_g, D'(, D')]
-        return blocks.reshape((m.out_channels,) + blocks.shape[2:])
+        blocks sum_r j_r j_r^T of this chunk ([C_out, D', D']), with j_r = sum_m (rows of example m
+        under cotangent r), or with ``diagonal`` their diagonals sum_r j_r^2 ([C_out, D'])."""
+        j = self._rows(r, g, summed=True)  # [R, C_out, D']
+        return j.square().sum(0) if diagonal else torch.einsum("rod,roe->ode", j, j)
 
 
 # ----------------------------------------------------------------------------------------------

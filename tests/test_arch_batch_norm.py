@@ -18,6 +18,8 @@ The Triton kernels are tested under the interpreter in tests/test_arch_batch_nor
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1189,6 +1191,20 @@ def test_partial_state_dict_leaves_the_batch_counter_alone():
     meta.load_state_dict(old, assign=True)
     assert meta.batches_since_update.device.type == "cpu" and meta.batches_since_update.tolist() == [0, 0, 0]
     meta(torch.randn(2, 2, 3, 3), torch.tensor([0, 2]))
+
+
+def test_a_module_pickled_before_momentum_per_existed_keeps_its_rule_and_trains():
+    """Whole-module pickles from before momentum_per lack it and the counter: unpickled, they keep
+    the per-update rule they were trained with, and forward in training works."""
+    bn = bnas_fast.nn.ArchBatchNorm2d(2, num_archs=3, running_stats="per_arch")
+    del bn.momentum_per, bn._buffers["batches_since_update"]  # as such a module was
+    old = pickle.loads(pickle.dumps(bn))
+    assert old.momentum_per == "update" and old.batches_since_update.tolist() == [0, 0, 0]
+    old(torch.randn(4, 2, 3, 3), torch.tensor([0, 0, 2, 2]))
+    assert old.batches_since_update.tolist() == [0, 1, 0]
+    assert "batches_since_update" in old.state_dict()
+    new = pickle.loads(pickle.dumps(bnas_fast.nn.ArchBatchNorm2d(2, num_archs=3, running_stats="per_arch")))
+    assert new.momentum_per == "batch"
 
 
 def test_momentum_per_comes_after_device_and_dtype():

@@ -642,14 +642,21 @@ class _ScaledBatchNorm(nn.BatchNorm2d):
 @pytest.mark.parametrize("change", ["subclass", "hook"])
 def test_batch_norm_statistics_path_refuses_a_batch_norm_that_returns_something_else(change):
     """The leaves stand for a plain BatchNorm: a subclass or an earlier forward hook that changes
-    the output would otherwise get wrong blocks silently."""
+    the output would otherwise get wrong blocks silently. The refused module's running statistics
+    are left as they were."""
     norm = _ScaledBatchNorm(3) if change == "subclass" else nn.BatchNorm2d(3)
     if change == "hook":
         norm.register_forward_hook(lambda module, args, out: out * 2)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), norm, nn.Flatten(), nn.Linear(12, 2))
+    before = copy.deepcopy(norm.state_dict())
     with pytest.raises(ValueError, match="BatchNorm '1' .* returned something other than BatchNorm of its input"):
         with GGNBlocks(model, batch_norm_path="statistics"):
-            model(torch.randn(4, 1, 4, 4))
+            model(torch.randn(4, 1, 4, 4) + 5)
+    for name, value in norm.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    model(torch.randn(4, 1, 4, 4) + 5)  # outside the context the module updates them as usual
+    assert not torch.equal(norm.running_mean, before["running_mean"])
+    assert int(norm.num_batches_tracked) == 1
 
 
 def test_instance_norm_does_not_count_as_coupling_and_modes_are_recorded_when_layers_run():

@@ -258,7 +258,7 @@ def test_calibration_repairs_stale_statistics_of_one_architecture_and_can_be_swi
 
 def test_compare_table_averages_over_seeds():
     """compare_table: one line per (variant, running stats), the mean over seeds ± the standard error."""
-    base = dict(eval_range=0.1, mean_single_ece=0.01, ensemble_accuracy=0.9, ensemble_ece=0.02, mi_auroc=0.8, seen_unseen_auc=None)
+    base = dict(eval_range=0.1, train_std=0.004, mean_single_ece=0.01, ensemble_accuracy=0.9, ensemble_ece=0.02, mi_auroc=0.8, seen_unseen_auc=None)
     rows = [
         dict(base, variant="nsa", running_stats="shared", seed=0, spearman=0.2, eval_std=0.01, mean_single_accuracy=0.90),
         dict(base, variant="nsa", running_stats="shared", seed=1, spearman=0.4, eval_std=0.03, mean_single_accuracy=0.94),
@@ -267,7 +267,7 @@ def test_compare_table_averages_over_seeds():
     lines = nsa.compare_table(rows).splitlines()
     nsa_line = next(line for line in lines if line.startswith("| nsa |"))
     # mean 0.3, standard error stdev([0.2, 0.4]) / sqrt(2) = 0.1; accuracy 92% ± 2
-    assert "| 0.30 ± 0.10 | 2.00 ± 1.00 |" in nsa_line and "| 92.00% ± 2.00 |" in nsa_line
+    assert "| 0.30 ± 0.10 | 2.00 ± 1.00 | 10.00 ± 0.00 | 0.40 ± 0.00 |" in nsa_line and "| 92.00% ± 2.00 |" in nsa_line
     nsa_i_line = next(line for line in lines if line.startswith("| nsa_i |"))
     assert "| 0.50 | 2.00 |" in nsa_i_line and nsa_i_line.endswith("| - |")  # one seed: no ±; no AUC
     assert lines[-1] == "(seeds 0, 1; ± is the standard error over seeds)"

@@ -197,6 +197,16 @@ class _ArchBatchNorm(nn.Module):
             self.batches_since_update.copy_(since)
         return y
 
+    def __setstate__(self, state) -> None:
+        # Modules pickled whole before momentum_per existed: they keep the rule they were trained
+        # with (per update) and get the counter that forward needs.
+        super().__setstate__(state)
+        if "momentum_per" not in self.__dict__:
+            self.momentum_per = "update"
+        if self.track_running_stats and self.running_stats == "per_arch" and "batches_since_update" not in self._buffers:
+            since = torch.zeros(self.num_archs, dtype=torch.long, device=self.running_mean.device)
+            self.register_buffer("batches_since_update", since)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # A BatchNorm state_dict has [C] weight and bias (and [C] running statistics, a scalar
         # num_batches_tracked): broadcast them to every architecture.
