@@ -47,6 +47,37 @@ def _network() -> nn.Module:
     )
 
 
+def _blocks_with_reference(model: nn.Module, x: torch.Tensor):
+    """GGNBlocks' exact blocks with bnas_fast.reference.unfolded_gram (unfold + einsum) in place of
+    the fused op."""
+    def unfold_einsum(x, factors, kernel_size=1, stride=1, padding=0, dilation=1, groups=1, bias=False, diagonal=False):
+        pairs = [(v, v) if isinstance(v, int) else tuple(v) for v in (kernel_size, stride, padding, dilation)]
+        return reference.unfolded_gram(x, factors, *pairs, groups, bias, diagonal)
+
+    fused = bnas_fast.curvature.unfolded_gram
+    bnas_fast.curvature.unfolded_gram = unfold_einsum
+    try:
+        with GGNBlocks(model) as curvature:
+            logits = model(x)
+        return curvature.compute(logits, "exact")
+    finally:
+        bnas_fast.curvature.unfolded_gram = fused
+
+
+def interleaved_medians_ms(fns, repeat=7):
+    """Median ms of each of fns, called in turn (one call of each per round, after a warm-up
+    round): a drift of the host's speed then shifts every provider alike, not one of them."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(spent) for spent in times]
+
+
 def main() -> None:
     import backpack
     from backpack.extensions import DiagGGNExact
@@ -72,29 +103,7 @@ def main() -> None:
         return curvature.compute(logits, "exact", diagonal=True)
 
     def blocks_with_reference():
-        def unfold_einsum(x, factors, kernel_size=1, stride=1, padding=0, dilation=1, groups=1, bias=False, diagonal=False):
-            pairs = [(v, v) if isinstance(v, int) else tuple(v) for v in (kernel_size, stride, padding, dilation)]
-            return reference.unfolded_gram(x, factors, *pairs, groups, bias, diagonal)
-
-        fused = bnas_fast.curvature.unfolded_gram
-        bnas_fast.curvature.unfolded_gram = unfold_einsum
-        try:
-            return blocks()
-        finally:
-            bnas_fast.curvature.unfolded_gram = fused
-
-    def interleaved_medians_ms(fns, repeat=7):
-        """Median ms of each of fns, called in turn (one call of each per round, after a warm-up
-        round): a drift of the host's speed then shifts every provider alike, not one of them."""
-        for fn in fns:
-            fn()
-        times = [[] for _ in fns]
-        for _ in range(repeat):
-            for fn, spent in zip(fns, times):
-                start = time.perf_counter()
-                fn()
-                spent.append(time.perf_counter() - start)
-        return [1e3 * statistics.median(spent) for spent in times]
+        return _blocks_with_reference(model, x)
 
     print(f"## malloc: {_malloc_label()}")
     for _ in range(2):
@@ -152,9 +161,64 @@ def breakdown(calls: int = 30) -> None:
         print(f"{name}: {1e3 * statistics.median(values[1:]):.2f} ms")
 
 
+def multiply_adds(N: int = 32, K: int = 9) -> dict:
+    """Multiply-adds of the exact blocks of _network() at batch N with K = C - 1 factors, by the
+    cheapest exact algorithm we know (README, issue 6), counted from the layers' shapes:
+    - the forward pass;
+    - the factors' input gradients through every convolution but the first (whose input needs
+      none); behind the global average pool the last convolution's factors are rank one per
+      (example, output channel), c[n,k,o] w[n,o], so its input gradient can be
+      sum_o c[n,k,o] T[n,o] with T[n,o] the transposed convolution of the single map w[n,o];
+    - the blocks: per example the rows [K' C_out, P] x [P, D'] and the Gram products
+      C_out x [D', N K'] x [N K', D'], with K' = 1 where the factors are rank one (the last
+      convolution, the Linear layer)."""
+    model = _network()
+    layers = [m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
+    counts = {"forward": 0, "factors' input gradients": 0, "blocks": 0}
+    for i, m in enumerate(layers):
+        rank_one = i >= len(layers) - 2  # the last convolution (before the pool) and the Linear layer
+        if isinstance(m, nn.Conv2d):
+            P = 16 * 16  # padding 1, stride 1: every layer keeps 16 x 16
+            taps = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            D = taps + (m.bias is not None)
+            counts["forward"] += N * P * m.out_channels * taps
+            if i > 0:
+                per_factor = N * P * m.out_channels * taps
+                counts["factors' input gradients"] += 2 * per_factor if rank_one else K * per_factor
+        else:
+            P, D = 1, m.in_features + (m.bias is not None)
+            counts["forward"] += N * m.in_features * m.out_features
+        k = 1 if rank_one else K
+        counts["blocks"] += N * k * m.out_channels * P * D if isinstance(m, nn.Conv2d) else N * m.out_features * D
+        counts["blocks"] += (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features) * D * D * N * k
+    return counts
+
+
+def floor(target: float = 5.0) -> None:
+    """What issue 6's target of `target` x the unfold + einsum reference asks of this CPU: the
+    reference's time (median of 7 calls), the multiply-adds of the cheapest exact algorithm, the
+    sustained rate that `target` x would need, and MKL's rate on a 2048^3 product."""
+    model = _network()
+    x = torch.randn(32, 3, 16, 16)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    reference_ms, gemm_ms = interleaved_medians_ms([lambda: _blocks_with_reference(model, x), lambda: a @ b])
+    counts = multiply_adds()
+    flop = 2 * sum(counts.values())
+    budget_ms = reference_ms / target
+    print(f"## malloc: {_malloc_label()} | medians of 7 calls")
+    for name, value in counts.items():
+        print(f"{name}: {value / 1e6:.1f} M multiply-adds")
+    print(f"in all: {flop / 1e9:.2f} GFLOP; the reference takes {reference_ms:.1f} ms, so {target:g}x is {budget_ms:.1f} ms: "
+          f"{flop / budget_ms / 1e6:.0f} GFLOP/s sustained; a 2048^3 float32 product runs at "
+          f"{2 * 2048**3 / gemm_ms / 1e6:.0f} GFLOP/s here")
+
+
 if __name__ == "__main__":
     if "--breakdown" in sys.argv[1:]:
         breakdown()
+        sys.exit(0)
+    if "--floor" in sys.argv[1:]:
+        floor()
         sys.exit(0)
     main()
     if _malloc_label() == "default":
