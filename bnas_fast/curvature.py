@@ -414,8 +414,8 @@ class GGNBlocks:
         factor per chunk), and each layer's blocks are summed over the chunks: the same blocks up to
         the order of the sums. Peak memory is then about 2 to 3 times ``max_factor_bytes`` above the forward pass's
         (autograd's intermediate gradients). With the default, 128 MiB, a train-mode BatchNorm
-        network at batch 32 took 0.73x to 0.93x the time of one pass over all N K factors, at a
-        sixth of its memory (``python benchmarks/curvature_chunks.py``, README).
+        network at batch 32 took 0.73x to 1.10x the time of one pass over all N K factors, at a
+        sixth to a tenth of its memory (``python benchmarks/curvature_chunks.py``, README).
 
         ``couples_examples`` says whether an example's logits depend on other examples' layer
         outputs (batch statistics). The fast path back-propagates factor k of every example in one
