@@ -197,7 +197,7 @@ def multiply_adds(N: int = 32, K: int = 9) -> dict:
 def floor(target: float = 5.0) -> None:
     """What issue 6's target of `target` x the unfold + einsum reference asks of this CPU: the
     reference's time (median of 7 calls), the multiply-adds of the cheapest exact algorithm, the
-    sustained rate that `target` x would need, and MKL's rate on a 2048^3 product."""
+    sustained rate that `target` x would need, and the rate of `a @ b` on 2048 x 2048 matrices."""
     model = _network()
     x = torch.randn(32, 3, 16, 16)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
