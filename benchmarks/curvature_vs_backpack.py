@@ -168,10 +168,12 @@ def multiply_adds(N: int = 32, K: int = 9) -> dict:
     - the factors' input gradients through every convolution but the first (whose input needs
       none); behind the global average pool the last convolution's factors are rank one per
       (example, output channel), c[n,k,o] w[n,o], so its input gradient can be
-      sum_o c[n,k,o] T[n,o] with T[n,o] the transposed convolution of the single map w[n,o];
+      sum_o c[n,k,o] T[n,o] with T[n,o] the transposed convolution of the single map w[n,o]
+      (the maps T: as one factor's input gradient; the sums: N K C_out C_in P);
     - the blocks: per example the rows [K' C_out, P] x [P, D'] and the Gram products
-      C_out x [D', N K'] x [N K', D'], with K' = 1 where the factors are rank one (the last
-      convolution, the Linear layer)."""
+      C_out x [D', N K'] x [N K', D'] on and above the diagonal only (D' (D' + 1) / 2 entries:
+      they are symmetric), with K' = 1 where the factors are rank one (the last convolution, the
+      Linear layer)."""
     model = _network()
     layers = [m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
     counts = {"forward": 0, "factors' input gradients": 0, "blocks": 0}
@@ -184,13 +186,14 @@ def multiply_adds(N: int = 32, K: int = 9) -> dict:
             counts["forward"] += N * P * m.out_channels * taps
             if i > 0:
                 per_factor = N * P * m.out_channels * taps
-                counts["factors' input gradients"] += 2 * per_factor if rank_one else K * per_factor
+                sums = N * K * m.out_channels * m.in_channels * P
+                counts["factors' input gradients"] += per_factor + sums if rank_one else K * per_factor
         else:
             P, D = 1, m.in_features + (m.bias is not None)
             counts["forward"] += N * m.in_features * m.out_features
         k = 1 if rank_one else K
         counts["blocks"] += N * k * m.out_channels * P * D if isinstance(m, nn.Conv2d) else N * m.out_features * D
-        counts["blocks"] += (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features) * D * D * N * k
+        counts["blocks"] += (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features) * D * (D + 1) // 2 * N * k
     return counts
 
 

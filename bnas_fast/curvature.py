@@ -105,7 +105,7 @@ class _LeafNorm:
     module: nn.Module
     stats: Optional[Tensor] = None  # [2 C]: mean and biased variance of its input, in the graph
     leaves: Optional[Tuple[Tensor, Tensor]] = None  # per-example copies [N, C] of both, leaves
-    buffers_before: Optional[Dict[str, Tensor]] = None  # its running statistics before it ran (restored on refusal)
+    buffers_before: Optional[Dict[str, Tensor]] = None  # its running statistics before the context's pass (restored on refusal)
 
 
 #: Default bound on the bytes of back-propagated factors held at once (GGNBlocks.compute).
@@ -293,7 +293,7 @@ class GGNBlocks:
         # output computed from the leaves.
         self._norm_order = []
         for norm in self._norms:
-            norm.stats, norm.leaves = None, None
+            norm.stats, norm.leaves, norm.buffers_before = None, None, None
             self._handles.append(norm.module.register_forward_pre_hook(self._snapshot_hook(norm)))
             self._handles.append(norm.module.register_forward_hook(self._leaf_hook(norm), with_kwargs=True))
         for record in self.records:
@@ -305,6 +305,8 @@ class GGNBlocks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for norm in self._norms:
+            norm.buffers_before = None
         _LEAF_HOOKED.difference_update(id(norm.module) for norm in self._norms)
 
     @staticmethod
@@ -332,25 +334,25 @@ class GGNBlocks:
 
     @staticmethod
     def _snapshot_hook(norm: _LeafNorm):
-        """Copies a training BatchNorm's running statistics before it runs (C values each), so
-        that the leaf hook can put them back when it refuses the module."""
+        """Copies a training BatchNorm's running statistics the first time it runs in the context
+        (C values each), so that a refusal can put back what the refused forward pass changed."""
 
         def hook(module, args):
-            norm.buffers_before = None
-            if module.training and module.track_running_stats:
+            if norm.buffers_before is None and module.training and module.track_running_stats:
                 norm.buffers_before = {name: b.clone() for name, b in module.named_buffers(recurse=False)
                                        if b is not None}
 
         return hook
 
-    @staticmethod
-    def _refuse(norm: _LeafNorm, error: Exception) -> Exception:
-        """Puts back the running statistics a refused BatchNorm updated, and returns the error."""
-        if norm.buffers_before is not None:
-            with torch.no_grad():
+    def _refuse(self, error: Exception) -> Exception:
+        """Puts back the running statistics that the context's BatchNorms updated in the refused
+        forward pass (the model is left as before it), and returns the error."""
+        with torch.no_grad():
+            for norm in self._norms:
                 for name, b in norm.module.named_buffers(recurse=False):
-                    if name in norm.buffers_before:
+                    if norm.buffers_before is not None and name in norm.buffers_before:
                         b.copy_(norm.buffers_before[name])
+                norm.buffers_before = None
         return error
 
     def _leaf_hook(self, norm: _LeafNorm):
@@ -359,13 +361,13 @@ class GGNBlocks:
         of the batch mean and biased variance (the same values: the output is unchanged). The
         statistics computed from x stay in the graph, off the path to the logits, for the basis
         passes of compute. The module's own forward already ran and updated its running statistics
-        (put back if the hook refuses the module)."""
+        (put back, with those of the pass's earlier BatchNorms, if the hook refuses the module)."""
 
         def hook(module, args, kwargs, output):
             if not (module.training or not module.track_running_stats):
                 return None  # running statistics: nothing couples the examples
             if norm.stats is not None:
-                raise self._refuse(norm, RuntimeError(
+                raise self._refuse(RuntimeError(
                     f"GGNBlocks: BatchNorm {norm.name!r} ran more than once inside the context (shared by two places, "
                     "or a second forward pass); run exactly one forward pass per context"))
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
@@ -388,9 +390,9 @@ class GGNBlocks:
             y = (xa * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
             # The leaves stand for a plain BatchNorm: a subclass that computes something else, or an
             # earlier forward hook that changed the output, would get the wrong blocks silently.
-            if not isinstance(output, Tensor) or not torch.allclose(
+            if not isinstance(output, Tensor) or output.shape != y.shape or output.dtype != y.dtype or not torch.allclose(
                     y, output, rtol=_tolerance(output.dtype), atol=_tolerance(output.dtype)):
-                raise self._refuse(norm, ValueError(
+                raise self._refuse(ValueError(
                     f"GGNBlocks: BatchNorm {norm.name!r} ({type(module).__name__}) returned something other than "
                     "BatchNorm of its input (a subclass or a forward hook?); batch_norm_path='statistics' needs "
                     "plain BatchNorm: use batch_norm_path='pairs'"))
@@ -415,7 +417,8 @@ class GGNBlocks:
         the order of the sums. Peak memory is then about 2 to 3 times ``max_factor_bytes`` above the forward pass's
         (autograd's intermediate gradients). With the default, 128 MiB, a train-mode BatchNorm
         network at batch 32 took 0.73x to 1.10x the time of one pass over all N K factors, at a
-        sixth to a tenth of its memory (``python benchmarks/curvature_chunks.py``, README).
+        sixth to a tenth of its memory (``python benchmarks/curvature_chunks.py``; README and
+        docs/measurements/curvature.md).
 
         ``couples_examples`` says whether an example's logits depend on other examples' layer
         outputs (batch statistics). The fast path back-propagates factor k of every example in one

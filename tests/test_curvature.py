@@ -639,23 +639,28 @@ class _ScaledBatchNorm(nn.BatchNorm2d):
         return super().forward(x) * 3
 
 
-@pytest.mark.parametrize("change", ["subclass", "hook"])
+class _DoubleBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x).double()
+
+
+@pytest.mark.parametrize("change", ["subclass", "hook", "dtype"])
 def test_batch_norm_statistics_path_refuses_a_batch_norm_that_returns_something_else(change):
     """The leaves stand for a plain BatchNorm: a subclass or an earlier forward hook that changes
-    the output would otherwise get wrong blocks silently. The refused module's running statistics
-    are left as they were."""
-    norm = _ScaledBatchNorm(3) if change == "subclass" else nn.BatchNorm2d(3)
+    the output (values, or dtype) would otherwise get wrong blocks silently. The refused pass
+    leaves every BatchNorm's running statistics as they were, the earlier BatchNorm's too."""
+    norm = {"subclass": _ScaledBatchNorm, "dtype": _DoubleBatchNorm}.get(change, nn.BatchNorm2d)(3)
     if change == "hook":
         norm.register_forward_hook(lambda module, args, out: out * 2)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3), norm, nn.Flatten(), nn.Linear(12, 2))
-    before = copy.deepcopy(norm.state_dict())
-    with pytest.raises(ValueError, match="BatchNorm '1' .* returned something other than BatchNorm of its input"):
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3), norm, nn.Flatten(), nn.Linear(48, 2))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="BatchNorm '2' .* returned something other than BatchNorm of its input"):
         with GGNBlocks(model, batch_norm_path="statistics"):
             model(torch.randn(4, 1, 4, 4) + 5)
-    for name, value in norm.state_dict().items():
+    for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
-    model(torch.randn(4, 1, 4, 4) + 5)  # outside the context the module updates them as usual
-    assert not torch.equal(norm.running_mean, before["running_mean"])
+    model[:3](torch.randn(4, 1, 4, 4) + 5)  # outside the context the modules update them as usual
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])
     assert int(norm.num_batches_tracked) == 1
 
 
@@ -702,3 +707,5 @@ def test_batch_norm_statistics_path_misuse_raises():
     with pytest.raises(RuntimeError, match="BatchNorm '1' ran more than once inside the context \\(shared"):
         with GGNBlocks(model, batch_norm_path="statistics"):
             model(torch.randn(4, 2))
+    # both of the refused pass's updates are put back
+    assert int(norm.num_batches_tracked) == 0 and torch.equal(norm.running_mean, torch.zeros(3))
