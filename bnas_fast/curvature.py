@@ -479,10 +479,14 @@ class GGNBlocks:
             rows = sum(logits.shape[0] * c_out * width * 12 for c_out, width in map(self._row_shape, self.records))
             chunk = max(1, max_factor_bytes // max(per_factor + rows, 1))
             return self._statistics_path(logits, v, outputs, chunk, diagonal, reached, couples_examples)
+        # The pairs path sums each layer's rows in float32 at least: with half-precision outputs
+        # one layer's factors are also held as a float32 copy.
+        float32_copy = max((out.numel() * 4 for out in outputs if out.element_size() < 4), default=0)
+        coupled_chunk = max(1, max_factor_bytes // max(per_factor + float32_copy, 1))
         if couples_examples is None and _has_batch_statistics(reached):
             couples_examples = True
         if couples_examples:
-            return self._coupled(logits, v, outputs, chunk, diagonal)
+            return self._coupled(logits, v, outputs, coupled_chunk, diagonal)
         # No coupling between examples (yet known, or to be probed): back-propagating factor k of
         # every example at once gives every example's factor k. The K factors go through batched
         # backward passes of up to ``chunk`` factors; the blocks are sums over factors, so over
@@ -497,7 +501,7 @@ class GGNBlocks:
             grads = self._batched_grads(logits, outputs, cotangents)
             if probe is not None:
                 if any(bool(g[-1, probe[1]].any()) for g in grads):  # it reached another example
-                    return self._coupled(logits, v, outputs, chunk, diagonal)
+                    return self._coupled(logits, v, outputs, coupled_chunk, diagonal)
                 grads, probe = [g[:-1] for g in grads], None
             # [R, N, *out] handed on as [N, R, *out] views, which unfolded_gram reads in place
             for r, g in zip(self.records, grads):

@@ -192,6 +192,32 @@ def test_factors_back_propagated_in_chunks_give_the_same_blocks(train, factors_p
             curvature.compute(logits, "exact", max_factor_bytes=bad)
 
 
+def test_pairs_path_counts_the_float32_copy_of_half_precision_factors(monkeypatch):
+    """With train-mode BatchNorm and a bfloat16 model, each layer's factors are summed in float32:
+    max_factor_bytes bounds the factors of a pass together with that copy."""
+    torch.manual_seed(5)
+    model = _Net().bfloat16().train()
+    x = torch.randn(3, 2, 9, 9, dtype=torch.bfloat16)
+    with GGNBlocks(model) as curvature:
+        logits = model(x)
+    per_factor = sum(r.output.numel() * r.output.element_size() for r in curvature.records)
+    widest_copy = max(r.output.numel() * 4 for r in curvature.records)
+    passes = []
+    grad = torch.autograd.grad
+
+    def counting_grad(outputs, inputs, grad_outputs=None, **kwargs):
+        passes.append(grad_outputs.shape[0])
+        return grad(outputs, inputs, grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    bound = 3 * per_factor  # three factors would fit if only their bfloat16 bytes counted
+    blocks = curvature.compute(logits, "exact", max_factor_bytes=bound, couples_examples=True)
+    monkeypatch.undo()
+    assert max(passes) * (per_factor + widest_copy) <= bound and max(passes) < 3, passes
+    assert sum(passes) == logits.shape[0] * 4
+    assert all(b.dtype == torch.float32 and bool(torch.isfinite(b).all()) for b in blocks.values())
+
+
 def test_selected_layers_are_checked():
     model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), Switch(), nn.Linear(3, 2))
     # an unsupported layer left out of the selection is fine: the factors pass through it
