@@ -157,6 +157,20 @@ def test_selected_layers_get_the_same_blocks_as_all_layers(train, by):
         assert torch.equal(some[name], every[name]), name
 
 
+def _count_backward_passes(monkeypatch) -> list:
+    """Patches torch.autograd.grad to record how many cotangents each backward pass receives;
+    returns the list it fills."""
+    passes = []
+    grad = torch.autograd.grad
+
+    def counting_grad(outputs, inputs, grad_outputs=None, **kwargs):
+        passes.append(grad_outputs.shape[0])
+        return grad(outputs, inputs, grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    return passes
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["bn-eval", "bn-train"])
 @pytest.mark.parametrize("factors_per_pass", [1, 2, 5])
 def test_factors_back_propagated_in_chunks_give_the_same_blocks(train, factors_per_pass, monkeypatch):
@@ -170,14 +184,7 @@ def test_factors_back_propagated_in_chunks_give_the_same_blocks(train, factors_p
         logits = model(x)
     everything = curvature.compute(logits, "exact", max_factor_bytes=2**40)
     per_factor = sum(r.output.numel() * r.output.element_size() for r in curvature.records)
-    passes = []
-    grad = torch.autograd.grad
-
-    def counting_grad(outputs, inputs, grad_outputs=None, **kwargs):
-        passes.append(grad_outputs.shape[0])
-        return grad(outputs, inputs, grad_outputs, **kwargs)
-
-    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    passes = _count_backward_passes(monkeypatch)
     # couples_examples given: no probe pass (counted otherwise)
     chunked = curvature.compute(logits, "exact", max_factor_bytes=factors_per_pass * per_factor + per_factor // 2,
                                 couples_examples=train)
@@ -202,14 +209,7 @@ def test_pairs_path_counts_the_float32_copy_of_half_precision_factors(monkeypatc
         logits = model(x)
     per_factor = sum(r.output.numel() * r.output.element_size() for r in curvature.records)
     widest_copy = max(r.output.numel() * 4 for r in curvature.records)
-    passes = []
-    grad = torch.autograd.grad
-
-    def counting_grad(outputs, inputs, grad_outputs=None, **kwargs):
-        passes.append(grad_outputs.shape[0])
-        return grad(outputs, inputs, grad_outputs, **kwargs)
-
-    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    passes = _count_backward_passes(monkeypatch)
     bound = 3 * per_factor  # three factors would fit if only their bfloat16 bytes counted
     blocks = curvature.compute(logits, "exact", max_factor_bytes=bound, couples_examples=True)
     monkeypatch.undo()
