@@ -216,7 +216,76 @@ def floor(target: float = 5.0) -> None:
           f"{2 * 2048**3 / gemm_ms / 1e6:.0f} GFLOP/s here")
 
 
+def bound(rounds: int = 15) -> None:
+    """How far any faster kernel for the blocks could take the speed-up over the reference.
+
+    Times, in turn, the reference call (_blocks_with_reference) and ours (GGNBlocks), each split
+    into the time spent inside the blocks op (the fused op or the unfold + einsum reference) and
+    the rest (the forward pass, the factors' backward pass, the checks), and a 2048^3 `a @ b`
+    (medians of ``rounds`` rounds). Prints two bounds on the whole call's speed-up:
+    - with the blocks free: the reference's time over the time of its rest;
+    - with the blocks at the rate of `a @ b`: the reference's time over its rest plus the blocks'
+      multiply-adds (multiply_adds(), the cheapest exact direct algorithm) at that rate.
+    And one on the op alone: the reference's blocks over those multiply-adds at that rate."""
+    model = _network()
+    x = torch.randn(32, 3, 16, 16)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    inside = []  # seconds spent inside the blocks op during the current call
+
+    def timed(op):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = op(*args, **kwargs)
+            inside.append(time.perf_counter() - start)
+            return out
+        return wrapper
+
+    fused = bnas_fast.curvature.unfolded_gram
+    reference_op = reference.unfolded_gram
+    spent = {"reference": [], "reference blocks": [], "ours": [], "ours blocks": [], "a @ b": []}
+
+    def call(name, fn):
+        inside.clear()
+        start = time.perf_counter()
+        fn()
+        spent[name].append(time.perf_counter() - start)
+        spent[name + " blocks"].append(sum(inside))
+
+    def ours():
+        with GGNBlocks(model) as curvature:
+            logits = model(x)
+        return curvature.compute(logits, "exact")
+
+    bnas_fast.curvature.unfolded_gram, reference.unfolded_gram = timed(fused), timed(reference_op)
+    try:
+        for i in range(rounds + 1):  # the first round warms up
+            call("reference", lambda: _blocks_with_reference(model, x))
+            call("ours", ours)
+            start = time.perf_counter()
+            a @ b
+            spent["a @ b"].append(time.perf_counter() - start)
+    finally:
+        bnas_fast.curvature.unfolded_gram, reference.unfolded_gram = fused, reference_op
+    ms = {name: 1e3 * statistics.median(values[1:]) for name, values in spent.items()}
+    gemm_flops_per_ms = 2 * 2048**3 / ms["a @ b"]
+    blocks_at_gemm_rate = 2 * multiply_adds()["blocks"] / gemm_flops_per_ms
+    rest = ms["reference"] - ms["reference blocks"]
+    print(f"## malloc: {_malloc_label()} | medians of {rounds} rounds")
+    print(f"reference: {ms['reference']:.1f} ms, of which blocks {ms['reference blocks']:.1f} ms and the rest {rest:.1f} ms")
+    print(f"ours: {ms['ours']:.1f} ms, of which blocks {ms['ours blocks']:.1f} ms and the rest "
+          f"{ms['ours'] - ms['ours blocks']:.1f} ms ({ms['reference'] / ms['ours']:.2f}x the reference)")
+    print(f"a @ b on 2048 x 2048: {gemm_flops_per_ms / 1e6:.0f} GFLOP/s; the blocks' "
+          f"{multiply_adds()['blocks'] / 1e6:.1f} M multiply-adds at that rate: {blocks_at_gemm_rate:.1f} ms")
+    print(f"whole call, at most: {ms['reference'] / rest:.2f}x with the blocks free, "
+          f"{ms['reference'] / (rest + blocks_at_gemm_rate):.2f}x with them at the rate of a @ b")
+    print(f"the blocks op alone, at most: {ms['reference blocks'] / blocks_at_gemm_rate:.2f}x at the rate of a @ b "
+          f"(ours: {ms['reference blocks'] / ms['ours blocks']:.2f}x)")
+
+
 if __name__ == "__main__":
+    if "--bound" in sys.argv[1:]:
+        bound()
+        sys.exit(0)
     if "--breakdown" in sys.argv[1:]:
         breakdown()
         sys.exit(0)
