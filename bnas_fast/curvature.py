@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnas_fast import reference
+from bnas_fast import _checks, reference
 from bnas_fast.ops.unfolded_gram import unfolded_gram
 
 __all__ = ["GGNBlocks", "Switch", "SUPPORTED", "diagonal_recursion_hessians", "DIAG_RECURSION_LAYERS", "MAX_FACTOR_BYTES"]
@@ -452,7 +452,7 @@ class GGNBlocks:
             )
         if logits.dim() != 2 or not logits.requires_grad:
             raise ValueError(f"GGNBlocks.compute: logits must be the model's [N, C] output (in the autograd graph), got {tuple(logits.shape)}")
-        if not bool(torch.isfinite(logits).all()):
+        if not _checks.all_finite(logits):
             raise ValueError("GGNBlocks.compute: the logits contain NaN or infinity")
         for r in self.records:
             if r.input._version != r.input_version:
@@ -460,7 +460,7 @@ class GGNBlocks:
                     f"GGNBlocks.compute: the input of layer {r.name!r} was modified in place after the layer ran, so "
                     "its recorded value is no longer the one the layer saw; avoid the in-place operation on it"
                 )
-            if not bool(torch.isfinite(r.input).all()):
+            if not _checks.all_finite(r.input):
                 raise ValueError(f"GGNBlocks.compute: the input of layer {r.name!r} contains NaN or infinity")
         reached = _graph_nodes(logits.grad_fn)
         if not any(r.node in reached for r in self.records):
@@ -526,11 +526,12 @@ class GGNBlocks:
                 for g, out in zip(grads, outputs)]
 
     @staticmethod
-    def _probe(logits: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    def _probe(logits: Tensor) -> Optional[Tuple[Tensor, slice]]:
         """A cotangent [1, N, C] on the logits of the first and last examples (with two examples,
-        the first only), and the mask [N] of the other examples; None for one example. Without
-        coupling its gradients at the other examples' outputs are exactly zero: nothing in the
-        backward pass mixes rows."""
+        the first only), and the slice of the other examples (1 .. N - 2, or 1 with two); None
+        for one example. Without coupling its gradients at the other examples' outputs are
+        exactly zero: nothing in the backward pass mixes rows. (A slice, not a boolean mask:
+        the check then reads a view instead of gathering a copy.)"""
         N, C = logits.shape
         if N < 2:
             return None
@@ -538,9 +539,7 @@ class GGNBlocks:
         # a fixed cotangent with distinct entries (no random draw: the caller's generator is untouched)
         sent = [0] if N == 2 else [0, N - 1]
         probe[0, sent] = torch.linspace(1.0, 2.0, C, dtype=logits.dtype, device=logits.device)
-        others = torch.ones(N, dtype=torch.bool, device=logits.device)
-        others[sent] = False
-        return probe, others
+        return probe, slice(1, max(N - 1, 2))
 
     def _blocks(self, r: _Record, factors: Tensor, diagonal: bool) -> Tensor:
         """Blocks (or their diagonals) of one layer from its input and its factors [N, K, *output]."""
@@ -970,7 +969,7 @@ def diagonal_recursion_hessians(model: nn.Module, x: Tensor) -> Dict[str, Tensor
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         raise ValueError(f"diagonal_recursion_hessians: the model must return [N, C] logits, got "
                          f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
-    if not bool(torch.isfinite(logits).all()):
+    if not _checks.all_finite(logits):
         raise ValueError("diagonal_recursion_hessians: the logits contain NaN or infinity")
     if logits.grad_fn is None:
         raise ValueError("diagonal_recursion_hessians: the logits do not depend on the input")

@@ -465,6 +465,43 @@ def test_examples_mixed_by_other_operations_are_detected(mixer):
         curvature.compute(logits, diagonal=1)
 
 
+class _Roll(nn.Module):
+    """x + x rolled by one example: example n mixes with example n - 1 only."""
+
+    def forward(self, x):
+        return x + torch.roll(x, 1, dims=0)
+
+
+@pytest.mark.parametrize("batch", [2, 3, 6])
+def test_the_probe_finds_coupling_between_neighbouring_examples(batch):
+    """The probe's cotangent sits on the first and last examples (the first only with two); a
+    mixing of neighbours reaches the others through the examples next to them, at every batch
+    size, so the blocks go through the exact (coupled) path and equal brute force."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), _Roll(), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(3, 4)).double()
+    x = torch.randn(batch, 2, 5, 5, dtype=torch.float64)
+    _assert_blocks_match_brute_force(model, x, ["0", "5"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_finds_every_kind_of_non_finite_value(dtype):
+    """bnas_fast._checks.all_finite (the curvature's input checks): NaN, +inf and -inf anywhere,
+    the largest finite value, an empty tensor."""
+    from bnas_fast._checks import all_finite
+
+    x = torch.randn(3, 4, 5).to(dtype)
+    assert all_finite(x)
+    assert all_finite(torch.full((2, 2), torch.finfo(dtype).max, dtype=dtype))
+    assert all_finite(torch.empty(0, 3, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0, 0), (1, 2, 3), (2, 3, 4)):
+            y = x.clone()
+            y[where] = bad
+            assert not all_finite(y), (bad, where)
+            assert not all_finite(y.transpose(0, 2)), (bad, where)  # a non-contiguous view
+
+
 def test_the_probe_finds_no_coupling_in_a_per_example_network(monkeypatch):
     """Eval-mode BatchNorm: the probe rides along with the K factors in one batched pass (one
     cotangent more) and finds nothing."""
