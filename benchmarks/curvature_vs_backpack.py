@@ -15,19 +15,22 @@ Not yet a `bnas-fast bench` case: the harness's providers are eager / compile / 
 
     python benchmarks/curvature_vs_backpack.py --breakdown
 
-times the phases of one GGNBlocks call instead (medians of 30 calls, in this process's malloc
-setting): the forward pass inside the context, the batched backward pass of the factors
-(torch.autograd.grad) and each layer's unfolded_gram.
+times the phases of one GGNBlocks call instead (medians of 30 calls): the forward pass inside
+the context, the batched backward pass of the factors (torch.autograd.grad) and each layer's
+unfolded_gram.
 
     python benchmarks/curvature_vs_backpack.py --floor
 
 counts the multiply-adds of the cheapest exact algorithm we know for the whole call and the rate
-that 5x the reference would need, against a 2048^3 `a @ b` (this process's malloc setting).
+that 5x the reference would need, against a 2048^3 `a @ b`.
 
     python benchmarks/curvature_vs_backpack.py --bound
 
 splits the reference's call and ours into the time inside the blocks op and the rest, and prints
-how far a faster blocks op could take the speed-up (bound(); both malloc settings, as above).
+how far a faster blocks op could take the speed-up (bound()).
+
+Every mode runs under the default glibc settings, then again in a child process without page
+faults, as the first one does.
 """
 
 import copy
@@ -297,11 +300,9 @@ def bound(rounds: int = 15) -> None:
 if __name__ == "__main__":
     if "--breakdown" in sys.argv[1:]:
         breakdown()
-        sys.exit(0)
-    if "--floor" in sys.argv[1:]:
+    elif "--floor" in sys.argv[1:]:
         floor()
-        sys.exit(0)
-    if "--bound" in sys.argv[1:]:
+    elif "--bound" in sys.argv[1:]:
         bound()
     else:
         main()
