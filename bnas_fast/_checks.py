@@ -58,7 +58,7 @@ def all_finite(value: Tensor) -> bool:
 
 def check_finite_values(name: str, value: Tensor, op: str) -> None:
     """Reads the tensor: for the small weight tables only."""
-    if not bool(torch.isfinite(value).all()):
+    if not all_finite(value):
         bad = (~torch.isfinite(value)).nonzero()[0].tolist()
         raise ValueError(f"{op}: {name} contains a non-finite value (NaN or infinity) at index {bad}")
 
