@@ -20,8 +20,10 @@ from bnas_fast.functional import (
     mix,
     mix_sparse,
     unfolded_gram,
+    rank_one_split,
+    rank_one_conv_input_grad,
 )
 
 __version__ = "0.1.0"
 
-__all__ = ["curvature", "functional", "nn", "reference", "sampling", "backends", "mix", "mix_sparse", "arch_weights", "depth_loglik", "arch_batch_norm", "channel_affine", "gumbel_sigmoid_dropout", "unfolded_gram"]
+__all__ = ["curvature", "functional", "nn", "reference", "sampling", "backends", "mix", "mix_sparse", "arch_weights", "depth_loglik", "arch_batch_norm", "channel_affine", "gumbel_sigmoid_dropout", "unfolded_gram", "rank_one_split", "rank_one_conv_input_grad"]

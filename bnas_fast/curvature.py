@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnas_fast import _checks, reference
+from bnas_fast.ops.rank_one import rank_one_conv_input_grad, rank_one_split
 from bnas_fast.ops.unfolded_gram import unfolded_gram
 
 __all__ = ["GGNBlocks", "Switch", "SUPPORTED", "diagonal_recursion_hessians", "DIAG_RECURSION_LAYERS", "MAX_FACTOR_BYTES"]
@@ -90,6 +91,7 @@ class _Record:
     module: nn.Module
     input: Optional[Tensor] = None  # detached layer input
     input_version: int = 0  # its version counter when the layer ran (in-place changes are refused)
+    graph_input: Optional[Tensor] = None  # the layer input itself, in the graph (the rank-one route starts there)
     output: Optional[Tensor] = None  # layer output, in the graph; the model goes on with a copy
     node: object = None  # the autograd node of that copy: how the logits reach this layer
     calls: int = 0  # forward calls since the context was entered
@@ -174,12 +176,13 @@ def _conv_padding(m: nn.Conv2d, where: str, label: str) -> Tuple[int, int]:
     return tuple(m.padding)
 
 
-def _graph_nodes(root) -> set:
-    """Every autograd node that ``root`` reaches (root included; empty for None)."""
+def _graph_nodes(root, stop=None) -> set:
+    """Every autograd node that ``root`` reaches (root included; empty for None), without going
+    through the node ``stop`` (which is left out)."""
     seen, stack = set(), [root]
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or node is stop or node in seen:
             continue
         seen.add(node)
         stack.extend(child for child, _ in node.next_functions)
@@ -222,15 +225,30 @@ class GGNBlocks:
             when 2 sum C < (N - 1) K, but each factor also holds every layer's per-example rows
             (N C_out D' numbers in double), which ``max_factor_bytes`` counts: wide layers cost
             more than the count of cotangents says.
+        rank_one_backward: whether the factors may cross one convolution with
+            :func:`bnas_fast.rank_one_conv_input_grad` instead of autograd (the default; the same
+            values up to rounding). At the last convolution of most classifiers (followed only by
+            elementwise operations, a global average pool and Linear layers) the K factors of each
+            (example, output channel) are K scalings of one map, so the transposed convolution that
+            carries them to the convolution's input can convolve each map once instead of K times.
+            ``compute`` takes that route at the last recorded Conv2d whose input reaches the logits
+            only through it (no skip connection around it) and that has recorded layers before
+            it, when the factors there prove to be of rank one; otherwise, and with False,
+            autograd carries the factors all the way.
     """
 
     def __init__(
         self, model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module]]] = None, batch_norm_path: str = "pairs",
+        rank_one_backward: bool = True,
     ):
         if batch_norm_path not in BATCH_NORM_PATHS:
             raise ValueError(f"GGNBlocks: batch_norm_path must be one of {BATCH_NORM_PATHS}, got {batch_norm_path!r}")
         self.model = model
         self.batch_norm_path = batch_norm_path
+        if not isinstance(rank_one_backward, bool):
+            raise TypeError(f"GGNBlocks: rank_one_backward must be a bool, got {rank_one_backward!r}")
+        self.rank_one_backward = rank_one_backward
+        self.last_route: Optional[str] = None  # the layer where compute's last call took the rank-one route, if any
         self.records: List[_Record] = []
         self._handles: list = []
         self._norms = [
@@ -297,7 +315,7 @@ class GGNBlocks:
             self._handles.append(norm.module.register_forward_pre_hook(self._snapshot_hook(norm)))
             self._handles.append(norm.module.register_forward_hook(self._leaf_hook(norm), with_kwargs=True))
         for record in self.records:
-            record.input, record.output, record.node, record.calls = None, None, None, 0
+            record.input, record.output, record.node, record.calls, record.graph_input = None, None, None, 0, None
             self._handles.append(record.module.register_forward_hook(self._hook(record), with_kwargs=True))
         return self
 
@@ -315,7 +333,7 @@ class GGNBlocks:
             x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
             if not isinstance(x, Tensor) or not isinstance(output, Tensor):
                 raise TypeError(f"GGNBlocks: layer {record.name!r} must take a tensor and return one")
-            record.input, record.input_version = x.detach(), x._version
+            record.input, record.input_version, record.graph_input = x.detach(), x._version, x
             record.batch_stats = isinstance(module, nn.modules.batchnorm._BatchNorm) and (
                 module.training or not module.track_running_stats)
             if not output.requires_grad:
@@ -492,21 +510,92 @@ class GGNBlocks:
         # backward passes of up to ``chunk`` factors; the blocks are sums over factors, so over
         # chunks too. The probe rides along in the first pass (one cotangent more).
         probe = self._probe(logits) if couples_examples is None else None
+        cut = self._rank_one_cut(logits)
+        self.last_route = None
         K = v.shape[1]
         blocks: Dict[str, Tensor] = {}
         for k0 in range(0, K, chunk):
             cotangents = v[:, k0:k0 + chunk].movedim(1, 0)  # [R, N, C]
+            real = cotangents.shape[0]
             if probe is not None:
                 cotangents = torch.cat([cotangents, probe[0]])
-            grads = self._batched_grads(logits, outputs, cotangents)
+            compressed = None  # the cut layer's factors compressed to one per example, when the route was taken
+            if cut is None:
+                grads = self._batched_grads(logits, outputs, cotangents)
+            else:
+                grads, compressed = self._rank_one_grads(logits, outputs, cotangents, cut, real)
+                if compressed is None:  # not of rank one: the later chunks will not be either
+                    cut = None
+                else:
+                    self.last_route = cut[0].name
             if probe is not None:
                 if any(bool(g[-1, probe[1]].any()) for g in grads):  # it reached another example
+                    self.last_route = None
                     return self._coupled(logits, v, outputs, coupled_chunk, diagonal)
                 grads, probe = [g[:-1] for g in grads], None
             # [R, N, *out] handed on as [N, R, *out] views, which unfolded_gram reads in place
             for r, g in zip(self.records, grads):
-                _accumulate(blocks, r.name, self._blocks(r, g.movedim(0, 1), diagonal))
+                factors = compressed if compressed is not None and r is cut[0] else g.movedim(0, 1)
+                _accumulate(blocks, r.name, self._blocks(r, factors, diagonal))
         return blocks
+
+    def _rank_one_cut(self, logits: Tensor) -> Optional[Tuple[_Record, List[int], List[int]]]:
+        """Where the factors may cross a convolution by the rank-one route (``rank_one_backward``):
+        (its record, the indices of the records before it, those of the others), or None.
+
+        The last recorded Conv2d (float32 or float64) such that the logits reach its input only
+        through it: the autograd nodes the logits reach without passing the convolution's node
+        share none with those its input reaches. Then the factors at its output, carried to its
+        input by any means, and back-propagated from there, give the records before it their
+        factors exactly; the records after it get theirs from the logits directly."""
+        if not self.rank_one_backward:
+            return None
+        for r in reversed(self.records):
+            m, x, out = r.module, r.graph_input, r.output
+            if not isinstance(m, nn.Conv2d) or out.dtype not in (torch.float32, torch.float64):
+                continue
+            conv = out.grad_fn
+            if x is None or x.grad_fn is None or conv is None or m.weight.dtype != out.dtype:
+                continue  # a first layer (nothing before it needs factors), or a frozen one
+            if not conv.next_functions or conv.next_functions[0][0] is not x.grad_fn:
+                continue  # the output's node is not the convolution of the recorded input
+            before = _graph_nodes(x.grad_fn)
+            upstream = [i for i, q in enumerate(self.records) if q.node in before]
+            if not upstream or _graph_nodes(logits.grad_fn, stop=conv) & before:
+                continue  # nothing before it, or a path around it (a skip connection)
+            return r, upstream, [i for i in range(len(self.records)) if i not in upstream]
+        return None
+
+    def _rank_one_grads(
+        self, logits: Tensor, outputs: List[Tensor], cotangents: Tensor, cut: Tuple[_Record, List[int], List[int]],
+        real: int,
+    ) -> Tuple[List[Tensor], Optional[Tensor]]:
+        """The batched gradients of ``_batched_grads(logits, outputs, cotangents)``, computed in two
+        stages around the cut convolution (``_rank_one_cut``): autograd from the logits to the
+        outputs after it (its own included), :func:`rank_one_split` of the factors at its output,
+        :func:`rank_one_conv_input_grad` to its input, and autograd from there to the outputs
+        before it. Also returns the cut layer's factors compressed for its blocks, maps times
+        sqrt(sum_k coeffs^2) over the first ``real`` cotangents ([N, 1, C_out, Ho, Wo]), or None
+        when they are not of rank one (autograd then crossed the convolution)."""
+        r, upstream, downstream = cut
+        m = r.module
+        grads: List[Optional[Tensor]] = [None] * len(outputs)
+        for i, g in zip(downstream, self._batched_grads(logits, [outputs[i] for i in downstream], cotangents)):
+            grads[i] = g
+        at_output = grads[self.records.index(r)]  # [R, N, C_out, Ho, Wo]
+        split = rank_one_split(at_output)
+        compressed = None
+        if split is None:
+            before = self._batched_grads(r.output, [outputs[i] for i in upstream], at_output)
+        else:
+            coeffs, maps = split
+            at_input = rank_one_conv_input_grad(coeffs, maps, m.weight, r.input.shape[-2:], m.stride,
+                                                _conv_padding(m, "GGNBlocks", r.name), m.dilation, m.groups)
+            before = self._batched_grads(r.graph_input, [outputs[i] for i in upstream], at_input)
+            compressed = (maps * coeffs[:real].square().sum(0).sqrt()[:, :, None, None]).unsqueeze(1)
+        for i, g in zip(upstream, before):
+            grads[i] = g
+        return grads, compressed
 
     @staticmethod
     def _batched_grads(logits: Tensor, outputs: List[Tensor], cotangents: Tensor, fill: bool = True) -> List[Tensor]:

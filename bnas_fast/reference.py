@@ -616,6 +616,76 @@ def unfolded_gram(
     return gram.reshape(C_out, j.shape[4], j.shape[4])
 
 
+# ----------------------------------------------------------------------------------------------
+# rank_one: factors of rank one per (example, output channel), back-propagated through a convolution
+# ----------------------------------------------------------------------------------------------
+
+
+def rank_one_split(factors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Splits factors S [K, N, C_out, Ho, Wo] that have rank one per (example n, channel o) into
+    S[k, n, o] = coeffs[k, n, o] maps[n, o].
+
+    For each (n, o), maps[n, o] is the factor k of largest norm sum_p S[k, n, o, p]^2 (the first
+    such k on ties; 0 when every factor is 0) and coeffs[k, n, o] = <S[k, n, o], w> / <w, w> with
+    w = maps[n, o]. The split holds (``ok``) when every factor's residual S[k, n, o] - c w has a
+    norm of at most 16 epsilon (of the dtype) times its own, for every (k, n, o), and every entry
+    is finite. The test is computed on each (n, o)'s factors scaled by a power of two to a largest
+    magnitude in [1/2, 1), so that tiny factors do not underflow when squared.
+
+    Returns:
+        (coeffs [K, N, C_out], maps [N, C_out, Ho, Wo], ok [] bool), in the dtype of ``factors``;
+        coeffs and maps are all zeros when ``ok`` is False.
+    """
+    K, N, O = factors.shape[:3]
+    S = factors.reshape(K, N, O, -1)
+    tol = 16 * torch.finfo(factors.dtype).eps
+    largest = S.abs().amax((0, 3)) if S.numel() else torch.zeros(N, O, dtype=S.dtype, device=S.device)  # [N, O]
+    finite = bool(torch.isfinite(S).all())
+    exponent = torch.frexp(torch.where(torch.isfinite(largest), largest, 0))[1]  # [N, O]
+    # 2^-exponent in two steps: a single power overflows for subnormal float64 factors
+    half = torch.div(-exponent, 2, rounding_mode="floor")
+    step = lambda e: torch.exp2(e.to(S.dtype))[None, :, :, None]  # noqa: E731
+    scaled = S * step(half) * step(-exponent - half)
+    norms = scaled.square().sum(-1)  # [K, N, O]
+    best = norms.argmax(0, keepdim=True) if K else torch.zeros(1, N, O, dtype=torch.long, device=S.device)
+    w = scaled.gather(0, best[..., None].expand(1, N, O, S.shape[3]))  # [1, N, O, P]
+    ww = norms.gather(0, best) if K else torch.ones(1, N, O, dtype=S.dtype, device=S.device)
+    coeffs = torch.where(ww > 0, (scaled * w).sum(-1) / torch.where(ww > 0, ww, 1), 0)  # [K, N, O]
+    residual = (scaled - coeffs[..., None] * w).square().sum(-1)
+    ok = finite and bool((residual <= tol * tol * norms).all())
+    maps = S.gather(0, best[..., None].expand(1, N, O, S.shape[3]))[0].reshape(N, O, *factors.shape[3:]) if K else (
+        torch.zeros(N, O, *factors.shape[3:], dtype=S.dtype, device=S.device))
+    if not ok:
+        coeffs, maps = torch.zeros_like(coeffs), torch.zeros_like(maps)
+    return coeffs, maps, torch.tensor(ok, device=factors.device)
+
+
+def rank_one_conv_input_grad(
+    coeffs: Tensor,
+    maps: Tensor,
+    weight: Tensor,
+    input_size: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    groups: int,
+) -> Tensor:
+    """The gradients E [K, N, C_in, H, W] at the input of a Conv2d (weight [C_out, C_in / groups,
+    kh, kw], input size (H, W); stride, padding, dilation, groups as in Conv2d) for the K N output
+    gradients S[k, n, o] = coeffs[k, n, o] maps[n, o] (coeffs [K, N, C_out], maps [N, C_out, Ho, Wo]):
+
+        E[k, n] = conv2d_input(S[k, n]) = sum_o coeffs[k, n, o] (maps[n, o] transposed-convolved with W[o])
+
+    Here: the factors expanded to [K N, C_out, Ho, Wo] and ``torch.nn.grad.conv2d_input``.
+    """
+    K, N, O = coeffs.shape
+    H, W = input_size
+    full = (coeffs[..., None, None] * maps).reshape(K * N, O, *maps.shape[2:])
+    C = weight.shape[1] * groups
+    E = torch.nn.grad.conv2d_input((K * N, C, H, W), weight, full, stride, padding, dilation, groups)
+    return E.reshape(K, N, C, H, W)
+
+
 def softmax_ce_hessian_factors(logits: Tensor, mode: str = "exact", generator=None, minimal: bool = False) -> Tensor:
     """Square-root factors v [N, K, C] of the softmax cross-entropy Hessian wrt the logits.
 

@@ -16,11 +16,10 @@
 // first compressed to one factor (rank_one_factors). All index arithmetic is int64_t; every read of x is
 // bounds-checked by construction (taps outside the padded input write 0).
 #include "common.h"
+#include "rank_one.h"
 
 #include <torch/library.h>
 
-#include <atomic>
-#include <limits>
 
 namespace bnas_fast {
 namespace {
@@ -74,110 +73,33 @@ void unfold_example(const scalar_t* __restrict xn, const ConvGeometry& g, int64_
   if (g.bias) std::fill(rows + g.D() * P, rows + (g.D() + 1) * P, acc_t(1));
 }
 
-// Factors of rank one per (example, output channel). The K factors of example n at output channel o
-// form a K x P matrix S[n, :, o, :]. When it has rank one, S[n, k, o, :] = c_k w with w its largest
-// row, and the K factors add sum_k c_k^2 w w^T to G[o]: the single factor w sqrt(sum_k c_k^2) gives
-// the same block with 1/K of the GEMM work. Every layer that reaches the loss only through
-// elementwise operations and a global average pool (the last convolution of most classifiers) has
-// such factors, and so has every Linear layer (P = 1).
+// Factors of rank one per (example, output channel) (rank_one.h): the K factors of (n, o),
+// S[n, k, o] = c_k w, add sum_k c_k^2 w w^T to G[o], so the single factor w sqrt(sum_k c_k^2) gives
+// the same block with 1/K of the GEMM work.
 //
 // S is the logical [N, K, C_out, P] view of the factors (either memory order; P contiguous).
-// Returns the compressed factors [N, 1, C_out, P], or an undefined tensor as soon as one (n, o)
-// is not rank one. "Rank one" allows rounding: every row's residual off w must be at most
-// 16 epsilon of its norm. The blocks' error is first order in that residual, so it stays at the
-// level of the GEMMs' own rounding. The test runs on a copy of the K x P matrix scaled by a power
-// of two to a largest magnitude in [1/2, 1): squared norms of factors below about 1e-19 (float32)
-// would otherwise underflow to 0 and make a live channel look dead.
-// sum_p a[p] b[p], vectorised (omp simd lets the compiler reorder the sum).
-template <typename acc_t>
-inline acc_t dot_product(const acc_t* __restrict a, const acc_t* __restrict b, int64_t P) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t p = 0; p < P; ++p) s += a[p] * b[p];
-  return s;
-}
-
+// Returns the compressed factors [N, 1, C_out, P], or an undefined tensor when one (n, o) is not
+// rank one.
 template <typename acc_t>
 at::Tensor rank_one_factors(const at::Tensor& S) {
   const int64_t N = S.size(0), K = S.size(1), O = S.size(2), P = S.size(3);
-  const int64_t sn = S.stride(0), sk = S.stride(1), so = S.stride(2);
   if (P > 1 && S.stride(3) != 1) return at::Tensor();  // an unusual layout: no compression
-  const acc_t tol = acc_t(16) * std::numeric_limits<acc_t>::epsilon();
-  const acc_t tol2 = tol * tol;
   auto out = at::empty({N, 1, O, P}, S.options());
-  const acc_t* sp = S.data_ptr<acc_t>();
+  std::vector<acc_t> coeffs(N * O * K);  // [N, O, K]
   acc_t* op = out.data_ptr<acc_t>();
-  std::atomic<bool> rank_one{true};
+  if (!split_rank_one<acc_t>(S.data_ptr<acc_t>(), N, K, O, P, S.stride(0), S.stride(1), S.stride(2), coeffs.data(), 1,
+                             O * K, K, op)) {
+    return at::Tensor();
+  }
   at::parallel_for(0, N * O, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> norms(K), scaled(K * P);
-    for (int64_t i = begin; i < end && rank_one.load(std::memory_order_relaxed); ++i) {
-      const int64_t n = i / O, o = i % O;
-      const acc_t* base = sp + n * sn + o * so;
-      acc_t* dst = op + i * P;
-      acc_t largest = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t* row = base + k * sk;
-#pragma omp simd reduction(max : largest)
-        for (int64_t p = 0; p < P; ++p) largest = std::max(largest, std::abs(row[p]));
-      }
-      if (!std::isfinite(largest)) {  // (NaN compares false in max: also caught by the residual test)
-        rank_one.store(false, std::memory_order_relaxed);
-        break;
-      }
-      if (largest == acc_t(0)) {  // every row is zero (a dead unit): so is the compressed factor
-        std::fill(dst, dst + P, acc_t(0));
-        continue;
-      }
-      int exponent;
-      std::frexp(largest, &exponent);
-      // Multiplying by 2^-exponent is exact, as ldexp is, and a scalar ldexp per element made this
-      // test cost twice the GEMMs it saves. The power of two is representable unless the largest
-      // entry is far from 1 (|exponent| beyond about 120, subnormal factors included): ldexp then.
-      const bool representable = exponent > std::numeric_limits<acc_t>::min_exponent + 4 &&
-                                 exponent < std::numeric_limits<acc_t>::max_exponent - 4;
-      const acc_t to_unit = std::ldexp(acc_t(1), -exponent);
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t* row = base + k * sk;
-        acc_t* out = scaled.data() + k * P;
-        if (representable) {
-#pragma omp simd
-          for (int64_t p = 0; p < P; ++p) out[p] = row[p] * to_unit;
-        } else {
-          for (int64_t p = 0; p < P; ++p) out[p] = std::ldexp(row[p], -exponent);
-        }
-      }
-      int64_t best = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t* row = scaled.data() + k * P;
-        const acc_t s = dot_product(row, row, P);
-        norms[k] = s;
-        if (s > norms[best]) best = k;
-      }
-      const acc_t* w = scaled.data() + best * P;
-      const acc_t ww = norms[best];
+    for (int64_t i = begin; i < end; ++i) {
       acc_t sum_c2 = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t* row = scaled.data() + k * P;
-        const acc_t c = dot_product(row, w, P) / ww;
-        acc_t residual = 0;
-#pragma omp simd reduction(+ : residual)
-        for (int64_t p = 0; p < P; ++p) {
-          const acc_t r = row[p] - c * w[p];
-          residual += r * r;
-        }
-        if (!(residual <= tol2 * norms[k])) {  // also false for NaN
-          rank_one.store(false, std::memory_order_relaxed);
-          break;
-        }
-        sum_c2 += c * c;
-      }
-      if (!rank_one.load(std::memory_order_relaxed)) break;
+      for (int64_t k = 0; k < K; ++k) sum_c2 += coeffs[i * K + k] * coeffs[i * K + k];
       const acc_t scale = std::sqrt(sum_c2);
-      const acc_t* w_original = base + best * sk;  // c_k is the same for the scaled rows
-      for (int64_t p = 0; p < P; ++p) dst[p] = w_original[p] * scale;
+      for (int64_t p = 0; p < P; ++p) op[i * P + p] *= scale;
     }
   });
-  return rank_one.load() ? out : at::Tensor();
+  return out;
 }
 
 at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_in, at::IntArrayRef kernel_size,
