@@ -1,5 +1,6 @@
 """GGNBlocks (per-filter blocks) against BackPACK's DiagGGNExact (diagonal only) and against the
-same blocks computed with the unfold + einsum reference, on issue 6's network.
+same blocks computed with the references (the unfold + einsum blocks, and autograd instead of the
+rank-one ops for the factors' backward pass), on issue 6's network.
 
     python benchmarks/curvature_vs_backpack.py
 
@@ -9,15 +10,16 @@ MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 (no page faults on large t
 The network: 3x3 convolutions 3 -> 16 -> 32 -> 32 with ReLUs on 16x16 inputs, global average pool,
 linear to 10 classes; batch 32, float32, 2 threads. Prints the median of 7 calls of each, the
 providers called in turn, twice, and the peak memory of one call of each
-(bnas_fast.bench.peak_memory_bytes).
+(bnas_fast.bench.peak_memory_bytes). One provider is GGNBlocks without the rank-one route
+(rank_one_backward=False): what the rank-one ops save.
 BackPACK is a test-only dependency (`pip install --no-deps backpack-for-pytorch unfoldNd einops`).
 Not yet a `bnas-fast bench` case: the harness's providers are eager / compile / bnas_fast.
 
     python benchmarks/curvature_vs_backpack.py --breakdown
 
 times the phases of one GGNBlocks call instead (medians of 30 calls): the forward pass inside
-the context, the batched backward pass of the factors (torch.autograd.grad) and each layer's
-unfolded_gram.
+the context, the batched backward passes of the factors (torch.autograd.grad), the rank-one ops
+and each layer's unfolded_gram.
 
     python benchmarks/curvature_vs_backpack.py --floor
 
@@ -61,8 +63,10 @@ def _network() -> nn.Module:
 
 
 def _blocks_with_reference(model: nn.Module, x: torch.Tensor):
-    """GGNBlocks' exact blocks with bnas_fast.reference.unfolded_gram (unfold + einsum) in place of
-    the fused op."""
+    """GGNBlocks' exact blocks with every bnas_fast op swapped for its pure-PyTorch reference:
+    bnas_fast.reference.unfolded_gram (unfold + einsum) in place of the fused op, and autograd's
+    transposed convolution for the factors' backward pass (rank_one_backward=False) in place of the
+    rank-one ops."""
     def unfold_einsum(x, factors, kernel_size=1, stride=1, padding=0, dilation=1, groups=1, bias=False, diagonal=False):
         pairs = [(v, v) if isinstance(v, int) else tuple(v) for v in (kernel_size, stride, padding, dilation)]
         return reference.unfolded_gram(x, factors, *pairs, groups, bias, diagonal)
@@ -70,7 +74,7 @@ def _blocks_with_reference(model: nn.Module, x: torch.Tensor):
     fused = bnas_fast.curvature.unfolded_gram
     bnas_fast.curvature.unfolded_gram = unfold_einsum
     try:
-        with GGNBlocks(model) as curvature:
+        with GGNBlocks(model, rank_one_backward=False) as curvature:
             logits = model(x)
         return curvature.compute(logits, "exact")
     finally:
@@ -115,20 +119,25 @@ def main() -> None:
             logits = model(x)
         return curvature.compute(logits, "exact", diagonal=True)
 
+    def blocks_without_route():
+        with GGNBlocks(model, rank_one_backward=False) as curvature:
+            logits = model(x)
+        return curvature.compute(logits, "exact")
+
     def blocks_with_reference():
         return _blocks_with_reference(model, x)
 
     print(f"## malloc: {_malloc_label()}")
     for _ in range(2):
-        a, b, c, d = interleaved_medians_ms([diag_ggn_exact, blocks, blocks_with_reference, diagonals])
+        a, b, c, d, e = interleaved_medians_ms([diag_ggn_exact, blocks, blocks_with_reference, diagonals, blocks_without_route])
         print(
             f"BackPACK DiagGGNExact {a:.1f} ms | bnas_fast GGNBlocks (exact blocks) {b:.1f} ms ({a / b:.2f}x) "
-            f"| GGNBlocks on the unfold + einsum reference {c:.1f} ms ({c / b:.2f}x ours) "
-            f"| GGNBlocks diagonals only {d:.1f} ms"
+            f"| GGNBlocks on the references {c:.1f} ms ({c / b:.2f}x ours) "
+            f"| GGNBlocks diagonals only {d:.1f} ms | GGNBlocks without the rank-one route {e:.1f} ms ({e / b:.2f}x ours)"
         )
     providers = (
         ("BackPACK DiagGGNExact", diag_ggn_exact), ("GGNBlocks", blocks), ("GGNBlocks on the reference", blocks_with_reference),
-        ("GGNBlocks diagonals only", diagonals),
+        ("GGNBlocks diagonals only", diagonals), ("GGNBlocks without the rank-one route", blocks_without_route),
     )
     for name, fn in providers:
         print(f"peak memory, {name}: {peak_memory_bytes(fn) / 2**20:.1f} MiB")
@@ -138,14 +147,16 @@ def breakdown(calls: int = 30) -> None:
     """Median time of each phase of GGNBlocks on the same network (module docstring)."""
     model = _network()
     x = torch.randn(32, 3, 16, 16)
-    times = {}
+    times = {}  # {phase: [seconds per call]}
+    this_call = {}  # {phase: seconds so far in the current call} (the route runs autograd twice)
 
     def timed(label, fn):
-        """fn, recording its time under label(*args)."""
+        """fn, adding its time to label(*args) of the current call."""
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            times.setdefault(label(*args), []).append(time.perf_counter() - start)
+            name = label(*args)
+            this_call[name] = this_call.get(name, 0.0) + time.perf_counter() - start
             return out
         return wrapper
 
@@ -153,22 +164,29 @@ def breakdown(calls: int = 30) -> None:
         return f"blocks of a layer with input {tuple(x.shape[1:])}"
 
     def backward_label(*args):
-        return "backward pass of the factors (torch.autograd.grad)"
+        return "backward pass of the factors (torch.autograd.grad; two passes around the rank-one route)"
 
     fused, grad = bnas_fast.curvature.unfolded_gram, torch.autograd.grad
+    split, input_grad = bnas_fast.curvature.rank_one_split, bnas_fast.curvature.rank_one_conv_input_grad
     bnas_fast.curvature.unfolded_gram = timed(layer_label, fused)
     torch.autograd.grad = timed(backward_label, grad)
+    bnas_fast.curvature.rank_one_split = timed(lambda *args: "rank_one_split", split)
+    bnas_fast.curvature.rank_one_conv_input_grad = timed(lambda *args: "rank_one_conv_input_grad", input_grad)
     try:
         for _ in range(calls + 1):  # the first call warms up
+            this_call.clear()
             start = time.perf_counter()
             with GGNBlocks(model) as curvature:
                 logits = model(x)
-            times.setdefault("forward pass in the context", []).append(time.perf_counter() - start)
+            this_call["forward pass in the context"] = time.perf_counter() - start
             start = time.perf_counter()
             curvature.compute(logits, "exact")
-            times.setdefault("compute (the backward pass, the blocks and the rest)", []).append(time.perf_counter() - start)
+            this_call["compute (the backward pass, the blocks and the rest)"] = time.perf_counter() - start
+            for name, seconds in this_call.items():
+                times.setdefault(name, []).append(seconds)
     finally:
         bnas_fast.curvature.unfolded_gram, torch.autograd.grad = fused, grad
+        bnas_fast.curvature.rank_one_split, bnas_fast.curvature.rank_one_conv_input_grad = split, input_grad
     print(f"## malloc: {_malloc_label()} | medians of {calls} calls")
     for name, values in times.items():
         print(f"{name}: {1e3 * statistics.median(values[1:]):.2f} ms")

@@ -180,7 +180,9 @@ def test_factors_back_propagated_in_chunks_give_the_same_blocks(train, factors_p
     torch.manual_seed(5)
     model = _Net().double().train(train)
     x = torch.randn(3, 2, 9, 9, dtype=torch.float64)
-    with GGNBlocks(model) as curvature:
+    # Without the rank-one route, which splits each pass in two (a single factor per pass is always
+    # of rank one); test_rank_one_route_gives_the_brute_force_blocks chunks with it.
+    with GGNBlocks(model, rank_one_backward=False) as curvature:
         logits = model(x)
     everything = curvature.compute(logits, "exact", max_factor_bytes=2**40)
     per_factor = sum(r.output.numel() * r.output.element_size() for r in curvature.records)
@@ -507,8 +509,7 @@ def test_the_probe_finds_no_coupling_in_a_per_example_network(monkeypatch):
     cotangent more) and finds nothing."""
     torch.manual_seed(3)
     model = _Net().double().eval()
-    with GGNBlocks(model) as curvature:
-        logits = model(torch.randn(3, 2, 9, 9, dtype=torch.float64))
+    x = torch.randn(3, 2, 9, 9, dtype=torch.float64)
     passes, grad = [], torch.autograd.grad
 
     def counting_grad(outputs, inputs, grad_outputs=None, **kwargs):
@@ -516,8 +517,17 @@ def test_the_probe_finds_no_coupling_in_a_per_example_network(monkeypatch):
         return grad(outputs, inputs, grad_outputs, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    with GGNBlocks(model, rank_one_backward=False) as curvature:
+        logits = model(x)
     curvature.compute(logits)
     assert passes == [5]  # the C - 1 = 4 factors and the probe, in one batched pass
+    passes.clear()
+    with GGNBlocks(model) as curvature:
+        logits = model(x)
+    curvature.compute(logits)
+    # the route's cut at conv2: the pass splits there (the factors are not of rank one, so
+    # autograd crosses conv2), and the probe rides through both halves
+    assert passes == [5, 5] and curvature.last_route is None
 
 
 def test_train_mode_batch_norm_with_a_custom_op_in_the_graph():
@@ -772,3 +782,125 @@ def test_batch_norm_statistics_path_misuse_raises():
             model(torch.randn(4, 2))
     # both of the refused pass's updates are put back
     assert int(norm.num_batches_tracked) == 0 and torch.equal(norm.running_mean, torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# The rank-one route (GGNBlocks(rank_one_backward=True), the default): bnas_fast.rank_one_split
+# and rank_one_conv_input_grad carry the factors across the last convolution
+# ----------------------------------------------------------------------------------------------
+
+
+class _Classifier(nn.Module):
+    """Issue 6's shape in small: convolutions, then a global average pool and a Linear head, so the
+    last convolution's factors are of rank one per (example, channel). ``skip`` adds its input back
+    after it (a residual: a path around it); ``mixer`` runs between the first two convolutions."""
+
+    def __init__(self, skip: bool = False, mixer: nn.Module = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.mixer = mixer if mixer is not None else nn.Identity()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.head = nn.Linear(4, 5)
+        self.skip = skip
+
+    def forward(self, x):
+        h = self.mixer(torch.relu(self.conv1(x)))
+        h = torch.relu(self.conv2(h))
+        h = torch.relu(self.conv3(h) + h) if self.skip else torch.relu(self.conv3(h))
+        return self.head(h.mean((2, 3)))
+
+
+_CLASSIFIER_LAYERS = ["conv1", "conv2", "conv3", "head"]
+
+
+@pytest.mark.parametrize("factors_per_pass, couples_examples", [(None, None), (1, None), (3, False)],
+                         ids=["one-pass-probed", "chunks-probed", "chunks-unprobed"])
+def test_rank_one_route_gives_the_brute_force_blocks(factors_per_pass, couples_examples):
+    torch.manual_seed(3)
+    model = _Classifier().double()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    expected = _brute_force_by_rows(model, x, _CLASSIFIER_LAYERS)
+    with GGNBlocks(model) as curvature:
+        logits = model(x)
+    per_factor = sum(r.output.numel() * 8 for r in curvature.records)
+    kwargs = {} if factors_per_pass is None else dict(max_factor_bytes=factors_per_pass * per_factor)
+    got = curvature.compute(logits, "exact", couples_examples=couples_examples, **kwargs)
+    assert curvature.last_route == "conv3"
+    diagonals = curvature.compute(logits, "exact", diagonal=True, couples_examples=couples_examples, **kwargs)
+    assert curvature.last_route == "conv3"
+    for name in _CLASSIFIER_LAYERS:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)
+        torch.testing.assert_close(diagonals[name], expected[name].diagonal(dim1=1, dim2=2), rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_rank_one_route_and_autograd_give_the_same_monte_carlo_blocks():
+    torch.manual_seed(4)
+    model = _Classifier().double()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    results = []
+    for route in (True, False):
+        with GGNBlocks(model, rank_one_backward=route) as curvature:
+            logits = model(x)
+        results.append(curvature.compute(logits, "mc", torch.Generator().manual_seed(5)))
+        assert curvature.last_route == ("conv3" if route else None)
+    for name in _CLASSIFIER_LAYERS:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_rank_one_route_is_not_taken_around_a_skip_connection(monkeypatch):
+    """conv3's input also reaches the logits around it: the route may not start there. conv2's
+    input reaches them only through conv2, but its factors are not of rank one (conv3 mixes
+    positions): the split says so, and autograd crosses conv2. The blocks stay exact."""
+    torch.manual_seed(5)
+    model = _Classifier(skip=True).double()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    expected = _brute_force_by_rows(model, x, _CLASSIFIER_LAYERS)
+    splits = []
+    split = bnas_fast.curvature.rank_one_split
+    monkeypatch.setattr(bnas_fast.curvature, "rank_one_split", lambda f: splits.append(f.shape) or split(f))
+    with GGNBlocks(model) as curvature:
+        logits = model(x)
+    assert curvature._rank_one_cut(logits)[0].name == "conv2"
+    got = curvature.compute(logits, "exact", max_factor_bytes=1)  # one factor per pass
+    assert curvature.last_route is None
+    assert len(splits) == 1  # tried on the first pass only
+    for name in _CLASSIFIER_LAYERS:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_rank_one_route_leaves_coupling_to_the_probe(where):
+    """Examples mixed before the cut convolution (the probe's cotangent reaches the mixer through
+    the rank-one route) or after it (it reaches the cut itself): both found, blocks exact."""
+    torch.manual_seed(6)
+    model = _Classifier(mixer=_Center() if where == "before" else None).double()
+    if where == "after":
+        model.head = nn.Sequential(_Center(), nn.Linear(4, 5)).double()
+        names = ["conv1", "conv2", "conv3", "head.1"]
+    else:
+        names = _CLASSIFIER_LAYERS
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    expected = _brute_force_by_rows(model, x, names)
+    with GGNBlocks(model) as curvature:
+        logits = model(x)
+    got = curvature.compute(logits, "exact")
+    assert curvature.last_route is None
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_rank_one_route_off_and_misuse():
+    model = _Classifier()
+    with GGNBlocks(model, rank_one_backward=False) as curvature:
+        logits = model(torch.randn(2, 2, 6, 6))
+    assert curvature._rank_one_cut(logits) is None
+    curvature.compute(logits)
+    assert curvature.last_route is None
+    with pytest.raises(TypeError, match="rank_one_backward must be a bool, got 1"):
+        GGNBlocks(model, rank_one_backward=1)
+    # bfloat16 models keep autograd all the way (the rank-one ops take float32 and float64)
+    half = _Classifier().to(torch.bfloat16)
+    with GGNBlocks(half) as curvature:
+        logits = half(torch.randn(2, 2, 6, 6, dtype=torch.bfloat16))
+    assert curvature._rank_one_cut(logits) is None
