@@ -640,7 +640,7 @@ def rank_one_split(factors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     S = factors.reshape(K, N, O, -1)
     tol = 16 * torch.finfo(factors.dtype).eps
     largest = S.abs().amax((0, 3)) if S.numel() else torch.zeros(N, O, dtype=S.dtype, device=S.device)  # [N, O]
-    finite = bool(torch.isfinite(S).all())
+    finite = torch.isfinite(S).all()
     exponent = torch.frexp(torch.where(torch.isfinite(largest), largest, 0))[1]  # [N, O]
     # 2^-exponent in two steps: a single power overflows for subnormal float64 factors
     half = torch.div(-exponent, 2, rounding_mode="floor")
@@ -652,12 +652,10 @@ def rank_one_split(factors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     ww = norms.gather(0, best) if K else torch.ones(1, N, O, dtype=S.dtype, device=S.device)
     coeffs = torch.where(ww > 0, (scaled * w).sum(-1) / torch.where(ww > 0, ww, 1), 0)  # [K, N, O]
     residual = (scaled - coeffs[..., None] * w).square().sum(-1)
-    ok = finite and bool((residual <= tol * tol * norms).all())
+    ok = finite & (residual <= tol * tol * norms).all()  # a tensor: no host synchronisation
     maps = S.gather(0, best[..., None].expand(1, N, O, S.shape[3]))[0].reshape(N, O, *factors.shape[3:]) if K else (
         torch.zeros(N, O, *factors.shape[3:], dtype=S.dtype, device=S.device))
-    if not ok:
-        coeffs, maps = torch.zeros_like(coeffs), torch.zeros_like(maps)
-    return coeffs, maps, torch.tensor(ok, device=factors.device)
+    return torch.where(ok, coeffs, 0), torch.where(ok, maps, 0), ok
 
 
 def rank_one_conv_input_grad(

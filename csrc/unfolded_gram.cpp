@@ -136,10 +136,13 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
   const auto x = x_in.contiguous();
   const auto acc = at::toOpMathType(x.scalar_type());
   const int64_t Dp = g.D_full(), P = g.P(), Og = g.out_per_group();
-  auto blocks = diagonal ? at::empty({g.C_out, Dp}, x.options().dtype(acc)) : at::empty({g.C_out, Dp, Dp}, x.options().dtype(acc));
+  // The blocks, the unfolding and J below are megabytes each on issue 6's network, and fresh
+  // memory under default glibc settings: huge pages (empty_output, common.h) save their page
+  // faults, about half of this op's time on its last layer there.
+  auto blocks = diagonal ? at::empty({g.C_out, Dp}, x.options().dtype(acc)) : empty_output({g.C_out, Dp, Dp}, x.options().dtype(acc));
   // The unfolded input of one group for the whole batch, [N, D', P] (what F.unfold makes; never
   // one per output channel), and J [N, K Og, D'] = [N K, Og, D'].
-  auto rows = at::empty({g.N, Dp, P}, x.options().dtype(acc));
+  auto rows = empty_output({g.N, Dp, P}, x.options().dtype(acc));
   // Factors that come K-major ([K, N, ...] in memory, viewed as [N, K, ...]: what one batched
   // backward pass over the K cotangents produces) are read in place, one GEMM batch per k,
   // instead of being copied to [N, K, ...] order first.
@@ -165,7 +168,7 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
       at::Tensor J;
       if (k_major) {
         // J[k, n] = S[k, n] X_n^T: [N, Og, P] x [N, P, D'] for each k; (k, n) order is immaterial below.
-        J = at::empty({K, g.N, Og, Dp}, x.options().dtype(acc));
+        J = empty_output({K, g.N, Og, Dp}, x.options().dtype(acc));
         for (int64_t k = 0; k < K; ++k) {
           auto Jk = J.select(0, k);
           at::bmm_out(Jk, factors_acc.select(0, k).narrow(1, group * Og, Og), rows.transpose(1, 2));
@@ -173,7 +176,9 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
         J = J.view({K * g.N, Og, Dp});
       } else {
         const auto s = factors_acc.narrow(2, group * Og, Og).reshape({g.N, K * Og, P});
-        J = at::bmm(s, rows.transpose(1, 2)).view({g.N * K, Og, Dp});
+        J = empty_output({g.N, K * Og, Dp}, x.options().dtype(acc));
+        at::bmm_out(J, s, rows.transpose(1, 2));
+        J = J.view({g.N * K, Og, Dp});
       }
       auto out = blocks.narrow(0, group * Og, Og);
       if (diagonal) {

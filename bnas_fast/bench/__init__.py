@@ -169,11 +169,11 @@ def format_table(results: List[Result], copy_gbs: float) -> str:
 
 def all_cases() -> List[Case]:
     """Every registered benchmark case, one module per op."""
-    from bnas_fast.bench import arch_batch_norm, depth_loglik, gumbel_sigmoid_dropout, mix, nsa, oneshot, unfolded_gram
+    from bnas_fast.bench import arch_batch_norm, depth_loglik, gumbel_sigmoid_dropout, mix, nsa, oneshot, rank_one, unfolded_gram
 
     return (
         mix.cases() + depth_loglik.cases() + arch_batch_norm.cases() + nsa.cases() + gumbel_sigmoid_dropout.cases()
-        + unfolded_gram.cases() + oneshot.cases()
+        + unfolded_gram.cases() + rank_one.cases() + oneshot.cases()
     )
 
 
