@@ -71,25 +71,35 @@ void rank_one_block(const scalar_t* __restrict a, int64_t Og, const scalar_t* __
                     const scalar_t* __restrict w, int64_t w_stride, int64_t taps, const int64_t* __restrict offsets,
                     scalar_t* __restrict out, int64_t L) {
   // 64 bytes: one AVX-512 register (two or four narrower ones without -march=native). GCC's
-  // vector extension keeps the KB accumulators in registers across the loop over o.
+  // vector extension keeps the 2 KB accumulators in registers across the loop over o. Two
+  // vectors of pixels per step: two independent chains of tap sums, which hides the latency of
+  // the multiply-adds in each.
   typedef scalar_t vec __attribute__((vector_size(64)));
   constexpr int64_t lanes = 64 / sizeof(scalar_t);
-  for (int64_t i0 = 0; i0 < L; i0 += lanes) {
-    vec acc[KB];
-    for (int k = 0; k < KB; ++k) acc[k] = vec{};
+  for (int64_t i0 = 0; i0 < L; i0 += 2 * lanes) {
+    vec acc0[KB], acc1[KB];
+    for (int k = 0; k < KB; ++k) acc0[k] = vec{}, acc1[k] = vec{};
     for (int64_t o = 0; o < Og; ++o) {
-      vec t = vec{};
+      vec t0 = vec{}, t1 = vec{};
       const scalar_t* m = planes + o * plane + i0;
       const scalar_t* wo = w + o * w_stride;
       for (int64_t tap = 0; tap < taps; ++tap) {
-        vec s;
-        std::memcpy(&s, m + offsets[tap], sizeof(vec));  // an unaligned load
-        t += wo[tap] * s;
+        vec s0, s1;
+        std::memcpy(&s0, m + offsets[tap], sizeof(vec));  // unaligned loads
+        std::memcpy(&s1, m + offsets[tap] + lanes, sizeof(vec));
+        t0 += wo[tap] * s0;
+        t1 += wo[tap] * s1;
       }
       const scalar_t* ao = a + o * KB;
-      for (int k = 0; k < KB; ++k) acc[k] += ao[k] * t;
+      for (int k = 0; k < KB; ++k) {
+        acc0[k] += ao[k] * t0;
+        acc1[k] += ao[k] * t1;
+      }
     }
-    for (int k = 0; k < KB; ++k) std::memcpy(out + k * L + i0, &acc[k], sizeof(vec));
+    for (int k = 0; k < KB; ++k) {
+      std::memcpy(out + k * L + i0, &acc0[k], sizeof(vec));
+      std::memcpy(out + k * L + i0 + lanes, &acc1[k], sizeof(vec));
+    }
   }
 }
 
@@ -121,7 +131,7 @@ void rank_one_input_grad_stride1(const at::Tensor& coeffs, const at::Tensor& map
   // ix >= W and the rounding to whole vectors are discarded), so Hp also covers the last vector.
   const int64_t top = std::max<int64_t>(0, (kh - 1) * dh - ph), left = std::max<int64_t>(0, (kw - 1) * dw - pw);
   const int64_t Wp = left + std::max(Wo, W + pw);
-  const int64_t L = (H * Wp + lanes - 1) / lanes * lanes;
+  const int64_t L = (H * Wp + 2 * lanes - 1) / (2 * lanes) * (2 * lanes);  // whole steps of rank_one_block
   const int64_t max_offset = (ph + top) * Wp + pw + left;  // tap (0, 0)
   const int64_t min_offset = (ph - (kh - 1) * dh + top) * Wp + pw - (kw - 1) * dw + left;
   const int64_t Hp = std::max(top + std::max(Ho, H + ph), (L + max_offset + Wp - 1) / Wp);
