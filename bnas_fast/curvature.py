@@ -234,8 +234,15 @@ class GGNBlocks:
             ``compute`` takes that route at the last recorded Conv2d whose input reaches the logits
             only through it (no skip connection around it) and that has recorded layers before
             it, when the factors there prove to be of rank one; otherwise, and with False,
-            autograd carries the factors all the way.
+            autograd carries the factors all the way. A backward pass of fewer than
+            ``RANK_ONE_MIN_COTANGENTS`` cotangents (4: Monte Carlo mode's one factor and the
+            probe, or small chunks) keeps autograd: with 1 to 3 the split and the op cost about as
+            much as ATen's transposed convolution or more (README). After each ``compute``,
+            ``last_route`` names the layer where the route was taken (None if it was not).
     """
+
+    #: Fewest cotangents per backward pass for which the rank-one route pays (rank_one_backward).
+    RANK_ONE_MIN_COTANGENTS = 4
 
     def __init__(
         self, model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module]]] = None, batch_norm_path: str = "pairs",
@@ -450,6 +457,7 @@ class GGNBlocks:
         mode, whose single factor the probe doubles), must reach no other example (it catches the
         plain GhostBatchNorm2d, ``x - x.mean(0)``, anything else). Pass True or False to skip the
         probe when you know."""
+        self.last_route = None
         if not isinstance(diagonal, bool):
             raise TypeError(f"GGNBlocks.compute: diagonal must be a bool, got {diagonal!r}")
         if couples_examples is not None and not isinstance(couples_examples, bool):
@@ -511,7 +519,6 @@ class GGNBlocks:
         # chunks too. The probe rides along in the first pass (one cotangent more).
         probe = self._probe(logits) if couples_examples is None else None
         cut = self._rank_one_cut(logits)
-        self.last_route = None
         K = v.shape[1]
         blocks: Dict[str, Tensor] = {}
         for k0 in range(0, K, chunk):
@@ -520,7 +527,7 @@ class GGNBlocks:
             if probe is not None:
                 cotangents = torch.cat([cotangents, probe[0]])
             compressed = None  # the cut layer's factors compressed to one per example, when the route was taken
-            if cut is None:
+            if cut is None or cotangents.shape[0] < self.RANK_ONE_MIN_COTANGENTS:
                 grads = self._batched_grads(logits, outputs, cotangents)
             else:
                 grads, compressed = self._rank_one_grads(logits, outputs, cotangents, cut, real)
@@ -552,8 +559,8 @@ class GGNBlocks:
             return None
         for r in reversed(self.records):
             m, x, out = r.module, r.graph_input, r.output
-            if not isinstance(m, nn.Conv2d) or out.dtype not in (torch.float32, torch.float64):
-                continue
+            if not isinstance(m, nn.Conv2d) or out.dim() != 4 or out.dtype not in (torch.float32, torch.float64):
+                continue  # not a batched convolution in a dtype the rank-one ops take
             conv = out.grad_fn
             if x is None or x.grad_fn is None or conv is None or m.weight.dtype != out.dtype:
                 continue  # a first layer (nothing before it needs factors), or a frozen one

@@ -795,13 +795,13 @@ class _Classifier(nn.Module):
     last convolution's factors are of rank one per (example, channel). ``skip`` adds its input back
     after it (a residual: a path around it); ``mixer`` runs between the first two convolutions."""
 
-    def __init__(self, skip: bool = False, mixer: nn.Module = None):
+    def __init__(self, skip: bool = False, mixer: nn.Module = None, classes: int = 9):
         super().__init__()
         self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
         self.mixer = mixer if mixer is not None else nn.Identity()
         self.conv2 = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2)
         self.conv3 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.head = nn.Linear(4, 5)
+        self.head = nn.Linear(4, classes)  # 8 exact factors by default: passes of 4 and more take the route
         self.skip = skip
 
     def forward(self, x):
@@ -814,7 +814,7 @@ class _Classifier(nn.Module):
 _CLASSIFIER_LAYERS = ["conv1", "conv2", "conv3", "head"]
 
 
-@pytest.mark.parametrize("factors_per_pass, couples_examples", [(None, None), (1, None), (3, False)],
+@pytest.mark.parametrize("factors_per_pass, couples_examples", [(None, None), (4, None), (4, False)],
                          ids=["one-pass-probed", "chunks-probed", "chunks-unprobed"])
 def test_rank_one_route_gives_the_brute_force_blocks(factors_per_pass, couples_examples):
     torch.manual_seed(3)
@@ -834,7 +834,11 @@ def test_rank_one_route_gives_the_brute_force_blocks(factors_per_pass, couples_e
         torch.testing.assert_close(diagonals[name], expected[name].diagonal(dim1=1, dim2=2), rtol=1e-8, atol=1e-12, msg=name)
 
 
-def test_rank_one_route_and_autograd_give_the_same_monte_carlo_blocks():
+@pytest.mark.parametrize("min_cotangents", [1, GGNBlocks.RANK_ONE_MIN_COTANGENTS])
+def test_rank_one_route_and_autograd_give_the_same_monte_carlo_blocks(min_cotangents, monkeypatch):
+    """Monte Carlo mode's pass holds 2 cotangents (the sampled factor and the probe): below the
+    route's minimum, so autograd; with the minimum lowered to 1 the route runs, and agrees."""
+    monkeypatch.setattr(GGNBlocks, "RANK_ONE_MIN_COTANGENTS", min_cotangents)
     torch.manual_seed(4)
     model = _Classifier().double()
     x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
@@ -843,7 +847,7 @@ def test_rank_one_route_and_autograd_give_the_same_monte_carlo_blocks():
         with GGNBlocks(model, rank_one_backward=route) as curvature:
             logits = model(x)
         results.append(curvature.compute(logits, "mc", torch.Generator().manual_seed(5)))
-        assert curvature.last_route == ("conv3" if route else None)
+        assert curvature.last_route == ("conv3" if route and min_cotangents == 1 else None)
     for name in _CLASSIFIER_LAYERS:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-10, atol=1e-13, msg=name)
 
@@ -862,9 +866,10 @@ def test_rank_one_route_is_not_taken_around_a_skip_connection(monkeypatch):
     with GGNBlocks(model) as curvature:
         logits = model(x)
     assert curvature._rank_one_cut(logits)[0].name == "conv2"
-    got = curvature.compute(logits, "exact", max_factor_bytes=1)  # one factor per pass
+    per_factor = sum(r.output.numel() * 8 for r in curvature.records)
+    got = curvature.compute(logits, "exact", max_factor_bytes=4 * per_factor)  # passes of 4 + the probe, and 4
     assert curvature.last_route is None
-    assert len(splits) == 1  # tried on the first pass only
+    assert splits == [(5, 3, 4, 6, 6)]  # tried on the first pass only
     for name in _CLASSIFIER_LAYERS:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)
 
@@ -899,6 +904,12 @@ def test_rank_one_route_off_and_misuse():
     assert curvature.last_route is None
     with pytest.raises(TypeError, match="rank_one_backward must be a bool, got 1"):
         GGNBlocks(model, rank_one_backward=1)
+    with GGNBlocks(model) as curvature:
+        logits = model(torch.randn(2, 2, 6, 6))
+    curvature.compute(logits)
+    assert curvature.last_route == "conv3"
+    curvature.compute(logits, couples_examples=True)  # the pairs path: no route, and last_route says so
+    assert curvature.last_route is None
     # bfloat16 models keep autograd all the way (the rank-one ops take float32 and float64)
     half = _Classifier().to(torch.bfloat16)
     with GGNBlocks(half) as curvature:
