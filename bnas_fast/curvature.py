@@ -231,9 +231,10 @@ class GGNBlocks:
             elementwise operations, a global average pool and Linear layers) the K factors of each
             (example, output channel) are K scalings of one map, so the transposed convolution that
             carries them to the convolution's input can convolve each map once instead of K times.
-            ``compute`` takes that route at the last recorded Conv2d whose input reaches the logits
-            only through it (no skip connection around it) and that has recorded layers before
-            it, when the factors there prove to be of rank one; otherwise, and with False,
+            ``compute`` takes that route at the last recorded Conv2d of stride 1 whose input reaches
+            the logits only through it (no skip connection around it, a weight and bias that are
+            parameters, not computed) and that has recorded layers before it, when the factors
+            there prove to be of rank one; otherwise, and with False,
             autograd carries the factors all the way. A backward pass of fewer than
             ``RANK_ONE_MIN_COTANGENTS`` cotangents (4: Monte Carlo mode's one factor and the
             probe, or small chunks) keeps autograd: with 1 to 3 the split and the op cost about as
@@ -550,22 +551,30 @@ class GGNBlocks:
         """Where the factors may cross a convolution by the rank-one route (``rank_one_backward``):
         (its record, the indices of the records before it, those of the others), or None.
 
-        The last recorded Conv2d (float32 or float64) such that the logits reach its input only
-        through it: the autograd nodes the logits reach without passing the convolution's node
-        share none with those its input reaches. Then the factors at its output, carried to its
-        input by any means, and back-propagated from there, give the records before it their
-        factors exactly; the records after it get theirs from the logits directly."""
+        The last recorded Conv2d (stride 1, float32 or float64) such that the logits reach its
+        input only through it: the autograd nodes the logits reach without passing the
+        convolution's node share none with those its input reaches, and its weight and bias are
+        leaves (a weight computed from an activation would carry factors around the cut). Then
+        the factors at its output, carried to its input by any means, and back-propagated from
+        there, give the records before it their factors exactly; the records after it get theirs
+        from the logits directly."""
         if not self.rank_one_backward:
             return None
         for r in reversed(self.records):
             m, x, out = r.module, r.graph_input, r.output
             if not isinstance(m, nn.Conv2d) or out.dim() != 4 or out.dtype not in (torch.float32, torch.float64):
                 continue  # not a batched convolution in a dtype the rank-one ops take
+            if tuple(m.stride) != (1, 1):
+                continue  # the op's fast kernel is stride 1 (others expand the factors: no gain)
             conv = out.grad_fn
-            if x is None or x.grad_fn is None or conv is None or m.weight.dtype != out.dtype:
-                continue  # a first layer (nothing before it needs factors), or a frozen one
+            if x is None or x.grad_fn is None or conv is None or not hasattr(conv, "_saved_weight"):
+                continue  # a first layer (nothing before it needs factors), a frozen one, or no convolution node
             if not conv.next_functions or conv.next_functions[0][0] is not x.grad_fn:
                 continue  # the output's node is not the convolution of the recorded input
+            if any(f is not None and type(f).__name__ != "AccumulateGrad" for f, _ in conv.next_functions[1:]):
+                continue  # a weight or bias computed in the graph
+            if conv._saved_weight.dtype != out.dtype:  # (raises, as autograd would, for a weight changed in place)
+                continue
             before = _graph_nodes(x.grad_fn)
             upstream = [i for i, q in enumerate(self.records) if q.node in before]
             if not upstream or _graph_nodes(logits.grad_fn, stop=conv) & before:
@@ -586,6 +595,10 @@ class GGNBlocks:
         when they are not of rank one (autograd then crossed the convolution)."""
         r, upstream, downstream = cut
         m = r.module
+        # The weight the convolution saved for its backward: unpacking it raises, as autograd's
+        # own backward would, if it was changed in place since; and it is the weight the forward
+        # pass used even under a parametrization (m.weight would recompute it).
+        weight = r.output.grad_fn._saved_weight
         grads: List[Optional[Tensor]] = [None] * len(outputs)
         for i, g in zip(downstream, self._batched_grads(logits, [outputs[i] for i in downstream], cotangents)):
             grads[i] = g
@@ -596,7 +609,7 @@ class GGNBlocks:
             before = self._batched_grads(r.output, [outputs[i] for i in upstream], at_output)
         else:
             coeffs, maps = split
-            at_input = rank_one_conv_input_grad(coeffs, maps, m.weight, r.input.shape[-2:], m.stride,
+            at_input = rank_one_conv_input_grad(coeffs, maps, weight, r.input.shape[-2:], m.stride,
                                                 _conv_padding(m, "GGNBlocks", r.name), m.dilation, m.groups)
             before = self._batched_grads(r.graph_input, [outputs[i] for i in upstream], at_input)
             compressed = (maps * coeffs[:real].square().sum(0).sqrt()[:, :, None, None]).unsqueeze(1)

@@ -636,8 +636,8 @@ def rank_one_split(factors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         (coeffs [K, N, C_out], maps [N, C_out, Ho, Wo], ok [] bool), in the dtype of ``factors``;
         coeffs and maps are all zeros when ``ok`` is False.
     """
-    K, N, O = factors.shape[:3]
-    S = factors.reshape(K, N, O, -1)
+    K, N, O, Ho, Wo = factors.shape
+    S = factors.reshape(K, N, O, Ho * Wo)
     tol = 16 * torch.finfo(factors.dtype).eps
     largest = S.abs().amax((0, 3)) if S.numel() else torch.zeros(N, O, dtype=S.dtype, device=S.device)  # [N, O]
     finite = torch.isfinite(S).all()

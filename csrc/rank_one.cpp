@@ -13,10 +13,10 @@
 //
 // Why: K factors of rank one per (example, channel) are K scalings of one map, and the transposed
 // convolution is linear. Convolving each map once with each tap, then mixing the K scalings in,
-// costs O C taps + K O multiply-adds per input pixel and example instead of K O C taps. The kernel
-// keeps a block of up to 12 factors' outputs for 16 (float32) pixels in vector registers: for each
-// output channel o it forms t = sum_taps W[o, c, tap] m[o, pixel + offset(tap)] once and adds
-// coeffs[k, n, o] t to each factor's accumulator. The maps sit in zero-padded planes, so that every
+// costs O C taps + K O C multiply-adds per input pixel and example instead of K O C taps. The
+// kernel keeps a block of up to 12 factors' outputs for 2 x 16 (float32) pixels in vector
+// registers: for each output channel o it forms t = sum_taps W[o, c, tap] m[o, pixel + offset(tap)]
+// once and adds coeffs[k, n, o] t to each factor's accumulator. The maps sit in zero-padded planes, so that every
 // tap of every pixel is one unmasked load at a fixed offset (the padding stands for the zeros
 // outside the map). Stride 1 only; other strides go through ATen's transposed convolution of the
 // expanded factors (correct, not faster). All index arithmetic is int64_t; every read of a padded
@@ -70,8 +70,8 @@ template <typename scalar_t, int KB>
 void rank_one_block(const scalar_t* __restrict a, int64_t Og, const scalar_t* __restrict planes, int64_t plane,
                     const scalar_t* __restrict w, int64_t w_stride, int64_t taps, const int64_t* __restrict offsets,
                     scalar_t* __restrict out, int64_t L) {
-  // 64 bytes: one AVX-512 register (two or four narrower ones without -march=native). GCC's
-  // vector extension keeps the 2 KB accumulators in registers across the loop over o. Two
+  // 64 bytes: one AVX-512 register (two or four narrower ones without AVX-512). GCC's vector
+  // extension keeps the 2 x KB accumulators in registers across the loop over o. Two
   // vectors of pixels per step: two independent chains of tap sums, which hides the latency of
   // the multiply-adds in each.
   typedef scalar_t vec __attribute__((vector_size(64)));
@@ -103,7 +103,9 @@ void rank_one_block(const scalar_t* __restrict a, int64_t Og, const scalar_t* __
   }
 }
 
-constexpr int kMaxBlock = 12;  // factors per register block: 12 accumulators + t + a load fit 32 registers
+// Factors per register block: 2 x 12 accumulators, 2 tap sums and 2 loads fit AVX-512's 32 vector
+// registers (without AVX-512 each 64-byte vector takes two or four registers, and some spill).
+constexpr int kMaxBlock = 12;
 
 template <typename scalar_t, int KB = kMaxBlock>
 void rank_one_block_dispatch(int kb, const scalar_t* a, int64_t Og, const scalar_t* planes, int64_t plane,

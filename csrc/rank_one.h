@@ -47,13 +47,18 @@ bool split_rank_one(const acc_t* sp, int64_t N, int64_t K, int64_t O, int64_t P,
       const acc_t* base = sp + n * sn + o * so;
       acc_t* map = maps + i * P;
       acc_t* coeff = coeffs + n * cn + o * co;
-      acc_t largest = 0;
+      acc_t largest = 0, poison = 0;
       for (int64_t k = 0; k < K; ++k) {
         const acc_t* row = base + k * sk;
-#pragma omp simd reduction(max : largest)
-        for (int64_t p = 0; p < P; ++p) largest = std::max(largest, std::abs(row[p]));
+        // max skips NaN, so a NaN among zeros would pass for a dead unit: poison sums v - v, which
+        // is 0 for finite v and NaN for NaN and infinity.
+#pragma omp simd reduction(max : largest) reduction(+ : poison)
+        for (int64_t p = 0; p < P; ++p) {
+          largest = std::max(largest, std::abs(row[p]));
+          poison += row[p] - row[p];
+        }
       }
-      if (!std::isfinite(largest)) {  // (NaN compares false in max: also caught by the residual test)
+      if (!(poison == acc_t(0)) || !std::isfinite(largest)) {  // a NaN or an infinity: not of rank one
         rank_one.store(false, std::memory_order_relaxed);
         break;
       }

@@ -915,3 +915,45 @@ def test_rank_one_route_off_and_misuse():
     with GGNBlocks(half) as curvature:
         logits = half(torch.randn(2, 2, 6, 6, dtype=torch.bfloat16))
     assert curvature._rank_one_cut(logits) is None
+
+
+def test_rank_one_route_checks_the_weight_as_autograd_does():
+    """The route reads the weight the convolution saved: changed in place after the forward pass,
+    it raises as autograd's own backward does (review of 2026-12-02), instead of using the new one."""
+    model = _Classifier().double()
+    for route in (True, False):
+        with GGNBlocks(model, rank_one_backward=route) as curvature:
+            logits = model(torch.randn(2, 2, 6, 6, dtype=torch.float64))
+        with torch.no_grad():
+            model.conv3.weight.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            curvature.compute(logits)
+
+
+class _ComputedWeight(_Classifier):
+    """conv3's weight is computed from an activation before it (set as a plain tensor attribute
+    in every forward pass), so factors reach conv1 through the weight as well."""
+
+    def forward(self, x):
+        h1 = torch.relu(self.conv1(x))
+        h = torch.relu(self.conv2(h1))
+        self.conv3.weight = self.base_weight * (1 + h1.mean())
+        return self.head(torch.relu(self.conv3(h)).mean((2, 3)))
+
+
+def test_rank_one_route_is_not_taken_through_a_computed_weight():
+    """A weight computed in the graph carries factors around the cut (review of 2026-12-02): the
+    route is refused there, and the blocks of the layers before it stay exact."""
+    torch.manual_seed(7)
+    model = _ComputedWeight().double()
+    model.base_weight = nn.Parameter(model.conv3.weight.detach().clone())
+    del model.conv3.weight
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    names = ["conv1", "conv2", "conv3", "head"]
+    expected = _brute_force_by_rows(model, x, ["conv1", "conv2", "head"])
+    with GGNBlocks(model, layers=names) as curvature:
+        logits = model(x)
+    got = curvature.compute(logits)
+    assert curvature.last_route is None
+    for name in ("conv1", "conv2", "head"):
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)

@@ -212,6 +212,7 @@ def test_deterministic_across_thread_counts():
         (dict(input_size=(9, 6)), ValueError, r"maps' size \(7, 6\) is not the convolution's output size"),
         (dict(stride=(1, 2.0)), ValueError, r"stride must be an int >= 1"),
         (dict(maps=torch.randn(3, 6, 7, 6)[..., :0]), ValueError, r"is not the convolution's output size"),
+        (dict(weight=torch.randn(6, 4, 0, 3)), ValueError, r"weight has an empty kernel, \(0, 3\)"),
     ],
 )
 def test_bad_input_names_the_argument(change, error, pattern):
@@ -255,3 +256,22 @@ def test_empty_inputs_give_empty_outputs():
     assert bnas_fast.rank_one_conv_input_grad(coeffs[:0], maps, weight, **conv).shape == (0, 3, 4, 7, 6)
     split = bnas_fast.rank_one_split(torch.zeros(3, 0, 4, 5, 5))
     assert split is not None and split[0].shape == (3, 0, 4) and split[1].shape == (0, 4, 5, 5)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_non_finite_value_among_zeros_is_not_a_dead_unit(value):
+    """max() skips NaN: an (n, o) of zeros and one NaN must not pass for a dead unit (review of
+    2026-12-02), in the split and in unfolded_gram's compression (whose blocks must then be NaN,
+    as the reference's are)."""
+    factors = torch.zeros(2, 1, 1, 2, 2, dtype=torch.float64)
+    factors[0, 0, 0, 0, 0] = float(value)
+    assert bnas_fast.rank_one_split(factors) is None
+    assert not bool(reference.rank_one_split(factors)[2])
+    x = torch.ones(1, 1, 2, 2, dtype=torch.float64)
+    blocks = bnas_fast.unfolded_gram(x, factors.transpose(0, 1), 1, 1, 0, 1, 1, True)
+    assert not bool(torch.isfinite(blocks).all())
+
+
+def test_reference_split_of_an_empty_batch():
+    coeffs, maps, ok = reference.rank_one_split(torch.zeros(3, 0, 4, 5, 5))
+    assert coeffs.shape == (3, 0, 4) and maps.shape == (0, 4, 5, 5) and bool(ok)

@@ -106,3 +106,17 @@ def test_factors_in_several_blocks(monkeypatch):
     got = triton_rank_one.rank_one_conv_input_grad(coeffs, maps, weight, *_ref_args(conv))
     expected = reference.rank_one_conv_input_grad(coeffs, maps, weight, *_ref_args(conv))
     assert_within(got, expected, TOLERANCES[torch.float64], "input gradient")
+
+
+def test_a_non_finite_value_among_zeros_is_refused():
+    factors = torch.zeros(2, 1, 1, 2, 2, dtype=torch.float64)
+    factors[0, 0, 0, 0, 0] = float("nan")
+    assert not bool(triton_rank_one.rank_one_split(factors)[2])
+
+
+def test_a_split_too_large_for_one_tile_runs_the_reference(monkeypatch):
+    monkeypatch.setattr(triton_rank_one, "MAX_SPLIT_TILE", 16)
+    factors = _rank_one(GEOMETRIES[0], torch.float64)  # a 16 x 64 tile per (n, o)
+    got = triton_rank_one.rank_one_split(factors)
+    expected = reference.rank_one_split(factors)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -83,7 +83,7 @@ def _check_dtype(name: str, t: Tensor, op: str) -> None:
 def rank_one_split(factors: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
     """(coeffs [K, N, C_out], maps [N, C_out, Ho, Wo]) with factors[k, n, o] = coeffs[k, n, o]
     maps[n, o] up to rounding, or None when the factors are not of rank one per (n, o) (or hold
-    NaN or infinity). maps[n, o] is the factor of largest norm (module docstring;
+    NaN or infinity anywhere, even among zeros). maps[n, o] is the factor of largest norm (module docstring;
     :func:`bnas_fast.reference.rank_one_split` states the test).
 
     Args:
@@ -136,6 +136,8 @@ def rank_one_conv_input_grad(
         raise ValueError(f"{op}: maps {tuple(maps.shape)} does not match coeffs {tuple(coeffs.shape)} (N and C_out)")
     if weight.shape[0] != O:
         raise ValueError(f"{op}: weight has C_out = {weight.shape[0]} but coeffs has C_out = {O}")
+    if 0 in weight.shape[2:]:
+        raise ValueError(f"{op}: weight has an empty kernel, {tuple(weight.shape[2:])}")
     input_size = _pair("input_size", input_size, 1, op)
     stride, dilation = _pair("stride", stride, 1, op), _pair("dilation", dilation, 1, op)
     padding = _pair("padding", padding, 0, op)

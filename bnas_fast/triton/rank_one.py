@@ -3,8 +3,9 @@
 :mod:`bnas_fast.ops.rank_one`).
 
 * ``_split_kernel``: a program owns one (n, o) and loads its K x P factors as one tile (K and P
-  rounded up to powers of two: a 64 x 64 map with K = 10 is a 16 x 4096 tile, fine for the sizes
-  of GGNBlocks' convolutions, not meant for huge maps). It scales the tile by its largest
+  rounded up to powers of two: a 64 x 64 map with K = 10 is a 16 x 4096 tile). Tiles above
+  MAX_SPLIT_TILE elements (2^16; Triton refuses tensors above 2^20, and registers run out long
+  before) go to the pure-PyTorch reference on the same device instead. It scales the tile by its largest
   magnitude (the C++ kernel uses the nearest power of two, so the two can differ in the last bit
   of the coefficients), picks the row of largest norm w (the first on ties), and writes
   coeffs[k, n, o] = <S_k, w> / <w, w>, maps[n, o] = the unscaled row, and a flag: every row's
@@ -32,10 +33,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["rank_one_split", "rank_one_conv_input_grad", "MAX_BLOCK_K", "MAX_BLOCK_PIXELS"]
+__all__ = ["rank_one_split", "rank_one_conv_input_grad", "MAX_BLOCK_K", "MAX_BLOCK_PIXELS", "MAX_SPLIT_TILE"]
 
 MAX_BLOCK_PIXELS = 256  # input pixels per program of the input-gradient kernel
 MAX_BLOCK_K = 16  # factors per program of the input-gradient kernel (a [16, 256] accumulator)
+MAX_SPLIT_TILE = 2**16  # largest K x P tile (powers of two) of the split kernel; larger splits run the reference
 
 
 @triton.jit
@@ -138,12 +140,18 @@ def rank_one_split(factors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     maps = torch.zeros((N, O, Ho, Wo), dtype=factors.dtype, device=factors.device)
     if factors.numel() == 0:
         return coeffs, maps, torch.ones((), dtype=torch.bool, device=factors.device)
+    block_k, block_p = triton.next_power_of_2(K), triton.next_power_of_2(P)
+    if block_k * block_p > MAX_SPLIT_TILE:
+        # One (n, o)'s factors no longer fit one tile (module docstring): the reference, on the device.
+        from bnas_fast import reference
+
+        return reference.rank_one_split(factors)
     s = factors.reshape(K, N, O, P)
     flags = torch.empty(N * O, dtype=torch.int32, device=factors.device)
     tol = 16 * torch.finfo(factors.dtype).eps
     _split_kernel[(N * O,)](
         coeffs, maps, flags, s, K, N, O, P, *s.stride(),
-        TOL2=tol * tol, BLOCK_K=triton.next_power_of_2(K), BLOCK_P=triton.next_power_of_2(P),
+        TOL2=tol * tol, BLOCK_K=block_k, BLOCK_P=block_p,
     )
     ok = flags.bool().all()
     return torch.where(ok, coeffs, 0), torch.where(ok, maps, 0), ok
