@@ -16,11 +16,12 @@
 // costs O C taps + K O C multiply-adds per input pixel and example instead of K O C taps. The
 // kernel keeps a block of up to 12 factors' outputs for 2 x 16 (float32) pixels in vector
 // registers: for each output channel o it forms t = sum_taps W[o, c, tap] m[o, pixel + offset(tap)]
-// once and adds coeffs[k, n, o] t to each factor's accumulator. The maps sit in zero-padded planes, so that every
-// tap of every pixel is one unmasked load at a fixed offset (the padding stands for the zeros
-// outside the map). Stride 1 only; other strides go through ATen's transposed convolution of the
-// expanded factors (correct, not faster). All index arithmetic is int64_t; every read of a padded
-// plane lies inside it by construction, which a check before the loops confirms.
+// once and adds coeffs[k, n, o] t to each factor's accumulator. The maps sit in zero-padded
+// planes, so that every tap of every pixel is one unmasked load at a fixed offset (the padding
+// stands for the zeros outside the map). Stride 1 only; other strides go through ATen's
+// transposed convolution of the expanded factors (correct, not faster). All index arithmetic is
+// int64_t; every read of a padded plane lies inside it by construction, which a check before the
+// loops confirms.
 #include "common.h"
 #include "rank_one.h"
 

@@ -20,7 +20,6 @@
 
 #include <torch/library.h>
 
-
 namespace bnas_fast {
 namespace {
 
