@@ -31,6 +31,11 @@ that 5x the reference would need, against a 2048^3 `a @ b`.
 splits the reference's call and ours into the time inside the blocks op and the rest, and prints
 how far a faster blocks op could take the speed-up (bound()).
 
+    python benchmarks/curvature_vs_backpack.py --route
+
+times GGNBlocks with and without the rank-one route in both modes, and the rank-one ops against
+ATen's transposed convolution for 1 to 10 cotangents (route()).
+
 Every mode runs under the default glibc settings, then again in a child process without page
 faults, as the first one does.
 """
@@ -315,9 +320,64 @@ def bound(rounds: int = 15) -> None:
           f"(ours: {ms['reference blocks'] / ms['ours blocks']:.2f}x faster than the reference's)")
 
 
+def route(rounds: int = 25) -> None:
+    """What the rank-one route gains (GGNBlocks with rank_one_backward True and False).
+
+    1. The whole call in "exact" mode (9 factors and the probe per pass) and in "mc" mode (one
+       factor and the probe: below RANK_ONE_MIN_COTANGENTS, so both calls run autograd), the two
+       calls in turn for ``rounds`` rounds: their medians, and the median and quartiles of each
+       round's saving (a drift of the host shifts both calls of a round alike).
+    2. On the network's last layer (32 -> 32, N = 32), rank_one_split plus rank_one_conv_input_grad
+       against torch.nn.grad.conv2d_input of the expanded factors (what autograd runs), for 1 to
+       10 cotangents (medians of 31 calls): where the route starts to pay."""
+    model = _network()
+    x = torch.randn(32, 3, 16, 16)
+    print(f"## malloc: {_malloc_label()} | {rounds} rounds")
+    for mode in ("exact", "mc"):
+        def call(route_on):
+            with GGNBlocks(model, rank_one_backward=route_on) as curvature:
+                logits = model(x)
+            return curvature.compute(logits, mode, torch.Generator().manual_seed(0))
+
+        spent = {True: [], False: []}
+        for route_on in (True, False):
+            call(route_on)  # warm-up
+        for _ in range(rounds):
+            for route_on in (True, False):
+                start = time.perf_counter()
+                call(route_on)
+                spent[route_on].append(time.perf_counter() - start)
+        with_route, without = (1e3 * statistics.median(spent[r]) for r in (True, False))
+        saving = sorted(1e3 * (b - a) for a, b in zip(spent[True], spent[False]))
+        quartiles = statistics.quantiles(saving, n=4)
+        print(f"{mode}: with the route {with_route:.1f} ms, without {without:.1f} ms ({without / with_route:.2f}x); "
+              f"saving per round: median {statistics.median(saving):.1f} ms, quartiles {quartiles[0]:.1f} .. "
+              f"{quartiles[2]:.1f} ms")
+    N, channels, size = 32, 32, 16
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(channels, channels, 3, 3, generator=gen)
+    maps = (torch.randn(N, channels, size, size, generator=gen) > 0).float() / size**2
+    for K in (1, 2, 3, 4, 6, 10):
+        coeffs = torch.randn(K, N, channels, generator=gen)
+        factors = coeffs[..., None, None] * maps
+
+        def ours():
+            split = bnas_fast.rank_one_split(factors)
+            return bnas_fast.rank_one_conv_input_grad(*split, weight, (size, size), padding=1)
+
+        def aten():
+            return torch.nn.grad.conv2d_input((K * N, channels, size, size), weight, factors.flatten(0, 1), 1, 1)
+
+        ours_ms, aten_ms = interleaved_medians_ms([ours, aten], repeat=31)
+        print(f"last layer, {K} cotangents: split + input gradient {ours_ms:.2f} ms, ATen's transposed convolution "
+              f"{aten_ms:.2f} ms ({aten_ms / ours_ms:.2f}x)")
+
+
 if __name__ == "__main__":
     if "--breakdown" in sys.argv[1:]:
         breakdown()
+    elif "--route" in sys.argv[1:]:
+        route()
     elif "--floor" in sys.argv[1:]:
         floor()
     elif "--bound" in sys.argv[1:]:
