@@ -510,13 +510,7 @@ def test_the_probe_finds_no_coupling_in_a_per_example_network(monkeypatch):
     torch.manual_seed(3)
     model = _Net().double().eval()
     x = torch.randn(3, 2, 9, 9, dtype=torch.float64)
-    passes, grad = [], torch.autograd.grad
-
-    def counting_grad(outputs, inputs, grad_outputs=None, **kwargs):
-        passes.append(grad_outputs.shape[0])
-        return grad(outputs, inputs, grad_outputs, **kwargs)
-
-    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    passes = _count_backward_passes(monkeypatch)
     with GGNBlocks(model, rank_one_backward=False) as curvature:
         logits = model(x)
     curvature.compute(logits)
