@@ -19,7 +19,8 @@ Not yet a `bnas-fast bench` case: the harness's providers are eager / compile / 
 
 times the phases of one GGNBlocks call instead (medians of 30 calls): the forward pass inside
 the context, the batched backward passes of the factors (torch.autograd.grad), the rank-one ops
-and each layer's unfolded_gram.
+and each layer's unfolded_gram; and, for the phases that multiply, their rate as a share of a
+2048^3 `a @ b`'s timed in the same run (phase_multiply_adds()).
 
     python benchmarks/curvature_vs_backpack.py --floor
 
@@ -148,10 +149,50 @@ def main() -> None:
         print(f"peak memory, {name}: {peak_memory_bytes(fn) / 2**20:.1f} MiB")
 
 
+def phase_multiply_adds(N: int = 32, K: int = 9, probe: int = 1) -> dict:
+    """Multiply-adds of each phase of one GGNBlocks call on _network(), as our implementation does
+    them (not the cheapest algorithm of multiply_adds()), keyed by the labels breakdown() prints.
+    Counts only the products: the forward convolutions and Linear; in the factors' autograd
+    passes the input gradients of the convolutions that autograd crosses (all but the first, whose
+    input needs none, and the last, which the rank-one route crosses), for the K exact factors and
+    the probe; in rank_one_conv_input_grad one transposed convolution per (example, map) and the
+    sums over the maps for each cotangent; in each layer's blocks the rows [K' C_out, P] x [P, D']
+    per example and the full Gram products C_out x [D', N K'] x [N K', D'] (unfolded_gram computes
+    both triangles), with K' = 1 for the factors it compresses (the last convolution, the Linear
+    layer). Pooling, ReLU and the copies are memory-bound and not counted."""
+    model = _network()
+    layers = [m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
+    P, R = 16 * 16, K + probe  # every convolution keeps 16 x 16; R cotangents per pass
+    counts = {"forward pass in the context": 0, BACKWARD_LABEL: 0, "rank_one_conv_input_grad": 0}
+    for i, m in enumerate(layers):
+        rank_one = i >= len(layers) - 2  # the last convolution (before the pool) and the Linear layer
+        k = 1 if rank_one else K
+        if isinstance(m, nn.Linear):
+            counts["forward pass in the context"] += N * m.in_features * m.out_features
+            D = m.in_features + (m.bias is not None)
+            counts[f"blocks of a layer with input {(m.in_features,)}"] = N * k * m.out_features * D * (D + 1)
+            continue
+        taps = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        D = taps + (m.bias is not None)
+        counts["forward pass in the context"] += N * P * m.out_channels * taps
+        if rank_one:
+            counts["rank_one_conv_input_grad"] += N * m.out_channels * P * taps + R * N * m.out_channels * m.in_channels * P
+        elif i > 0:
+            counts[BACKWARD_LABEL] += R * N * P * m.out_channels * taps
+        counts[f"blocks of a layer with input {(m.in_channels, 16, 16)}"] = N * k * m.out_channels * (P * D + D * D)
+    return counts
+
+
+BACKWARD_LABEL = "backward pass of the factors (torch.autograd.grad; two passes around the rank-one route)"
+
+
 def breakdown(calls: int = 30) -> None:
-    """Median time of each phase of GGNBlocks on the same network (module docstring)."""
+    """Median time of each phase of GGNBlocks on the same network (module docstring), with the
+    rate of its products (phase_multiply_adds()) against a 2048^3 `a @ b` timed in the same run
+    (one product after each call, so that a drift of the host shifts both alike)."""
     model = _network()
     x = torch.randn(32, 3, 16, 16)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     times = {}  # {phase: [seconds per call]}
     this_call = {}  # {phase: seconds so far in the current call} (the route runs autograd twice)
 
@@ -169,7 +210,7 @@ def breakdown(calls: int = 30) -> None:
         return f"blocks of a layer with input {tuple(x.shape[1:])}"
 
     def backward_label(*args):
-        return "backward pass of the factors (torch.autograd.grad; two passes around the rank-one route)"
+        return BACKWARD_LABEL
 
     fused, grad = bnas_fast.curvature.unfolded_gram, torch.autograd.grad
     split, input_grad = bnas_fast.curvature.rank_one_split, bnas_fast.curvature.rank_one_conv_input_grad
@@ -187,14 +228,24 @@ def breakdown(calls: int = 30) -> None:
             start = time.perf_counter()
             curvature.compute(logits, "exact")
             this_call["compute (the backward pass, the blocks and the rest)"] = time.perf_counter() - start
+            start = time.perf_counter()
+            a @ b
+            this_call["a @ b"] = time.perf_counter() - start
             for name, seconds in this_call.items():
                 times.setdefault(name, []).append(seconds)
     finally:
         bnas_fast.curvature.unfolded_gram, torch.autograd.grad = fused, grad
         bnas_fast.curvature.rank_one_split, bnas_fast.curvature.rank_one_conv_input_grad = split, input_grad
-    print(f"## malloc: {_malloc_label()} | medians of {calls} calls")
-    for name, values in times.items():
-        print(f"{name}: {1e3 * statistics.median(values[1:]):.2f} ms")
+    ms = {name: 1e3 * statistics.median(values[1:]) for name, values in times.items()}
+    gemm_rate = 2 * 2048**3 / ms.pop("a @ b") / 1e6  # GFLOP/s
+    counts = phase_multiply_adds()
+    print(f"## malloc: {_malloc_label()} | medians of {calls} calls | a 2048^3 a @ b: {gemm_rate:.0f} GFLOP/s")
+    for name, value in ms.items():
+        rate = ""
+        if counts.get(name):
+            gflops = 2 * counts[name] / value / 1e6
+            rate = f" ({counts[name] / 1e6:.1f} M multiply-adds: {gflops:.0f} GFLOP/s, {100 * gflops / gemm_rate:.0f}% of a @ b)"
+        print(f"{name}: {value:.2f} ms{rate}")
 
 
 def multiply_adds(N: int = 32, K: int = 9) -> dict:

@@ -96,6 +96,7 @@ class _Record:
     node: object = None  # the autograd node of that copy: how the logits reach this layer
     calls: int = 0  # forward calls since the context was entered
     batch_stats: bool = False  # a BatchNorm that normalised with batch statistics when it ran
+    running: Optional[Tuple[Tensor, Tensor]] = None  # otherwise a copy of the running statistics it used
 
 
 @dataclass
@@ -278,12 +279,29 @@ class GGNBlocks:
                     + f"is not supported; supported: {', '.join(t.__name__ for t in SUPPORTED)}"
                     + ("" if selected is None else " (or leave it out of `layers`)")
                 )
+            self._check_plain(name, module)
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.affine:
                 raise TypeError(f"GGNBlocks: layer {name!r} ({type(module).__name__}) has no affine parameters "
                                 "(affine=False), so it has no blocks; leave it out of `layers`")
             if isinstance(module, nn.Conv2d):
                 _conv_padding(module, "GGNBlocks", name)  # raises for what is not supported
             self.records.append(_Record(name or type(module).__name__, module))
+
+    @staticmethod
+    def _check_plain(name: str, module: nn.Module) -> None:
+        """A supported layer must compute what its class does: the blocks are built from its input
+        as that class uses it. A subclass that overrides ``forward`` (a weight-standardised
+        convolution, a LoRA Linear) or holds parameters besides weight and bias would get the
+        blocks of the plain layer, wrong and silently; it raises instead."""
+        base = next(t for t in SUPPORTED if isinstance(module, t))
+        overridden = [method for method in ("forward", "_conv_forward")
+                      if hasattr(base, method) and getattr(type(module), method) is not getattr(base, method)]
+        extra = [p for p, _ in module.named_parameters(recurse=False) if p not in ("weight", "bias")]
+        if overridden or extra:
+            what = f"overrides {', '.join(overridden)}" if overridden else f"has parameters {extra} besides weight and bias"
+            raise TypeError(f"GGNBlocks: layer {name!r} ({type(module).__name__}) is a {base.__name__} subclass that "
+                            f"{what}, so its blocks would be those of a plain {base.__name__}: not supported (use "
+                            f"{base.__name__} itself, or leave the layer out of `layers`)")
 
     @staticmethod
     def _select(model: nn.Module, layers: Iterable[Union[str, nn.Module]]) -> Dict[int, nn.Module]:
@@ -344,6 +362,13 @@ class GGNBlocks:
             record.input, record.input_version, record.graph_input = x.detach(), x._version, x
             record.batch_stats = isinstance(module, nn.modules.batchnorm._BatchNorm) and (
                 module.training or not module.track_running_stats)
+            record.running = None
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not record.batch_stats:
+                # A training pass before compute would change them in place, and autograd's own
+                # backward through this BatchNorm reads them then. Their version counters do not
+                # tell (the CPU kernel updates them through raw pointers): compute compares copies
+                # (C values each).
+                record.running = (module.running_mean.detach().clone(), module.running_var.detach().clone())
             if not output.requires_grad:
                 # A frozen layer whose input needs no gradient (e.g. a frozen first layer): its
                 # output becomes a leaf that requires one, so that the factors can reach it.
@@ -452,12 +477,14 @@ class GGNBlocks:
         back on its own, over the whole batch (module docstring). None (the default) decides:
         coupled if the logits' autograd graph holds a batch-statistics normalisation (BatchNorm in
         train mode or without running statistics, bnas_fast's arch_batch_norm and fused
-        GhostBatchNorm2d); otherwise a probe tells: a cotangent on the first and last examples,
+        GhostBatchNorm2d); otherwise a probe tells: a cotangent on one example (the second),
         back-propagated with the first chunk of factors (one cotangent more, about 1/K of their
         backward pass: 4% to 6% of the time on issue 6's network in exact mode, but 28% in "mc"
-        mode, whose single factor the probe doubles), must reach no other example (it catches the
-        plain GhostBatchNorm2d, ``x - x.mean(0)``, anything else). Pass True or False to skip the
-        probe when you know."""
+        mode, whose single factor the probe doubles), must reach no other example. It catches the
+        plain GhostBatchNorm2d, ``x - x.mean(0)``, mixing with neighbouring examples, ``x.flip(0)``
+        mixup, and any other coupling that carries the probed example's gradient to another
+        example; a coupling that leaves that one example alone (a random pairing that pairs it
+        with itself) escapes it. Pass True or False to skip the probe when you know."""
         self.last_route = None
         if not isinstance(diagonal, bool):
             raise TypeError(f"GGNBlocks.compute: diagonal must be a bool, got {diagonal!r}")
@@ -475,7 +502,8 @@ class GGNBlocks:
         if shared:
             raise RuntimeError(
                 f"GGNBlocks.compute: layers ran more than once inside the context: {shared}; run exactly one forward "
-                "pass per context (a layer applied twice in one pass, i.e. weight sharing, is not supported)"
+                "pass per context (a layer applied twice in one pass, i.e. weight sharing, is not supported; with "
+                "activation checkpointing, call compute after the with block, where recomputation is not recorded)"
             )
         if logits.dim() != 2 or not logits.requires_grad:
             raise ValueError(f"GGNBlocks.compute: logits must be the model's [N, C] output (in the autograd graph), got {tuple(logits.shape)}")
@@ -489,12 +517,20 @@ class GGNBlocks:
                 )
             if not _checks.all_finite(r.input):
                 raise ValueError(f"GGNBlocks.compute: the input of layer {r.name!r} contains NaN or infinity")
+            if r.running is not None and not (torch.equal(r.running[0], r.module.running_mean)
+                                              and torch.equal(r.running[1], r.module.running_var)):
+                raise RuntimeError(
+                    f"GGNBlocks.compute: the running statistics of BatchNorm {r.name!r} changed after it ran in eval "
+                    "mode (a training pass in between?); both its blocks and autograd's backward through it would "
+                    "use the new values: run the forward pass again inside the context")
         reached = _graph_nodes(logits.grad_fn)
         if not any(r.node in reached for r in self.records):
             raise ValueError(
                 "GGNBlocks.compute: the logits do not depend on any layer output recorded in the context (a tensor "
                 "from another forward pass?); pass the output of the forward pass run inside the context"
             )
+        self._check_example_dimension(logits.shape[0])
+        self._check_unshared_parameters(reached)
         # exact: C - 1 factors per example (the Hessian's rank), not C: a tenth less work at C = 10
         v = reference.softmax_ce_hessian_factors(logits.detach(), mode, generator, minimal=True)  # [N, K, C]
         outputs = [r.output for r in self.records]
@@ -537,7 +573,7 @@ class GGNBlocks:
                 else:
                     self.last_route = cut[0].name
             if probe is not None:
-                if any(bool(g[-1, probe[1]].any()) for g in grads):  # it reached another example
+                if any(self._probe_reached_others(g[-1], probe[1]) for g in grads):
                     self.last_route = None
                     return self._coupled(logits, v, outputs, coupled_chunk, diagonal)
                 grads, probe = [g[:-1] for g in grads], None
@@ -546,6 +582,54 @@ class GGNBlocks:
                 factors = compressed if compressed is not None and r is cut[0] else g.movedim(0, 1)
                 _accumulate(blocks, r.name, self._blocks(r, factors, diagonal))
         return blocks
+
+    #: Fewest dimensions of each supported layer's input: the example index first, then its features.
+    _INPUT_DIMS = ((nn.Conv2d, 4, "[N, C_in, H, W]"), (nn.Linear, 2, "[N, *, F]"),
+                   (nn.modules.batchnorm._BatchNorm, 2, "[N, C, *]"), (Switch, 1, "[N, *]"))
+
+    def _check_example_dimension(self, N: int) -> None:
+        """Every recorded layer must have run on the N examples of the logits along its first
+        dimension: the blocks sum per-example products over that dimension. A layer run on a
+        folded batch ([T N, ...], two views of each example stacked as one batch), on a
+        sequence-first [T, N, F] tensor or on tensors that are not per example (class
+        prototypes) has no per-example factors there, and its blocks would be wrong."""
+        for r in self.records:
+            kind = next((k for k in self._INPUT_DIMS if isinstance(r.module, k[0])), None)
+            if kind is not None and (r.input.dim() < kind[1] or (kind[1] == 4 and r.input.dim() != 4)):
+                raise ValueError(f"GGNBlocks.compute: layer {r.name!r} ({type(r.module).__name__}) ran on an input of "
+                                 f"shape {tuple(r.input.shape)}; it needs a batched input {kind[2]}")
+            if r.output.shape[0] != N:
+                raise ValueError(
+                    f"GGNBlocks.compute: layer {r.name!r} ({type(r.module).__name__}) ran on a batch of "
+                    f"{r.output.shape[0]} rows but the logits have N = {N} examples; every recorded layer must run on "
+                    "the examples along its first dimension (not on a folded batch, a sequence-first tensor or "
+                    "tensors that are not per example): leave it out of `layers`, or reshape its input to [N, ...]")
+
+    def _check_unshared_parameters(self, reached: set) -> None:
+        """Each recorded layer's weight and bias must be its own and used once, by the layer: the
+        blocks are those of the layer's own use of them. Tied weights (``b.weight = a.weight``)
+        or a layer's weight used again elsewhere (``F.linear(h, layer.weight)``) would need the
+        blocks of the shared parameter, the sum of every use's Jacobian, which this does not
+        compute."""
+        owner: Dict[int, str] = {}
+        uses: Dict[object, int] = {}
+        for node in reached:
+            for child, _ in node.next_functions:
+                if child is not None and type(child).__name__ == "AccumulateGrad":
+                    uses[child] = uses.get(child, 0) + 1
+        for r in self.records:
+            for pname, param in r.module.named_parameters(recurse=False):
+                if id(param) in owner:
+                    raise ValueError(f"GGNBlocks.compute: layers {owner[id(param)]!r} and {r.name!r} share a parameter "
+                                     f"({pname}); the blocks of tied weights are not supported")
+                owner[id(param)] = r.name
+                if param.requires_grad:
+                    node = torch.autograd.graph.get_gradient_edge(param).node
+                    if uses.get(node, 0) > 1:
+                        raise ValueError(
+                            f"GGNBlocks.compute: the {pname} of layer {r.name!r} is used {uses[node]} times in the forward "
+                            "pass (tied weights, or the parameter used again outside the layer); the blocks of a "
+                            "shared parameter are not supported")
 
     def _rank_one_cut(self, logits: Tensor) -> Optional[Tuple[_Record, List[int], List[int]]]:
         """Where the factors may cross a convolution by the rank-one route (``rank_one_backward``):
@@ -635,20 +719,31 @@ class GGNBlocks:
                 for g, out in zip(grads, outputs)]
 
     @staticmethod
-    def _probe(logits: Tensor) -> Optional[Tuple[Tensor, slice]]:
-        """A cotangent [1, N, C] on the logits of the first and last examples (with two examples,
-        the first only), and the slice of the other examples (1 .. N - 2, or 1 with two); None
-        for one example. Without coupling its gradients at the other examples' outputs are
-        exactly zero: nothing in the backward pass mixes rows. (A slice, not a boolean mask:
-        the check then reads a view instead of gathering a copy.)"""
+    def _probe(logits: Tensor) -> Optional[Tuple[Tensor, Tuple[slice, slice]]]:
+        """A cotangent [1, N, C] on the logits of one example, and the two slices of the others;
+        None for one example. Without coupling its gradients at the other examples' outputs are
+        exactly zero: nothing in the backward pass mixes rows. (Slices, not a boolean mask: the
+        check then reads views instead of gathering a copy.)
+
+        The example is the second (the first with two examples). A probe on one example catches
+        any coupling that carries that example's gradient to another: batch statistics, a mix
+        with the neighbouring example on either side (x + x.roll(1, 0), cumulative sums over the
+        batch, in either direction), ``x.flip(0)`` mixup, a random pairing unless it pairs that
+        example with itself. The earlier probe, on the first and last examples together, missed
+        ``x.flip(0)``, which swaps those two."""
         N, C = logits.shape
         if N < 2:
             return None
         probe = torch.zeros(1, N, C, dtype=logits.dtype, device=logits.device)
+        sent = 0 if N == 2 else 1
         # a fixed cotangent with distinct entries (no random draw: the caller's generator is untouched)
-        sent = [0] if N == 2 else [0, N - 1]
         probe[0, sent] = torch.linspace(1.0, 2.0, C, dtype=logits.dtype, device=logits.device)
-        return probe, slice(1, max(N - 1, 2))
+        return probe, (slice(0, sent), slice(sent + 1, N))
+
+    @staticmethod
+    def _probe_reached_others(g: Tensor, others: Tuple[slice, slice]) -> bool:
+        """Whether the probe's gradient g [N, *out] is non-zero at any example other than its own."""
+        return any(bool(g[rows].any()) for rows in others if rows.stop > rows.start)
 
     def _blocks(self, r: _Record, factors: Tensor, diagonal: bool) -> Tensor:
         """Blocks (or their diagonals) of one layer from its input and its factors [N, K, *output]."""
@@ -704,8 +799,8 @@ class GGNBlocks:
             probe = self._probe(logits)
             if probe is not None:
                 for g in self._batched_grads(logits, outputs, probe[0], fill=False):
-                    if g is not None and bool(g[0, probe[1]].any()):
-                        raise ValueError(other.format(": a probe cotangent on two examples reached the others"))
+                    if g is not None and self._probe_reached_others(g[0], probe[1]):
+                        raise ValueError(other.format(": a probe cotangent on one example reached the others"))
         norms, wide = self._norm_order, torch.float64
         # 1. D s_l / D theta at every recorded layer ([2 C_l, C_out, D'], summed over examples)
         totals: List[Dict[str, Tensor]] = []

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bnas_fast
@@ -476,9 +477,9 @@ class _Roll(nn.Module):
 
 @pytest.mark.parametrize("batch", [2, 3, 6])
 def test_the_probe_finds_coupling_between_neighbouring_examples(batch):
-    """The probe's cotangent sits on the first and last examples (the first only with two); a
-    mixing of neighbours reaches the others through the examples next to them, at every batch
-    size, so the blocks go through the exact (coupled) path and equal brute force."""
+    """The probe's cotangent sits on one example (the second; the first with two); a mixing of
+    neighbours carries it to the example next to it, at every batch size, so the blocks go
+    through the exact (coupled) path and equal brute force."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), _Roll(), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(3, 4)).double()
@@ -706,19 +707,67 @@ class _ScaledBatchNorm(nn.BatchNorm2d):
         return super().forward(x) * 3
 
 
-class _DoubleBatchNorm(nn.BatchNorm2d):
+class _StandardisedConv2d(nn.Conv2d):
+    """A weight-standardised convolution (timm's StdConv2d pattern)."""
+
     def forward(self, x):
-        return super().forward(x).double()
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-@pytest.mark.parametrize("change", ["subclass", "hook", "dtype"])
+class _ConvForwardConv2d(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, 2 * weight, bias)
+
+
+class _LoRALinear(nn.Linear):
+    """Parameters besides weight and bias, used through F.linear's weight (forward inherited)."""
+
+    def __init__(self, i, o):
+        super().__init__(i, o)
+        self.A, self.B = nn.Parameter(torch.randn(2, i)), nn.Parameter(torch.zeros(o, 2))
+
+
+class _ScaledSwitch(Switch):
+    def forward(self, x):
+        return 2 * self.weight * x
+
+
+class _TaggedConv2d(nn.Conv2d):
+    """A subclass that computes what Conv2d does: accepted."""
+
+    tag = "stem"
+
+
+@pytest.mark.parametrize("layer", [_ScaledBatchNorm(3), _StandardisedConv2d(3, 3, 1), _ConvForwardConv2d(3, 3, 1),
+                                   _LoRALinear(48, 3), _ScaledSwitch()], ids=lambda m: type(m).__name__)
+def test_subclasses_that_compute_something_else_are_refused(layer):
+    """A supported layer's subclass that overrides forward (or Conv2d's _conv_forward) or holds
+    parameters besides weight and bias would get the blocks of the plain layer: wrong, silently.
+    It raises TypeError naming the layer when the context is made, with or without ``layers``."""
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), layer, nn.Flatten(), nn.Linear(3, 3))  # made, never run
+    for layers in (None, ["0", "1"]):
+        with pytest.raises(TypeError, match=f"layer '1' \\({type(layer).__name__}\\) is a .* subclass that "):
+            GGNBlocks(model, layers=layers)
+
+
+def test_a_subclass_that_computes_what_its_class_does_is_accepted():
+    torch.manual_seed(0)
+    model = nn.Sequential(_TaggedConv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).double()
+    _assert_blocks_match_brute_force(model, torch.randn(4, 2, 4, 4, dtype=torch.float64), ["0", "3"])
+
+
+@pytest.mark.parametrize("change", ["values", "dtype"])
 def test_batch_norm_statistics_path_refuses_a_batch_norm_that_returns_something_else(change):
-    """The leaves stand for a plain BatchNorm: a subclass or an earlier forward hook that changes
-    the output (values, or dtype) would otherwise get wrong blocks silently. The refused pass
-    leaves every BatchNorm's running statistics as they were, the earlier BatchNorm's too."""
-    norm = {"subclass": _ScaledBatchNorm, "dtype": _DoubleBatchNorm}.get(change, nn.BatchNorm2d)(3)
-    if change == "hook":
-        norm.register_forward_hook(lambda module, args, out: out * 2)
+    """The leaves stand for a plain BatchNorm: an earlier forward hook that changes the output
+    (values, or dtype) would otherwise get wrong blocks silently (a subclass that overrides
+    forward is refused before, test_subclasses_that_compute_something_else_are_refused). The
+    refused pass leaves every BatchNorm's running statistics as they were, the earlier
+    BatchNorm's too."""
+    norm = nn.BatchNorm2d(3)
+    norm.register_forward_hook((lambda module, args, out: out * 2) if change == "values" else
+                               (lambda module, args, out: out.double()))
     model = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3), norm, nn.Flatten(), nn.Linear(48, 2))
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="BatchNorm '2' .* returned something other than BatchNorm of its input"):
@@ -951,3 +1000,127 @@ def test_rank_one_route_is_not_taken_through_a_computed_weight():
     assert curvature.last_route is None
     for name in ("conv1", "conv2", "head"):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)
+
+
+class _Flip(nn.Module):
+    """Mixup with the batch reversed: example n mixes with example N - 1 - n."""
+
+    def forward(self, x):
+        return 0.7 * x + 0.3 * x.flip(0)
+
+
+@pytest.mark.parametrize("batch", [2, 4, 6])
+def test_the_probe_finds_flip_mixup(batch):
+    """x.flip(0) pairs the first and last examples: a probe on those two (the earlier probe) saw
+    nothing. The probe on one example catches it, and the blocks equal brute force."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), _Flip(), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(3, 4)).double()
+    _assert_blocks_match_brute_force(model, torch.randn(batch, 2, 5, 5, dtype=torch.float64), ["0", "5"])
+
+
+class _Siamese(nn.Module):
+    """Both views of each example through one encoder, as one batch of 2 N rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.head = nn.Linear(4, 3), nn.Linear(6, 2)
+
+    def forward(self, x):
+        codes = self.encoder(torch.cat([x, x.flip(1)]))  # [2 N, 3]
+        return self.head(torch.cat(codes.chunk(2), 1))
+
+
+class _SequenceFirst(nn.Module):
+    """A Linear on a sequence-first [T, N, F] tensor (the default layout of nn.RNN and nn.Transformer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.step, self.head = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):  # x [N, T, F]
+        return self.head(self.step(x.transpose(0, 1)).sum(0))
+
+
+class _Prototypes(nn.Module):
+    """A Linear applied to class prototypes (not per example), then compared with each example."""
+
+    def __init__(self):
+        super().__init__()
+        self.codes, self.embed = nn.Parameter(torch.randn(5, 4)), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x @ self.embed(self.codes).t()
+
+
+@pytest.mark.parametrize("make, x", [
+    (_Siamese, torch.randn(3, 4)),
+    (_SequenceFirst, torch.randn(3, 2, 4)),
+    (_SequenceFirst, torch.randn(1, 2, 4)),  # N = 1: no probe to catch it
+    (_Prototypes, torch.randn(3, 4)),
+    (lambda: nn.Sequential(nn.Linear(4, 3)), torch.randn(4)),  # unbatched
+], ids=["siamese", "sequence-first", "sequence-first-N1", "prototypes", "unbatched"])
+def test_a_layer_that_does_not_run_on_the_examples_raises(make, x):
+    """Every recorded layer must run on the logits' N examples along its first dimension: the
+    blocks sum per-example products over it. A layer on a folded batch, a sequence-first tensor,
+    class prototypes or one unbatched example raises, naming the layer, with or without the probe."""
+    model = make()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for couples_examples in (None, False):
+        with GGNBlocks(model, layers=names) as curvature:
+            logits = model(x)
+            if logits.dim() == 1:
+                logits = logits[None]
+        with pytest.raises(ValueError, match="GGNBlocks.compute: layer '.*' \\(Linear\\) ran on "):
+            curvature.compute(logits, couples_examples=couples_examples)
+
+
+class _Tied(nn.Module):
+    def __init__(self, reuse):
+        super().__init__()
+        self.a, self.b, self.reuse = nn.Linear(3, 3), nn.Linear(3, 2), reuse
+        if reuse == "tied":
+            self.c = nn.Linear(3, 3)
+            self.c.weight = self.a.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.reuse == "tied":
+            h = torch.tanh(self.c(h))
+        elif self.reuse == "functional":
+            h = torch.tanh(F.linear(h, self.a.weight))
+        return self.b(h)
+
+
+@pytest.mark.parametrize("reuse", ["tied", "functional"])
+def test_shared_weights_raise(reuse):
+    """Tied weights (two layers, one parameter) or a layer's weight used again outside it: the
+    blocks of a shared parameter are not what GGNBlocks computes, so compute raises."""
+    model = _Tied(reuse)
+    with GGNBlocks(model) as curvature:
+        logits = model(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="share a parameter|is used 2 times in the forward pass"):
+        curvature.compute(logits)
+    frozen = _Tied(reuse).requires_grad_(False)  # no gradient edges to count: tying is still found, reuse is not
+    if reuse == "tied":
+        with GGNBlocks(frozen) as curvature:
+            logits = frozen(torch.randn(4, 3))
+        with pytest.raises(ValueError, match="share a parameter"):
+            curvature.compute(logits)
+
+
+def test_eval_batch_norm_whose_running_statistics_changed_since_it_ran_raises():
+    """An eval-mode BatchNorm normalised with the running statistics of that moment; a training
+    pass between the forward pass and compute changes them in place, and then autograd's own
+    backward through the BatchNorm (which reads them without a version check) and its blocks
+    would use the new values: compute raises. Unchanged, the blocks equal brute force."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).double()
+    model.train()(torch.randn(8, 2, 4, 4, dtype=torch.float64) * 3 + 1)  # running statistics away from (0, 1)
+    model.eval()
+    _assert_blocks_match_brute_force(model, torch.randn(4, 2, 4, 4, dtype=torch.float64), ["0", "1", "4"])
+    with GGNBlocks(model) as curvature:
+        logits = model(torch.randn(4, 2, 4, 4, dtype=torch.float64))
+    model.train()(torch.randn(8, 2, 4, 4, dtype=torch.float64) - 2)  # outside the context
+    with pytest.raises(RuntimeError, match="running statistics of BatchNorm '1' changed after it ran in eval mode"):
+        curvature.compute(logits, "exact")
