@@ -13,6 +13,11 @@ import torch
 from torch import Tensor
 
 
+#: Largest kernel size, stride, padding, dilation or input size the convolution ops take
+#: (csrc/common.h, kMaxGeometry): below 2^31, their sums cannot overflow 64-bit index arithmetic.
+MAX_GEOMETRY = 2**31 - 1
+
+
 def check_tensor(name: str, value: object, op: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")

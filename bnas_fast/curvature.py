@@ -43,7 +43,11 @@ taken; a layer input changed in place after the layer ran is refused (``RuntimeE
 layer (no parameter requires a gradient) still gets its blocks.
 
 A module that has parameters of its own and is none of these raises ``TypeError`` naming it, when
-the context is entered (never silently skipped). ``GGNBlocks(model, layers=[...])`` computes the
+the context is entered (never silently skipped); so does a subclass of one of them that overrides
+``forward`` or holds other parameters (its blocks would be the plain layer's). Every recorded
+layer must run once, on the N examples of the logits along its first dimension, with a weight
+and bias of its own that nothing else uses; ``compute`` raises otherwise (a folded or
+sequence-first batch, tied weights). ``GGNBlocks(model, layers=[...])`` computes the
 blocks of the named layers only (each must be supported; the others may be anything
 differentiable), with the same values and without the other layers' Gram products.
 Parameter-free modules (ReLU, pooling, reshapes) need nothing: autograd carries the factors

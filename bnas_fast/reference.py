@@ -630,7 +630,10 @@ def rank_one_split(factors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     w = maps[n, o]. The split holds (``ok``) when every factor's residual S[k, n, o] - c w has a
     norm of at most 16 epsilon (of the dtype) times its own, for every (k, n, o), and every entry
     is finite. The test is computed on each (n, o)'s factors scaled by a power of two to a largest
-    magnitude in [1/2, 1), so that tiny factors do not underflow when squared.
+    magnitude in [1/2, 1), so that tiny factors do not underflow when squared. One exception: a
+    factor below about 2^-75 (float32; 2^-537 in float64) of the largest one of its (n, o) squares
+    to 0 even then, and passes whatever its direction; its contribution to a Gram product, 2^-149
+    of the largest factor's or less, is below the dtype's resolution.
 
     Returns:
         (coeffs [K, N, C_out], maps [N, C_out, Ho, Wo], ok [] bool), in the dtype of ``factors``;
@@ -648,7 +651,8 @@ def rank_one_split(factors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     scaled = S * step(half) * step(-exponent - half)
     norms = scaled.square().sum(-1)  # [K, N, O]
     best = norms.argmax(0, keepdim=True) if K else torch.zeros(1, N, O, dtype=torch.long, device=S.device)
-    w = scaled.gather(0, best[..., None].expand(1, N, O, S.shape[3]))  # [1, N, O, P]
+    w = scaled.gather(0, best[..., None].expand(1, N, O, S.shape[3])) if K else torch.zeros(
+        1, N, O, S.shape[3], dtype=S.dtype, device=S.device)  # [1, N, O, P]
     ww = norms.gather(0, best) if K else torch.ones(1, N, O, dtype=S.dtype, device=S.device)
     coeffs = torch.where(ww > 0, (scaled * w).sum(-1) / torch.where(ww > 0, ww, 1), 0)  # [K, N, O]
     residual = (scaled - coeffs[..., None] * w).square().sum(-1)
@@ -678,8 +682,10 @@ def rank_one_conv_input_grad(
     """
     K, N, O = coeffs.shape
     H, W = input_size
-    full = (coeffs[..., None, None] * maps).reshape(K * N, O, *maps.shape[2:])
     C = weight.shape[1] * groups
+    if O == 0:  # no output channels to sum over (ATen's transposed convolution refuses an empty weight)
+        return torch.zeros(K, N, C, H, W, dtype=coeffs.dtype, device=coeffs.device)
+    full = (coeffs[..., None, None] * maps).reshape(K * N, O, *maps.shape[2:])
     E = torch.nn.grad.conv2d_input((K * N, C, H, W), weight, full, stride, padding, dilation, groups)
     return E.reshape(K, N, C, H, W)
 

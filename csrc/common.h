@@ -35,6 +35,19 @@ inline void check_cpu_floating(const at::Tensor& t, const char* op, const char* 
               " must be a floating-point tensor, got ", t.scalar_type());
 }
 
+// Largest kernel size, stride, padding, dilation or image side the convolution ops take: with
+// every such value below 2^31, sums like H + 2 * padding - dilation * (kernel - 1) stay far inside
+// int64_t (no signed overflow, which is undefined behaviour).
+constexpr int64_t kMaxGeometry = (int64_t(1) << 31) - 1;
+
+// Each entry of a geometry argument (kernel_size, stride, padding, dilation, input_size) at most
+// kMaxGeometry; the ops check the lower bounds themselves.
+inline void check_geometry(at::IntArrayRef values, const char* op, const char* name) {
+  for (const int64_t v : values) {
+    TORCH_CHECK_VALUE(v <= kMaxGeometry, op, ": ", name, " must be below 2^31, got ", values);
+  }
+}
+
 // Rejects NaN and infinity in a small tensor (weights are [B, K]); reads every element once.
 template <typename scalar_t>
 void check_finite(const scalar_t* data, int64_t n, const char* op, const char* name) {

@@ -194,6 +194,11 @@ at::Tensor rank_one_conv_input_grad_cpu(const at::Tensor& coeffs_in, const at::T
   for (auto* arg : {&input_size, &stride, &padding, &dilation}) {
     TORCH_CHECK_VALUE(arg->size() == 2, op, ": input_size, stride, padding and dilation must have 2 entries");
   }
+  check_geometry(input_size, op, "input_size");
+  check_geometry(stride, op, "stride");
+  check_geometry(padding, op, "padding");
+  check_geometry(dilation, op, "dilation");
+  check_geometry(weight_in.sizes().slice(2), op, "the kernel size (weight's last two dimensions)");
   const int64_t K = coeffs_in.size(0), N = coeffs_in.size(1), O = coeffs_in.size(2);
   TORCH_CHECK_VALUE(maps_in.size(0) == N && maps_in.size(1) == O, op, ": maps ", maps_in.sizes(),
                     " does not match coeffs ", coeffs_in.sizes(), " (N and C_out)");
@@ -213,8 +218,17 @@ at::Tensor rank_one_conv_input_grad_cpu(const at::Tensor& coeffs_in, const at::T
   const int64_t C = weight_in.size(1) * groups;
   auto E = empty_output({K, N, C, H, W}, coeffs_in.options());  // large: huge pages (common.h)
   if (E.numel() == 0) return E;
+  if (O == 0) return E.zero_();  // no output channels to sum over
   const auto coeffs = coeffs_in.contiguous(), maps = maps_in.contiguous(), weight = weight_in.contiguous();
-  if (stride[0] != 1 || stride[1] != 1) {
+  // The stride-1 kernel multiplies every weight with the zero padding of its planes, and a NaN or
+  // infinite weight there (0 * inf = NaN) would spread to pixels it never touches; the transposed
+  // convolution below skips the padding, as the reference does. (The weight is small: one pass.)
+  bool weight_finite = true;
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "rank_one_conv_input_grad_finite", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < weight.numel() && weight_finite; ++i) weight_finite = std::isfinite(w[i]);
+  });
+  if (stride[0] != 1 || stride[1] != 1 || !weight_finite) {
     // Expanded to K N full factors and transposed-convolved by ATen. output_padding recovers the
     // input rows and columns that the forward convolution's rounding-down skipped.
     const auto full = (coeffs.unsqueeze(-1).unsqueeze(-1) * maps.unsqueeze(0)).reshape({K * N, O, Ho, Wo});

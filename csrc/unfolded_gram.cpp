@@ -114,6 +114,10 @@ at::Tensor unfolded_gram_cpu(const at::Tensor& x_in, const at::Tensor& factors_i
   for (auto* arg : {&kernel_size, &stride, &padding, &dilation}) {
     TORCH_CHECK_VALUE(arg->size() == 2, op, ": kernel_size, stride, padding and dilation must have 2 entries");
   }
+  check_geometry(kernel_size, op, "kernel_size");
+  check_geometry(stride, op, "stride");
+  check_geometry(padding, op, "padding");
+  check_geometry(dilation, op, "dilation");
   ConvGeometry g{};
   g.N = x_in.size(0), g.C_in = x_in.size(1), g.H = x_in.size(2), g.W = x_in.size(3);
   g.K = factors_in.size(1), g.C_out = factors_in.size(2), g.Ho = factors_in.size(3), g.Wo = factors_in.size(4);

@@ -213,6 +213,9 @@ def test_deterministic_across_thread_counts():
         (dict(stride=(1, 2.0)), ValueError, r"stride must be an int >= 1"),
         (dict(maps=torch.randn(3, 6, 7, 6)[..., :0]), ValueError, r"is not the convolution's output size"),
         (dict(weight=torch.randn(6, 4, 0, 3)), ValueError, r"weight has an empty kernel, \(0, 3\)"),
+        (dict(padding=2**62), ValueError, r"padding must be below 2\^31, got 4611686018427387904"),
+        (dict(dilation=(1, 2**31)), ValueError, r"dilation must be below 2\^31"),
+        (dict(stride=2**64), ValueError, r"stride must be below 2\^31"),
     ],
 )
 def test_bad_input_names_the_argument(change, error, pattern):
@@ -249,6 +252,40 @@ def test_direct_op_calls_are_checked_in_cpp():
         torch.ops.bnas_fast.rank_one_split(torch.randn(2, 3, 4))
     with pytest.raises(TypeError, match=r"factors must be float32 or float64"):
         torch.ops.bnas_fast.rank_one_split(torch.randn(2, 3, 4, 1, 1).half())
+    # geometry whose sums would overflow int64 (review of 2026-12-02: a "tap outside its plane" error named nothing)
+    with pytest.raises(ValueError, match=r"padding must be below 2\^31"):
+        op(coeffs, maps, weight, [7, 6], [1, 1], [2**62, 1], [2**62, 1], 1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_non_finite_weight_reaches_only_the_pixels_it_touches(stride, value):
+    """A NaN or infinite weight times the zero padding of the stride-1 kernel's planes gave NaN at
+    pixels that weight never touches (review of 2026-12-02); now the op gives the reference's
+    pattern of non-finite values, at every stride."""
+    K, N, O, C, H = 2, 1, 1, 1, 5
+    coeffs = torch.tensor([[[1.0]], [[-2.0]]], dtype=torch.float64)
+    Ho = (H - 1) // stride + 1
+    maps = torch.rand(N, O, Ho, Ho, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1
+    weight = torch.ones(O, C, 3, 3, dtype=torch.float64)
+    weight[0, 0, 0, 0] = float(value)
+    conv = dict(input_size=(H, H), stride=stride, padding=1, dilation=1, groups=1)
+    got = bnas_fast.rank_one_conv_input_grad(coeffs, maps, weight, **conv)
+    expected = reference.rank_one_conv_input_grad(coeffs, maps, weight, (H, H), (stride, stride), (1, 1), (1, 1), 1)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(expected)) and bool(torch.isfinite(got).any())
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_no_output_channels_give_zero_gradients(stride):
+    """C_out = 0: nothing to sum, zeros at every stride (ATen's transposed convolution refuses an
+    empty weight, and stride 2 used to raise its message)."""
+    Ho = (6 - 1) // stride + 1
+    coeffs, maps, weight = torch.zeros(3, 2, 0), torch.zeros(2, 0, Ho, Ho), torch.zeros(0, 4, 3, 3)
+    got = bnas_fast.rank_one_conv_input_grad(coeffs, maps, weight, (6, 6), stride, 1)
+    expected = reference.rank_one_conv_input_grad(coeffs, maps, weight, (6, 6), (stride, stride), (1, 1), (1, 1), 1)
+    for out in (got, expected):
+        assert out.shape == (3, 2, 4, 6, 6) and not bool(out.any())
 
 
 def test_empty_inputs_give_empty_outputs():
@@ -275,3 +312,11 @@ def test_a_non_finite_value_among_zeros_is_not_a_dead_unit(value):
 def test_reference_split_of_an_empty_batch():
     coeffs, maps, ok = reference.rank_one_split(torch.zeros(3, 0, 4, 5, 5))
     assert coeffs.shape == (3, 0, 4) and maps.shape == (0, 4, 5, 5) and bool(ok)
+
+
+def test_split_of_no_factors_matches_the_op():
+    """K = 0: the reference indexed factor 0 of none (review of 2026-12-02); now it gives what the
+    C++ op gives: no coefficients, zero maps, a split that holds."""
+    factors = torch.zeros(0, 2, 3, 4, 4)
+    for got in (reference.rank_one_split(factors), torch.ops.bnas_fast.rank_one_split(factors)):
+        assert got[0].shape == (0, 2, 3) and got[1].shape == (2, 3, 4, 4) and not bool(got[1].any()) and bool(got[2])

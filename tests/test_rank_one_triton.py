@@ -96,6 +96,31 @@ def test_launchers_check_what_the_kernels_index():
         triton_rank_one.rank_one_conv_input_grad(coeffs, maps.double(), weight, (7, 6), (1, 1), (1, 1), (1, 1), 1)
     with pytest.raises(ValueError, match=r"factors must be \[K, N, C_out, Ho, Wo\]"):
         triton_rank_one.rank_one_split(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=r"must be below 2\^31"):
+        triton_rank_one.rank_one_conv_input_grad(coeffs, maps, weight, (7, 6), (1, 1), (2**62, 1), (2**62, 1), 1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_non_finite_weight_reaches_only_the_pixels_it_touches(stride):
+    """The masked load's 0 times a NaN weight gave NaN at pixels that weight never touches
+    (review of 2026-12-02); the kernel now selects 0 for those taps, as the reference skips them."""
+    Ho = (5 - 1) // stride + 1
+    coeffs = torch.tensor([[[1.0]], [[-2.0]]], dtype=torch.float64)
+    maps = torch.rand(1, 1, Ho, Ho, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1
+    weight = torch.ones(1, 1, 3, 3, dtype=torch.float64)
+    weight[0, 0, 0, 0] = float("nan")
+    args = ((5, 5), (stride, stride), (1, 1), (1, 1), 1)
+    got = triton_rank_one.rank_one_conv_input_grad(coeffs, maps, weight, *args)
+    expected = reference.rank_one_conv_input_grad(coeffs, maps, weight, *args)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(expected)) and bool(torch.isfinite(got).any())
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def test_no_output_channels_give_zero_gradients():
+    Ho = (6 - 1) // 2 + 1
+    got = triton_rank_one.rank_one_conv_input_grad(torch.zeros(3, 2, 0), torch.zeros(2, 0, Ho, Ho),
+                                                   torch.zeros(0, 4, 3, 3), (6, 6), (2, 2), (1, 1), (1, 1), 1)
+    assert got.shape == (3, 2, 4, 6, 6) and not bool(got.any())
 
 
 def test_factors_in_several_blocks(monkeypatch):

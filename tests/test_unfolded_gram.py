@@ -136,6 +136,8 @@ def test_deterministic_across_thread_counts():
         (dict(padding=-1), ValueError, r"padding must be an int >= 0"),
         (dict(kernel_size=(3, 3, 3)), ValueError, r"kernel_size must be an int >= 1 or a pair"),
         (dict(kernel_size=3.0), ValueError, r"kernel_size must be an int >= 1 or a pair"),
+        (dict(padding=(1, 2**62)), ValueError, r"padding must be below 2\^31"),
+        (dict(dilation=2**64), ValueError, r"dilation must be below 2\^31"),
         (dict(kernel_size=9, padding=0, factors=torch.randn(3, 3, 6, 0, 0)), ValueError, r"kernel .* is larger than the padded input"),
         (dict(x=torch.randn(2, 4, 7, 6)), ValueError, r"factors has N = 3 but x has N = 2"),
         (dict(x=torch.randn(3, 4, 7)), ValueError, r"need x \[N, C_in, H, W\]"),
@@ -160,6 +162,9 @@ def test_direct_op_calls_are_checked_in_cpp():
         torch.ops.bnas_fast.unfolded_gram(x, factors, [3, 3], [1, 1], [1, 1], [1, 1], 5, True)
     with pytest.raises(ValueError, match=r"kernel is larger than the padded input"):  # Ho = 0: no convolution
         torch.ops.bnas_fast.unfolded_gram(x, torch.randn(3, 3, 6, 0, 0), [9, 9], [1, 1], [0, 0], [1, 1], 1, True)
+    # 2 * padding and dilation * (kernel - 1) would overflow int64 (review of 2026-12-02)
+    with pytest.raises(ValueError, match=r"padding must be below 2\^31"):
+        torch.ops.bnas_fast.unfolded_gram(x, factors, [3, 3], [1, 1], [2**62, 1], [2**62, 1], 1, True)
 
 
 def _rank_one_factors(geometry, dtype, k_major=False, seed=2):

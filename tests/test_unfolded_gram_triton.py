@@ -157,6 +157,7 @@ def test_no_examples():
         (dict(kernel_size=(9, 9), padding=(0, 0), factors=torch.randn(3, 3, 6, 0, 0)), ValueError, r"kernel is larger than the padded input"),
         (dict(x=torch.randn(2, 4, 7, 6)), ValueError, r"factors has N = 3 but x has N = 2"),
         (dict(factors=torch.randn(3, 3, 6, 7, 6, dtype=torch.float64)), TypeError, r"factors has dtype"),
+        (dict(padding=(2**62, 1), dilation=(2**62, 1)), ValueError, r"must be below 2\^31"),
     ],
 )
 def test_bad_geometry_is_caught_before_launch(change, error, pattern):

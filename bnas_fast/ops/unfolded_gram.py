@@ -66,6 +66,7 @@ for _device, _backend_name in _backend.backends().items():
 
 
 def _pair(name: str, value: Union[int, Sequence[int]], minimum: int, op: str) -> Tuple[int, int]:
+    """(a, b) from an int or a pair of ints in [minimum, MAX_GEOMETRY]; ValueError naming ``name``."""
     if isinstance(value, int) and not isinstance(value, bool):
         pair = (value, value)
     elif isinstance(value, (tuple, list)):
@@ -74,6 +75,8 @@ def _pair(name: str, value: Union[int, Sequence[int]], minimum: int, op: str) ->
         raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
         raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    if any(v > _checks.MAX_GEOMETRY for v in pair):
+        raise ValueError(f"{op}: {name} must be below 2^31, got {value!r}")
     return pair
 
 

@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bnas_fast._checks import MAX_GEOMETRY
+
 __all__ = ["rank_one_split", "rank_one_conv_input_grad", "MAX_BLOCK_K", "MAX_BLOCK_PIXELS", "MAX_SPLIT_TILE"]
 
 MAX_BLOCK_PIXELS = 256  # input pixels per program of the input-gradient kernel
@@ -116,7 +118,10 @@ def _input_grad_kernel(
                 x = ix + pw - v * dw
                 valid = inside & (y >= 0) & (x >= 0) & (y % sh == 0) & (x % sw == 0) & (y // sh < Ho) & (x // sw < Wo)
                 src = m_ptr + ((n * O + o) * Ho + tl.where(valid, y // sh, 0)) * Wo + tl.where(valid, x // sw, 0)
-                t += tl.load(w_ptr + ((o * Cg + c_local) * KH + u) * KW + v) * tl.load(src, mask=valid, other=0.0)
+                # where(), not the masked load's 0 alone: a NaN or infinite weight times the 0 of a tap
+                # that reads no map pixel would give NaN at pixels that weight never touches
+                tap = tl.load(w_ptr + ((o * Cg + c_local) * KH + u) * KW + v) * tl.load(src, mask=valid, other=0.0)
+                t += tl.where(valid, tap, 0.0)
         a = tl.load(a_ptr + (k.to(tl.int64) * N + n) * O + o, mask=in_k, other=0.0)  # [BLOCK_K]
         acc += a[:, None] * t[None, :]
     out = e_ptr + ((k.to(tl.int64) * N + n) * C + c)[:, None] * (H * W) + i[None, :]
@@ -180,6 +185,8 @@ def rank_one_conv_input_grad(
         raise ValueError(f"{op}: groups = {groups} must divide C_out = {O}")
     if min(H, W, *stride, *dilation) < 1 or min(padding) < 0:
         raise ValueError(f"{op}: input_size, stride and dilation must be >= 1 and padding >= 0")
+    if max(H, W, kh, kw, *stride, *padding, *dilation) > MAX_GEOMETRY:
+        raise ValueError(f"{op}: input_size, the kernel size, stride, padding and dilation must be below 2^31")
     Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if H + 2 * padding[0] < dilation[0] * (kh - 1) + 1 or W + 2 * padding[1] < dilation[1] * (kw - 1) + 1 or (

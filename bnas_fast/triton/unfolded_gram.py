@@ -58,6 +58,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bnas_fast._checks import MAX_GEOMETRY
+
 __all__ = ["MAX_BLOCK_D", "MAX_BLOCK_M", "MAX_BLOCK_P", "MAX_BLOCK_R", "MAX_DIAGONAL_TILE", "unfolded_gram"]
 
 # Largest tile sizes; the launcher shrinks each to the (power-of-two rounded) size of its dimension,
@@ -239,6 +241,8 @@ def _check(x: Tensor, factors: Tensor, kernel_size, stride, padding, dilation, g
         raise ValueError(f"{op}: kernel_size, stride, padding and dilation must have 2 entries")
     if min(*kernel_size, *stride, *dilation) < 1 or min(padding) < 0:
         raise ValueError(f"{op}: kernel_size, stride and dilation must be >= 1 and padding >= 0")
+    if max(*kernel_size, *stride, *padding, *dilation) > MAX_GEOMETRY:
+        raise ValueError(f"{op}: kernel_size, stride, padding and dilation must be below 2^31")
     N, C_in, H, W = x.shape
     C_out = factors.shape[2]
     if groups < 1 or C_in % groups or C_out % groups:
