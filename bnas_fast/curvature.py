@@ -587,9 +587,10 @@ class GGNBlocks:
                 _accumulate(blocks, r.name, self._blocks(r, factors, diagonal))
         return blocks
 
-    #: Fewest dimensions of each supported layer's input: the example index first, then its features.
-    _INPUT_DIMS = ((nn.Conv2d, 4, "[N, C_in, H, W]"), (nn.Linear, 2, "[N, *, F]"),
-                   (nn.modules.batchnorm._BatchNorm, 2, "[N, C, *]"), (Switch, 1, "[N, *]"))
+    #: The batched inputs each supported layer takes (fewest and most dimensions): the example
+    #: index first, then its features.
+    _INPUT_DIMS = ((nn.Conv2d, 4, 4, "[N, C_in, H, W]"), (nn.Linear, 2, None, "[N, *, F]"),
+                   (nn.modules.batchnorm._BatchNorm, 2, None, "[N, C, *]"), (Switch, 1, None, "[N, *]"))
 
     def _check_example_dimension(self, N: int) -> None:
         """Every recorded layer must have run on the N examples of the logits along its first
@@ -598,10 +599,10 @@ class GGNBlocks:
         sequence-first [T, N, F] tensor or on tensors that are not per example (class
         prototypes) has no per-example factors there, and its blocks would be wrong."""
         for r in self.records:
-            kind = next((k for k in self._INPUT_DIMS if isinstance(r.module, k[0])), None)
-            if kind is not None and (r.input.dim() < kind[1] or (kind[1] == 4 and r.input.dim() != 4)):
+            _, fewest, most, shape = next(k for k in self._INPUT_DIMS if isinstance(r.module, k[0]))
+            if r.input.dim() < fewest or (most is not None and r.input.dim() > most):
                 raise ValueError(f"GGNBlocks.compute: layer {r.name!r} ({type(r.module).__name__}) ran on an input of "
-                                 f"shape {tuple(r.input.shape)}; it needs a batched input {kind[2]}")
+                                 f"shape {tuple(r.input.shape)}; it needs a batched input {shape}")
             if r.output.shape[0] != N:
                 raise ValueError(
                     f"GGNBlocks.compute: layer {r.name!r} ({type(r.module).__name__}) ran on a batch of "

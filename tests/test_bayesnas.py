@@ -78,6 +78,19 @@ def test_laplace_update_matches_hand_computation():
     assert math.isfinite(out["gamma"]) and out["gamma"] > 1e6
 
 
+def test_laplace_update_after_a_group_went_to_zero():
+    """gamma = 0 (every switch of the group was 0 at the last update) divided by zero in the next
+    epoch (review of 2026-12-02); it now takes the limit gamma -> 0, which a tiny gamma approaches."""
+    H, s, lam = [0.5, 1.0, 0.0], [0.3, -0.4, 0.0], 0.1
+    out = bayesnas.laplace_update(0.0, H, s, lam)
+    assert out["cov"] == [0.0, 0.0, 0.0]
+    assert out["omega"] == pytest.approx(math.sqrt(0.5 / lam + 1.0 / lam))
+    assert out["gamma"] == pytest.approx(0.5 / out["omega"])
+    near = bayesnas.laplace_update(1e-12, H, s, lam)
+    assert near["omega"] == pytest.approx(out["omega"], rel=1e-9) and near["gamma"] == pytest.approx(out["gamma"], rel=1e-9)
+    assert bayesnas.laplace_update(0.0, [0.0], [0.0], lam)["gamma"] == 0.0  # still nothing: stays 0, no error
+
+
 def test_hierarchical_coupling():
     assert bayesnas.couple(2.0, 3.0) == pytest.approx(1.2)  # (1/2 + 1/3)^-1
     assert bayesnas.couple(1.0, 1e-9) == pytest.approx(1e-9, rel=1e-6)  # a dead edge kills its ops

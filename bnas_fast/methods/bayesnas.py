@@ -173,11 +173,17 @@ def laplace_update(gamma: float, hessians: Sequence[float], switches: Sequence[f
 
     ``gamma`` is the group's current (shared) prior variance, ``hessians`` and ``switches`` the H_k and
     s_k of its members. Returns {"gamma", "omega", "cov"}. omega is floored at 1e-12 so that a group
-    with zero curvature gets a large but finite gamma.
+    with zero curvature gets a large but finite gamma. gamma = 0 (a group whose switches were all
+    0 at the last update) takes the limit gamma -> 0: c_k = 0 and |1/gamma - c_k/gamma^2| =
+    (H_k/lam) / (1 + gamma H_k/lam) -> H_k/lam (the formula itself would divide by 0).
     """
     g = float(gamma)
     h = torch.tensor([float(v) for v in hessians], dtype=torch.float64)
     s = torch.tensor([float(v) for v in switches], dtype=torch.float64)
+    if g == 0.0:
+        cov = torch.zeros_like(h)
+        omega = max(float(torch.sqrt((h / lam).abs().sum())), 1e-12)
+        return {"gamma": float(s.norm()) / omega, "omega": omega, "cov": cov.tolist()}
     cov = 1.0 / (1.0 / g + h / lam)
     omega = max(float(torch.sqrt((1.0 / g - cov / g**2).abs().sum())), 1e-12)
     return {"gamma": float(s.norm()) / omega, "omega": omega, "cov": cov.tolist()}
