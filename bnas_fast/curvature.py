@@ -67,6 +67,8 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from bnas_fast import _checks, reference
 from bnas_fast.ops.rank_one import rank_one_conv_input_grad, rank_one_split
@@ -295,17 +297,27 @@ class GGNBlocks:
     def _check_plain(name: str, module: nn.Module) -> None:
         """A supported layer must compute what its class does: the blocks are built from its input
         as that class uses it. A subclass that overrides ``forward`` (a weight-standardised
-        convolution, a LoRA Linear) or holds parameters besides weight and bias would get the
-        blocks of the plain layer, wrong and silently; it raises instead."""
+        convolution), a ``forward`` replaced on the instance, or parameters besides weight and
+        bias (a LoRA Linear) would get the blocks of the plain layer, wrong and silently; they
+        raise instead. A weight computed from other parameters before the layer runs, by
+        ``torch.nn.utils.parametrize`` or the older ``weight_norm`` and ``spectral_norm`` hooks,
+        is fine: the blocks are those of the computed weight."""
         base = next(t for t in SUPPORTED if isinstance(module, t))
         overridden = [method for method in ("forward", "_conv_forward")
                       if hasattr(base, method) and getattr(type(module), method) is not getattr(base, method)]
-        extra = [p for p, _ in module.named_parameters(recurse=False) if p not in ("weight", "bias")]
+        overridden += [f"{method} (on the instance)" for method in ("forward", "_conv_forward") if method in vars(module)]
+        computed = set()  # the parameters that the older weight_norm / spectral_norm hooks compute the weight from
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                computed |= {hook.name + "_g", hook.name + "_v"}
+            elif isinstance(hook, SpectralNorm):
+                computed.add(hook.name + "_orig")
+        extra = [p for p, _ in module.named_parameters(recurse=False) if p not in ("weight", "bias") and p not in computed]
         if overridden or extra:
             what = f"overrides {', '.join(overridden)}" if overridden else f"has parameters {extra} besides weight and bias"
-            raise TypeError(f"GGNBlocks: layer {name!r} ({type(module).__name__}) is a {base.__name__} subclass that "
-                            f"{what}, so its blocks would be those of a plain {base.__name__}: not supported (use "
-                            f"{base.__name__} itself, or leave the layer out of `layers`)")
+            raise TypeError(f"GGNBlocks: layer {name!r} ({type(module).__name__}, a {base.__name__}) {what}, so its "
+                            f"blocks would be those of a plain {base.__name__}: not supported (use {base.__name__} "
+                            "itself, or leave the layer out of `layers`)")
 
     @staticmethod
     def _select(model: nn.Module, layers: Iterable[Union[str, nn.Module]]) -> Dict[int, nn.Module]:
@@ -481,14 +493,15 @@ class GGNBlocks:
         back on its own, over the whole batch (module docstring). None (the default) decides:
         coupled if the logits' autograd graph holds a batch-statistics normalisation (BatchNorm in
         train mode or without running statistics, bnas_fast's arch_batch_norm and fused
-        GhostBatchNorm2d); otherwise a probe tells: a cotangent on one example (the second),
+        GhostBatchNorm2d); otherwise a probe tells: a cotangent on one example (``_probe``),
         back-propagated with the first chunk of factors (one cotangent more, about 1/K of their
         backward pass: 4% to 6% of the time on issue 6's network in exact mode, but 28% in "mc"
         mode, whose single factor the probe doubles), must reach no other example. It catches the
         plain GhostBatchNorm2d, ``x - x.mean(0)``, mixing with neighbouring examples, ``x.flip(0)``
         mixup, and any other coupling that carries the probed example's gradient to another
         example; a coupling that leaves that one example alone (a random pairing that pairs it
-        with itself) escapes it. Pass True or False to skip the probe when you know."""
+        with itself; at N = 3, a cumulative sum over the batch) escapes it. Pass True or False to
+        skip the probe when you know."""
         self.last_route = None
         if not isinstance(diagonal, bool):
             raise TypeError(f"GGNBlocks.compute: diagonal must be a bool, got {diagonal!r}")
@@ -612,29 +625,38 @@ class GGNBlocks:
 
     def _check_unshared_parameters(self, reached: set) -> None:
         """Each recorded layer's weight and bias must be its own and used once, by the layer: the
-        blocks are those of the layer's own use of them. Tied weights (``b.weight = a.weight``)
-        or a layer's weight used again elsewhere (``F.linear(h, layer.weight)``) would need the
-        blocks of the shared parameter, the sum of every use's Jacobian, which this does not
-        compute."""
-        owner: Dict[int, str] = {}
+        blocks are those of the layer's own use of them. Tied weights (``b.weight = a.weight``,
+        found by identity anywhere in the model, frozen or not, through a parametrization's
+        ``original`` too) or a layer's weight used again elsewhere (``F.linear(h, layer.weight)``,
+        found in the autograd graph when the weight requires a gradient) would need the blocks of
+        the shared parameter, the sum of every use's Jacobian, which this does not compute. Not
+        seen: a frozen weight, or a parametrized one, used again outside its layer (nothing in the
+        graph counts those uses)."""
+        names: Dict[int, List[str]] = {}
+        for pname, param in self.model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(pname)
         uses: Dict[object, int] = {}
         for node in reached:
             for child, _ in node.next_functions:
                 if child is not None and type(child).__name__ == "AccumulateGrad":
                     uses[child] = uses.get(child, 0) + 1
         for r in self.records:
-            for pname, param in r.module.named_parameters(recurse=False):
-                if id(param) in owner:
-                    raise ValueError(f"GGNBlocks.compute: layers {owner[id(param)]!r} and {r.name!r} share a parameter "
-                                     f"({pname}); the blocks of tied weights are not supported")
-                owner[id(param)] = r.name
-                if param.requires_grad:
+            own = [(p, r.module._parameters[p]) for p in ("weight", "bias") if r.module._parameters.get(p) is not None]
+            parametrizations = getattr(r.module, "parametrizations", {})
+            own += [(f"parametrizations.{key}.{p}", param) for key in parametrizations
+                    for p, param in parametrizations[key].named_parameters(recurse=False)]
+            for pname, param in own:
+                if len(names.get(id(param), [])) > 1:
+                    raise ValueError(f"GGNBlocks.compute: the {pname} of layer {r.name!r} is one parameter under the "
+                                     f"names {names[id(param)]} (tied weights); the blocks of a shared parameter are "
+                                     "not supported")
+                if param.requires_grad and pname in ("weight", "bias"):
                     node = torch.autograd.graph.get_gradient_edge(param).node
                     if uses.get(node, 0) > 1:
                         raise ValueError(
                             f"GGNBlocks.compute: the {pname} of layer {r.name!r} is used {uses[node]} times in the forward "
-                            "pass (tied weights, or the parameter used again outside the layer); the blocks of a "
-                            "shared parameter are not supported")
+                            "pass (the parameter used again outside the layer); the blocks of a shared parameter are "
+                            "not supported")
 
     def _rank_one_cut(self, logits: Tensor) -> Optional[Tuple[_Record, List[int], List[int]]]:
         """Where the factors may cross a convolution by the rank-one route (``rank_one_backward``):
@@ -730,17 +752,19 @@ class GGNBlocks:
         exactly zero: nothing in the backward pass mixes rows. (Slices, not a boolean mask: the
         check then reads views instead of gathering a copy.)
 
-        The example is the second (the first with two examples). A probe on one example catches
-        any coupling that carries that example's gradient to another: batch statistics, a mix
-        with the neighbouring example on either side (x + x.roll(1, 0), cumulative sums over the
-        batch, in either direction), ``x.flip(0)`` mixup, a random pairing unless it pairs that
-        example with itself. The earlier probe, on the first and last examples together, missed
-        ``x.flip(0)``, which swaps those two."""
+        The example is the second (the first with two or three examples). A probe on one example
+        catches any coupling that carries that example's gradient to another: batch statistics,
+        a mix with the neighbouring example on either side (x + x.roll(1, 0), cumulative sums over
+        the batch, in either direction), ``x.flip(0)`` mixup, a random pairing unless it pairs
+        that example with itself. The earlier probe, on the first and last examples together,
+        missed ``x.flip(0)``, which swaps those two. With three examples the second is the one
+        that ``x.flip(0)`` leaves in place, so the first is probed; a cumulative sum over the
+        batch (each example mixed only with earlier ones) then escapes, at N = 3 only."""
         N, C = logits.shape
         if N < 2:
             return None
         probe = torch.zeros(1, N, C, dtype=logits.dtype, device=logits.device)
-        sent = 0 if N == 2 else 1
+        sent = 0 if N <= 3 else 1
         # a fixed cotangent with distinct entries (no random draw: the caller's generator is untouched)
         probe[0, sent] = torch.linspace(1.0, 2.0, C, dtype=logits.dtype, device=logits.device)
         return probe, (slice(0, sent), slice(sent + 1, N))
@@ -766,7 +790,7 @@ class GGNBlocks:
             return unfolded_gram(x, factors, bias=m.bias is not None, diagonal=diagonal)
         if isinstance(m, Switch):  # accumulated in float32 at least, as unfolded_gram does
             acc = torch.promote_types(x.dtype, torch.float32)
-            j = (x.unsqueeze(1).to(acc) * factors.to(acc)).flatten(2).sum(2)  # [N, K]
+            j = (x.unsqueeze(1).to(acc) * factors.to(acc)).reshape(factors.shape[0], factors.shape[1], -1).sum(2)  # [N, K]
             h = j.square().sum()
             return h.reshape(1, 1) if diagonal else h.reshape(1, 1, 1)
         # BatchNorm: a depthwise 1x1 "convolution" of the normalised input, with bias
@@ -881,7 +905,7 @@ class GGNBlocks:
         R, N = g.shape[:2]
         n = "" if summed else "n"  # the example index kept, or summed over
         if isinstance(m, Switch):
-            j = (x.unsqueeze(0) * g).flatten(2).sum(2)  # [R, N]
+            j = (x.unsqueeze(0) * g).reshape(g.shape[0], g.shape[1], -1).sum(2)  # [R, N] (x may be [N]: a gate per example)
             return j.sum(1).reshape(R, 1, 1) if summed else j.reshape(R, N, 1, 1)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             xhat = _batch_norm_input(m, x, r.batch_stats)

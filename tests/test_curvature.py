@@ -477,7 +477,7 @@ class _Roll(nn.Module):
 
 @pytest.mark.parametrize("batch", [2, 3, 6])
 def test_the_probe_finds_coupling_between_neighbouring_examples(batch):
-    """The probe's cotangent sits on one example (the second; the first with two); a mixing of
+    """The probe's cotangent sits on one example (the second; the first with two or three); a mixing of
     neighbours carries it to the example next to it, at every batch size, so the blocks go
     through the exact (coupled) path and equal brute force."""
     torch.manual_seed(3)
@@ -748,7 +748,7 @@ def test_subclasses_that_compute_something_else_are_refused(layer):
     It raises TypeError naming the layer when the context is made, with or without ``layers``."""
     model = nn.Sequential(nn.Conv2d(1, 3, 1), layer, nn.Flatten(), nn.Linear(3, 3))  # made, never run
     for layers in (None, ["0", "1"]):
-        with pytest.raises(TypeError, match=f"layer '1' \\({type(layer).__name__}\\) is a .* subclass that "):
+        with pytest.raises(TypeError, match=f"layer '1' \\({type(layer).__name__}, a \\w+\\) (overrides|has parameters)"):
             GGNBlocks(model, layers=layers)
 
 
@@ -1009,10 +1009,11 @@ class _Flip(nn.Module):
         return 0.7 * x + 0.3 * x.flip(0)
 
 
-@pytest.mark.parametrize("batch", [2, 4, 6])
+@pytest.mark.parametrize("batch", [2, 3, 4, 5, 6])
 def test_the_probe_finds_flip_mixup(batch):
     """x.flip(0) pairs the first and last examples: a probe on those two (the earlier probe) saw
-    nothing. The probe on one example catches it, and the blocks equal brute force."""
+    nothing. The probe on one example catches it (at N = 3 the first: flip leaves the second in
+    place), and the blocks equal brute force."""
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), _Flip(), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(3, 4)).double()
@@ -1075,6 +1076,58 @@ def test_a_layer_that_does_not_run_on_the_examples_raises(make, x):
             curvature.compute(logits, couples_examples=couples_examples)
 
 
+class _GatedSum(nn.Module):
+    """A Switch on a [N] tensor: one gate value per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.gate, self.head = nn.Linear(4, 3), Switch(0.7), nn.Linear(1, 3)
+
+    def forward(self, x):
+        return self.head(self.gate(torch.tanh(self.features(x)).sum(1))[:, None])
+
+
+def test_a_switch_on_one_value_per_example():
+    """A Switch may gate a [N] tensor ([N, *] in general): its H_s equals brute force (the review
+    of 2026-12-02 found that a 1-D input crashed)."""
+    torch.manual_seed(6)
+    model = _GatedSum().double()
+    _assert_blocks_match_brute_force(model, torch.randn(5, 4, dtype=torch.float64), ["features", "gate", "head"])
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated in favor of:FutureWarning")
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_the_older_weight_norm_hooks_give_the_blocks_of_the_computed_weight(norm):
+    """torch.nn.utils.weight_norm and spectral_norm (the hook-based ones) replace the weight by
+    parameters it is computed from before each forward pass; the layer still computes a plain
+    Linear / Conv2d, so it is accepted, and its blocks equal those of a plain layer holding the
+    computed weight."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).double()
+    wrapped = copy.deepcopy(model)
+    for i in (0, 3):
+        getattr(torch.nn.utils, norm)(wrapped[i])
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    with GGNBlocks(wrapped) as curvature:
+        logits = wrapped(x)
+    got = curvature.compute(logits)
+    with torch.no_grad():
+        for i in (0, 3):
+            model[i].weight.copy_(wrapped[i].weight)
+    with GGNBlocks(model) as curvature:
+        logits = model(x)
+    expected = curvature.compute(logits)
+    for name in ("0", "3"):
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_a_forward_replaced_on_the_instance_is_refused():
+    layer = nn.Linear(3, 2)
+    layer.forward = lambda x: F.linear(x, layer.weight.square(), layer.bias)
+    with pytest.raises(TypeError, match=r"layer '0' \(Linear, a Linear\) overrides forward \(on the instance\)"):
+        GGNBlocks(nn.Sequential(layer))
+
+
 class _Tied(nn.Module):
     def __init__(self, reuse):
         super().__init__()
@@ -1099,14 +1152,32 @@ def test_shared_weights_raise(reuse):
     model = _Tied(reuse)
     with GGNBlocks(model) as curvature:
         logits = model(torch.randn(4, 3))
-    with pytest.raises(ValueError, match="share a parameter|is used 2 times in the forward pass"):
+    with pytest.raises(ValueError, match="tied weights|is used 2 times in the forward pass"):
         curvature.compute(logits)
-    frozen = _Tied(reuse).requires_grad_(False)  # no gradient edges to count: tying is still found, reuse is not
     if reuse == "tied":
-        with GGNBlocks(frozen) as curvature:
+        # frozen, and with only one of the two layers recorded: no gradient edges to count, the
+        # tie is found by identity over the whole model
+        frozen = _Tied(reuse).requires_grad_(False)
+        frozen.a.bias.requires_grad_(True)
+        with GGNBlocks(frozen, layers=["c"]) as curvature:
             logits = frozen(torch.randn(4, 3))
-        with pytest.raises(ValueError, match="share a parameter"):
+        with pytest.raises(ValueError, match=r"the weight of layer 'c' is one parameter under the names \['a.weight', 'c.weight'\]"):
             curvature.compute(logits)
+
+
+def test_a_tie_through_a_parametrization_is_found():
+    """b's weight computed from a's weight (``b.parametrizations.weight.original = a.weight``)."""
+    from torch.nn.utils import parametrize
+
+    model = _Tied("none")
+    model.c = nn.Linear(3, 3)
+    parametrize.register_parametrization(model.c, "weight", nn.Identity())
+    model.c.parametrizations.weight.original = model.a.weight
+    model.reuse = "tied"
+    with GGNBlocks(model, layers=["c"]) as curvature:
+        logits = model(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"the parametrizations.weight.original of layer 'c' is one parameter"):
+        curvature.compute(logits)
 
 
 def test_eval_batch_norm_whose_running_statistics_changed_since_it_ran_raises():
