@@ -294,7 +294,8 @@ class GGNBlocks:
             self.records.append(_Record(name or type(module).__name__, module))
 
     @staticmethod
-    def _check_plain(name: str, module: nn.Module) -> None:
+    def _check_plain(name: str, module: nn.Module, types: Tuple[type, ...] = SUPPORTED, where: str = "GGNBlocks",
+                     leave_out: str = "or leave the layer out of `layers`") -> None:
         """A supported layer must compute what its class does: the blocks are built from its input
         as that class uses it. A subclass that overrides ``forward`` (a weight-standardised
         convolution), a ``forward`` replaced on the instance, or parameters besides weight and
@@ -302,7 +303,7 @@ class GGNBlocks:
         raise instead. A weight computed from other parameters before the layer runs, by
         ``torch.nn.utils.parametrize`` or the older ``weight_norm`` and ``spectral_norm`` hooks,
         is fine: the blocks are those of the computed weight."""
-        base = next(t for t in SUPPORTED if isinstance(module, t))
+        base = next(t for t in types if isinstance(module, t))
         overridden = [method for method in ("forward", "_conv_forward")
                       if hasattr(base, method) and getattr(type(module), method) is not getattr(base, method)]
         overridden += [f"{method} (on the instance)" for method in ("forward", "_conv_forward") if method in vars(module)]
@@ -315,9 +316,9 @@ class GGNBlocks:
         extra = [p for p, _ in module.named_parameters(recurse=False) if p not in ("weight", "bias") and p not in computed]
         if overridden or extra:
             what = f"overrides {', '.join(overridden)}" if overridden else f"has parameters {extra} besides weight and bias"
-            raise TypeError(f"GGNBlocks: layer {name!r} ({type(module).__name__}, a {base.__name__}) {what}, so its "
-                            f"blocks would be those of a plain {base.__name__}: not supported (use {base.__name__} "
-                            "itself, or leave the layer out of `layers`)")
+            raise TypeError(f"{where}: layer {name!r} ({type(module).__name__}, a {base.__name__}) {what}, so its "
+                            f"curvature would be that of a plain {base.__name__}: not supported (use {base.__name__} "
+                            f"itself, {leave_out})")
 
     @staticmethod
     def _select(model: nn.Module, layers: Iterable[Union[str, nn.Module]]) -> Dict[int, nn.Module]:
@@ -1126,8 +1127,11 @@ def diagonal_recursion_hessians(model: nn.Module, x: Tensor) -> Dict[str, Tensor
     dropout in eval). Anything else raises naming the layer: a parametrised module of another type,
     Conv2d with non-zero padding modes, BatchNorm in training mode (``model.eval()`` first), and any
     other operation on the path to the logits (tanh, scaling, mean, subtraction, a parameter used
-    outside a supported layer, ...), named with the module whose forward ran it. Non-finite logits
-    raise ``ValueError``.
+    outside a supported layer, ...), named with the module whose forward ran it. So does a subclass
+    of a supported layer that overrides ``forward`` or holds other parameters (``TypeError``: its
+    rule would be the plain layer's). Non-finite logits or layer inputs raise ``ValueError``, and a
+    layer input changed in place after the layer read it raises ``RuntimeError``. Not seen: a
+    forward hook of the user's that changes a layer's output (the rule is the plain layer's).
 
     Args:
         model: the network, in eval mode as far as BatchNorm is concerned; ``model(x)`` gives [N, C] logits.
@@ -1145,6 +1149,7 @@ def diagonal_recursion_hessians(model: nn.Module, x: Tensor) -> Dict[str, Tensor
             )
         if not isinstance(m, DIAG_RECURSION_LAYERS):
             continue
+        GGNBlocks._check_plain(label, m, DIAG_RECURSION_LAYERS, "diagonal_recursion_hessians", "or replace the layer")
         if isinstance(m, nn.Conv2d):
             _conv_padding(m, "diagonal_recursion_hessians", label)  # raises for what is not supported
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
@@ -1162,10 +1167,22 @@ def diagonal_recursion_hessians(model: nn.Module, x: Tensor) -> Dict[str, Tensor
                 shape = (m.weight.shape[0], m.weight[0].numel() + (m.bias is not None))
             diags[name] = torch.zeros(shape, dtype=m.weight.dtype, device=m.weight.device)
 
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("diagonal_recursion_hessians: it runs its own forward and backward passes, which "
+                           "torch.inference_mode() forbids: call it outside")
+    with torch.enable_grad():  # its own passes need autograd, also when called under torch.no_grad()
+        return _diagonal_recursion(model, x, modules, rules, diags)
+
+
+def _diagonal_recursion(model: nn.Module, x: Tensor, modules: Dict[str, nn.Module], rules: Dict[str, nn.Module],
+                        diags: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """diagonal_recursion_hessians' forward pass with the rules in place, then the backward pass
+    that fills ``diags`` (the layers were checked by the caller)."""
     x = x.detach().requires_grad_(True)
     stack: List[Tuple[str, str]] = []
     owners: dict = {}
     handles = []
+    read: List[Tuple[str, Tensor, int]] = []  # (layer, its input, that input's version when the layer ran)
 
     def push(name, m):
         return lambda module, inputs: stack.append((name or type(m).__name__, type(m).__name__))
@@ -1183,7 +1200,10 @@ def diagonal_recursion_hessians(model: nn.Module, x: Tensor) -> Dict[str, Tensor
                                  f"got {tuple(inputs[0].shape)}")
             if not inputs[0].requires_grad:
                 raise ValueError(f"diagonal_recursion_hessians: the input of layer {label!r} does not depend on the network input")
+            if not _checks.all_finite(inputs[0]):
+                raise ValueError(f"diagonal_recursion_hessians: the input of layer {label!r} contains NaN or infinity")
             xin, diag = inputs[0].detach(), diags.get(name)
+            read.append((label, xin, xin._version))  # its rule reads xin in the backward pass: no in-place change since
             return _SquaredVJP.apply(inputs[0], output.detach(), lambda h: _diag_rule(m, xin, h, diag))
 
         return hook
@@ -1206,6 +1226,10 @@ def diagonal_recursion_hessians(model: nn.Module, x: Tensor) -> Dict[str, Tensor
         raise ValueError("diagonal_recursion_hessians: the logits contain NaN or infinity")
     if logits.grad_fn is None:
         raise ValueError("diagonal_recursion_hessians: the logits do not depend on the input")
+    for label, xin, version in read:
+        if xin._version != version:
+            raise RuntimeError(f"diagonal_recursion_hessians: the input of layer {label!r} was modified in place after the "
+                               "layer ran (e.g. by a later ReLU(inplace=True)); its rule would read the changed values")
     _check_zero_one_graph(logits, x, owners)
     p = torch.softmax(logits.detach(), dim=-1)
     torch.autograd.grad(logits, x, p * (1 - p))
@@ -1215,14 +1239,16 @@ def diagonal_recursion_hessians(model: nn.Module, x: Tensor) -> Dict[str, Tensor
 def _check_zero_one_graph(logits: Tensor, x: Tensor, owners: dict) -> None:
     """Every autograd node between the logits and the input must be a layer with a rule
     (:class:`_SquaredVJP`) or a 0/1-Jacobian operation; raise naming the module that ran anything else."""
-    seen, todo = set(), [logits.grad_fn]
+    seen, todo = set(), [(logits.grad_fn, (("?", "?"), "?"))]
     while todo:
-        node = todo.pop()
+        node, consumer = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         kind = type(node).__name__
-        (where, where_type), op = owners.get(node, (("?", "?"), "?"))
+        # An operation that PyTorch builds from others (AvgPool1d runs avg_pool2d) has no recorded
+        # owner: it is named with the layer of the operation that consumed its output.
+        (where, where_type), op = owners.get(node, (consumer[0], "?"))
         if kind == "AccumulateGrad":
             if node.variable is not x:
                 raise TypeError(f"diagonal_recursion_hessians: a tensor of shape {tuple(node.variable.shape)} that needs a "
@@ -1236,4 +1262,4 @@ def _check_zero_one_graph(logits: Tensor, x: Tensor, owners: dict) -> None:
                     "supported: outside the layers with a rule (Conv2d, Linear, eval BatchNorm, Switch, AvgPool2d, "
                     "AdaptiveAvgPool2d) only operations with 0/1 Jacobians (ReLU, max pooling, +, cat, reshapes) are allowed"
                 )
-        todo.extend(f for f, _ in node.next_functions)
+        todo.extend((f, ((where, where_type), op)) for f, _ in node.next_functions)

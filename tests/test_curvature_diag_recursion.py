@@ -265,12 +265,86 @@ def test_unsupported_layers_and_bad_input_raise():
     with pytest.raises(ValueError, match=r"BatchNorm layer '1' uses batch statistics"):
         diagonal_recursion_hessians(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train(), x)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="the logits contain NaN or infinity"):
+    with pytest.raises(ValueError, match="the input of layer '0' contains NaN or infinity"):
         diagonal_recursion_hessians(model, torch.full((2, 3), float("inf")))
-    with pytest.raises(ValueError, match="the logits contain NaN or infinity"):
+    with pytest.raises(ValueError, match="the input of layer '0' contains NaN or infinity"):
         diagonal_recursion_hessians(model, torch.full((2, 3), float("nan")))
+    big = nn.Sequential(nn.Linear(3, 4))
+    with torch.no_grad():
+        big[0].weight.fill_(3e38)
+    with pytest.raises(ValueError, match="the logits contain NaN or infinity"):  # finite input, overflowing logits
+        diagonal_recursion_hessians(big, torch.ones(2, 3))
     # 0/1-Jacobian modules (ReLU, max pooling, dropout in eval, identity, flatten) are fine
     ok = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.5), nn.Identity(), nn.Flatten(),
                        nn.Linear(8, 3)).eval()
     out = diagonal_recursion_hessians(ok, torch.randn(2, 1, 6, 6))
     assert set(out) == {"0", "6"} and out["0"].shape == (2, 10) and out["6"].shape == (3, 9)
+
+
+class _TripledLinear(nn.Linear):
+    def forward(self, x):
+        return 3 * super().forward(x)
+
+
+class _LoRALinear(nn.Linear):
+    def __init__(self, i, o):
+        super().__init__(i, o)
+        self.A = nn.Parameter(torch.randn(o, i))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight + self.A, self.bias)
+
+
+class _GatedMax(nn.Module):
+    """A Switch then max pooling: an infinite input entry gives finite logits (the max picks
+    another entry) but a NaN switch curvature (inf * 0 in sum x^2 h)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.pool, self.head = Switch(), nn.MaxPool2d(2), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.pool(self.gate(x)).flatten(1))
+
+
+def test_review_cases_raise_instead_of_returning_wrong_values():
+    """The review of 2026-12-02 (eighth session) found these silently wrong; now each raises,
+    naming the layer."""
+    x = torch.randn(2, 3)
+    for layer in (_TripledLinear(3, 2), _LoRALinear(3, 2)):
+        with pytest.raises(TypeError, match=r"layer '1' \(_\w+Linear, a Linear\) (overrides forward|has parameters \['A'\])"):
+            diagonal_recursion_hessians(nn.Sequential(nn.Linear(3, 3), layer), x)
+    x4 = torch.randn(2, 1, 4, 4)
+    x4[0, 0, 0, 0] = -float("inf")
+    model = _GatedMax()
+    assert bool(torch.isfinite(model(x4)).all())  # the logits alone would not tell
+    with pytest.raises(ValueError, match="the input of layer 'gate' contains NaN or infinity"):
+        diagonal_recursion_hessians(model, x4)
+    with pytest.raises(RuntimeError, match="the input of layer 'b' was modified in place after the layer ran"):
+        diagonal_recursion_hessians(_ReadThenChanged(), x)
+    # an operation PyTorch builds from another (AvgPool1d runs avg_pool2d) is named with its layer
+    with pytest.raises(TypeError, match=r"\(AvgPool2DBackward0\) in layer '1' \(AvgPool1d\)"):
+        diagonal_recursion_hessians(nn.Sequential(nn.Identity(), nn.AvgPool1d(2), nn.Flatten(), nn.Linear(4, 2)),
+                                    torch.randn(2, 2, 4))
+    # its own passes need autograd: under torch.no_grad() it turns it on (same values), inference mode raises
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        under_no_grad = diagonal_recursion_hessians(plain, x)
+    for name, value in diagonal_recursion_hessians(plain, x).items():
+        assert torch.equal(under_no_grad[name], value), name
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch.inference_mode\(\) forbids"):
+        diagonal_recursion_hessians(plain, x)
+
+
+class _ReadThenChanged(nn.Module):
+    """Layer b reads h, then h is changed in place (its values are what b's rule would read)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        out = self.b(h)
+        h.relu_()
+        return out + self.c(h)
