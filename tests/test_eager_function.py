@@ -90,3 +90,51 @@ def test_a_second_derivative_is_refused():
     )
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad_x.sum().backward()
+
+
+def test_ops_without_an_eager_function_refuse_a_second_derivative():
+    """depth_loglik and gumbel_sigmoid_dropout run through their registered autograd; their
+    backward ops have no derivative of their own, and gradients taken with create_graph=True
+    differentiated silently to zero (second derivative 0.0 against 55.0 for depth_loglik, in a
+    review of 2026-12-02). Differentiating such a gradient now raises, also through
+    torch.autograd.grad with allow_unused=True, and an ordinary backward pass is unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (5,), generator=gen)
+    log_q = torch.log_softmax(torch.randn(4, generator=gen, dtype=torch.float64), 0)
+    x = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    lam = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    cases = {
+        "depth_loglik": (lambda: bnas_fast.depth_loglik(logits, targets, log_q).pow(3).sum(), logits),
+        "gumbel_sigmoid_dropout": (lambda: bnas_fast.gumbel_sigmoid_dropout(x, lam, seed_offset=torch.tensor([1, 2])).sum(), lam),
+    }
+    for name, (loss, wrt) in cases.items():
+        (first,) = torch.autograd.grad(loss(), wrt, create_graph=True)
+        with pytest.raises(RuntimeError, match=f"{name}: cannot differentiate twice"):
+            torch.autograd.grad(first.sum(), wrt, allow_unused=True)
+        (first,) = torch.autograd.grad(loss(), wrt, create_graph=True)
+        with pytest.raises(RuntimeError, match=f"{name}: cannot differentiate twice"):
+            first.pow(2).sum().backward()
+        (plain,) = torch.autograd.grad(loss(), wrt)
+        assert not plain.requires_grad and torch.equal(plain, first.detach())
+
+
+def test_a_second_derivative_is_refused_also_with_allow_unused():
+    """once_differentiable linked its error to nothing: torch.autograd.grad of a gradient through
+    mix or arch_batch_norm, with allow_unused=True, returned None where the true second derivative
+    is not zero (a review of 2026-12-02). The refusal is now linked to the inputs, and raises."""
+    ys, weights = _mix_case(True)
+    (grad_y0,) = torch.autograd.grad(bnas_fast.mix(ys, weights).pow(2).sum(), ys[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="mix: cannot differentiate twice"):
+        torch.autograd.grad(grad_y0.sum(), [ys[0], weights], allow_unused=True)
+    indices = [torch.tensor([0, 2, 4]), torch.tensor([1]), torch.tensor([0, 3])]
+    sparse_ys = [torch.randn(len(i), 4, dtype=torch.float64, requires_grad=True) for i in indices]
+    (grad_sparse,) = torch.autograd.grad(bnas_fast.mix_sparse(sparse_ys, indices, weights.detach().requires_grad_()).pow(2).sum(),
+                                         sparse_ys[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="mix: cannot differentiate twice"):
+        torch.autograd.grad(grad_sparse.sum(), sparse_ys[0], allow_unused=True)
+    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(bnas_fast.arch_batch_norm(x, torch.zeros(6, dtype=torch.long)).pow(3).sum(), x,
+                                    create_graph=True)
+    with pytest.raises(RuntimeError, match="arch_batch_norm: cannot differentiate twice"):
+        torch.autograd.grad(grad_x.sum(), x, allow_unused=True)

@@ -74,6 +74,10 @@ def mix_modules(
     if not isinstance(weights, Tensor) or weights.dim() != 2 or weights.shape[1] != num_candidates:
         shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
         raise ValueError(f"MixedOp: weights must have shape [B, {num_candidates}], got {shape}")
+    if not torch.compiler.is_compiling():
+        # before any candidate runs: a refused call must not have moved a BatchNorm's statistics
+        _checks.check_floating("weights", weights, "MixedOp")
+        _checks.check_finite_values("weights", weights, "MixedOp")
     inputs = [x] * num_candidates if isinstance(x, Tensor) else list(x)
     if len(inputs) != num_candidates or not all(isinstance(t, Tensor) for t in inputs):
         raise ValueError(f"MixedOp: x must be a tensor or a list of {num_candidates} tensors, one per candidate")

@@ -22,3 +22,33 @@ def use_eager_function() -> bool:
 def below_autograd():
     """A context in which op calls skip the autograd key (the Function records the graph itself)."""
     return torch._C._AutoDispatchBelowAutograd()
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Passes a gradient through, linked to the tensors it was computed from; differentiating it
+    raises. (``once_differentiable`` links its error to nothing, so ``torch.autograd.grad`` of the
+    gradient wrt an input reports "not used in the graph", and with ``allow_unused=True``
+    returns None: a silent zero.)"""
+
+    @staticmethod
+    def forward(ctx, op, gradient, *sources):
+        ctx.op = op
+        return gradient.view_as(gradient)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.op}: cannot differentiate twice: its backward has no derivative of its own "
+                           "(a gradient taken with create_graph=True was differentiated again)")
+
+
+def refuse_second_derivative(op: str, gradients, sources):
+    """``gradients`` (a tuple, None entries allowed), each made to raise if differentiated: for an
+    op's backward formula under ``create_graph=True`` when any of ``sources`` (the incoming
+    gradient and the saved tensors) requires a gradient. Without that, as in every ordinary
+    backward pass, they are returned as they are."""
+    if not torch.is_grad_enabled():  # every ordinary backward pass: nothing to link, nothing to check
+        return gradients
+    linked = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not linked:
+        return gradients
+    return tuple(None if g is None else _NoSecondDerivative.apply(op, g.detach(), *linked) for g in gradients)

@@ -33,10 +33,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from bnas_fast import _backend, _checks, reference
-from bnas_fast.ops._library import LIB, below_autograd, use_eager_function
+from bnas_fast.ops._library import LIB, below_autograd, refuse_second_derivative, use_eager_function
 
 __all__ = ["arch_batch_norm", "channel_affine"]
 
@@ -107,11 +106,16 @@ def _bn_setup_context(ctx, inputs, output):
     ctx.group_size = group_size
 
 
-def _bn_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_row_mean, _grad_row_m2):
+def _bn_gradients(ctx, grad_y):
     x, arch, weight, mean, invstd = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = torch.ops.bnas_fast.arch_batch_norm_backward(
-        grad_y, x, arch, weight, mean, invstd, ctx.group_size
-    )
+    return torch.ops.bnas_fast.arch_batch_norm_backward(grad_y, x, arch, weight, mean, invstd, ctx.group_size)
+
+
+def _bn_finish(ctx, grad_y, gradients):
+    """The backward formula's outputs from the kernel's (grad_x, grad_weight, grad_bias). The
+    backward op has no derivative of its own: differentiating these gradients again raises."""
+    x, _, weight, _, _ = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = refuse_second_derivative("arch_batch_norm", tuple(gradients), (grad_y, x, weight))
     return (
         grad_x if ctx.needs_input_grad[0] else None,
         None,
@@ -122,6 +126,12 @@ def _bn_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_row_mean, _grad_ro
     )
 
 
+def _bn_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_row_mean, _grad_row_m2):
+    with torch.no_grad():
+        gradients = _bn_gradients(ctx, grad_y)
+    return _bn_finish(ctx, grad_y, gradients)
+
+
 torch.library.register_autograd("bnas_fast::arch_batch_norm", _bn_backward, setup_context=_bn_setup_context)
 
 
@@ -130,14 +140,26 @@ def _affine_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, scale)
 
 
-def _affine_backward(ctx, grad_y):
+def _affine_gradients(ctx, grad_y):
     x, scale = ctx.saved_tensors
-    grad_x, grad_scale, grad_shift = torch.ops.bnas_fast.channel_affine_backward(grad_y, x, scale)
+    return torch.ops.bnas_fast.channel_affine_backward(grad_y, x, scale)
+
+
+def _affine_finish(ctx, grad_y, gradients):
+    """As :func:`_bn_finish`, for channel_affine."""
+    x, scale = ctx.saved_tensors
+    grad_x, grad_scale, grad_shift = refuse_second_derivative("channel_affine", tuple(gradients), (grad_y, x, scale))
     return (
         grad_x if ctx.needs_input_grad[0] else None,
         grad_scale if ctx.needs_input_grad[1] else None,
         grad_shift if ctx.needs_input_grad[2] else None,
     )
+
+
+def _affine_backward(ctx, grad_y):
+    with torch.no_grad():
+        gradients = _affine_gradients(ctx, grad_y)
+    return _affine_finish(ctx, grad_y, gradients)
 
 
 torch.library.register_autograd("bnas_fast::channel_affine", _affine_backward, setup_context=_affine_setup_context)
@@ -155,10 +177,10 @@ class _ArchBatchNormFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        with below_autograd():
-            return _bn_backward(ctx, *grads)
+    def backward(ctx, grad_y, *_grads_of_statistics):
+        with below_autograd(), torch.no_grad():
+            gradients = _bn_gradients(ctx, grad_y)
+        return _bn_finish(ctx, grad_y, gradients)
 
 
 class _ChannelAffineFunction(torch.autograd.Function):
@@ -171,10 +193,10 @@ class _ChannelAffineFunction(torch.autograd.Function):
             return torch.ops.bnas_fast.channel_affine(x, scale, shift)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
-        with below_autograd():
-            return _affine_backward(ctx, grad_y)
+        with below_autograd(), torch.no_grad():
+            gradients = _affine_gradients(ctx, grad_y)
+        return _affine_finish(ctx, grad_y, gradients)
 
 
 def _channel_affine_op(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from bnas_fast import _backend, _checks, reference
-from bnas_fast.ops._library import LIB
+from bnas_fast.ops._library import LIB, refuse_second_derivative
 
 __all__ = ["depth_loglik"]
 
@@ -45,7 +45,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(ctx, grad_out):
     logits, targets, log_q = ctx.saved_tensors
-    grad_logits, grad_log_q = torch.ops.bnas_fast.depth_loglik_backward(grad_out, logits, targets, log_q)
+    with torch.no_grad():
+        grad_logits, grad_log_q = torch.ops.bnas_fast.depth_loglik_backward(grad_out, logits, targets, log_q)
+    # No second derivative: the backward op has no autograd formula of its own, and gradients taken
+    # with create_graph=True silently differentiated to zero (a review of 2026-12-02 found it).
+    grad_logits, grad_log_q = refuse_second_derivative("depth_loglik", (grad_logits, grad_log_q), (grad_out, logits, log_q))
     return (
         grad_logits if ctx.needs_input_grad[0] else None,
         None,

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from bnas_fast import _backend, _checks, reference
-from bnas_fast.ops._library import LIB
+from bnas_fast.ops._library import LIB, refuse_second_derivative
 
 __all__ = ["gumbel_sigmoid_dropout", "GRANULARITIES", "MODES", "draw_seed_offset"]
 
@@ -73,9 +73,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(ctx, grad_y):
     x, drop_logit, seed_offset = ctx.saved_tensors
+    sources = (grad_y, x, drop_logit)
     if x is None:  # no gradient to lambda wanted: grad_x does not depend on x, any tensor of its shape will do
         x = grad_y
-    grad_x, grad_logit = torch.ops.bnas_fast.gumbel_sigmoid_dropout_backward(grad_y, x, drop_logit, seed_offset, *ctx.config)
+    with torch.no_grad():
+        grad_x, grad_logit = torch.ops.bnas_fast.gumbel_sigmoid_dropout_backward(grad_y, x, drop_logit, seed_offset, *ctx.config)
+    # No second derivative: the backward op has no autograd formula of its own, and gradients taken
+    # with create_graph=True silently differentiated to zero (a review of 2026-12-02 found it).
+    grad_x, grad_logit = refuse_second_derivative("gumbel_sigmoid_dropout", (grad_x, grad_logit), sources)
     return (
         grad_x if ctx.needs_input_grad[0] else None,
         grad_logit if ctx.needs_input_grad[1] else None,

@@ -19,10 +19,9 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from bnas_fast import _backend, _checks, reference
-from bnas_fast.ops._library import LIB, below_autograd, use_eager_function
+from bnas_fast.ops._library import LIB, below_autograd, refuse_second_derivative, use_eager_function
 
 __all__ = ["mix", "mix_sparse"]
 
@@ -100,8 +99,17 @@ def _mix_gradients(ctx, grad_out, weights_requires_grad):
 
 def _mix_backward_formula(ctx, grad_out):
     weights_requires_grad = ctx.needs_input_grad[1]
-    grad_ys, grad_weights = _mix_gradients(ctx, grad_out, weights_requires_grad)
+    with torch.no_grad():
+        grad_ys, grad_weights = _mix_gradients(ctx, grad_out, weights_requires_grad)
+    grad_ys, grad_weights = _no_second_derivative(ctx, grad_out, grad_ys, grad_weights)
     return grad_ys, grad_weights if weights_requires_grad else None
+
+
+def _no_second_derivative(ctx, grad_out, grad_ys, grad_weights):
+    """The gradients, made to raise if differentiated again (refuse_second_derivative): the
+    backward ops have no derivative of their own."""
+    *grad_ys, grad_weights = refuse_second_derivative("mix", (*grad_ys, grad_weights), (grad_out, *ctx.saved_tensors))
+    return list(grad_ys), grad_weights
 
 
 def _mix_sparse_setup_context(ctx, inputs, output):
@@ -115,9 +123,11 @@ def _mix_sparse_backward_formula(ctx, grad_out):
     k = ctx.num_candidates
     ys, indices, weights = list(saved[:k]), list(saved[k : 2 * k]), saved[2 * k]
     weights_requires_grad = ctx.needs_input_grad[2]
-    grad_ys, grad_weights = torch.ops.bnas_fast.mix_sparse_backward(
-        grad_out, ys, indices, weights, weights_requires_grad
-    )
+    with torch.no_grad():
+        grad_ys, grad_weights = torch.ops.bnas_fast.mix_sparse_backward(
+            grad_out, ys, indices, weights, weights_requires_grad
+        )
+    grad_ys, grad_weights = _no_second_derivative(ctx, grad_out, grad_ys, grad_weights)
     return grad_ys, [None] * k, grad_weights if weights_requires_grad else None
 
 
@@ -135,11 +145,11 @@ class _MixFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         weights_requires_grad = ctx.needs_input_grad[0]
-        with below_autograd():
+        with below_autograd(), torch.no_grad():
             grad_ys, grad_weights = _mix_gradients(ctx, grad_out, weights_requires_grad)
+        grad_ys, grad_weights = _no_second_derivative(ctx, grad_out, grad_ys, grad_weights)
         return (grad_weights if weights_requires_grad else None, None, *grad_ys)
 
 
@@ -155,16 +165,16 @@ class _MixSparseFunction(torch.autograd.Function):
             return torch.ops.bnas_fast.mix_sparse(ys, indices, weights)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         k = ctx.num_candidates
         ys, indices, weights = list(saved[:k]), list(saved[k : 2 * k]), saved[2 * k]
         weights_requires_grad = ctx.needs_input_grad[0]
-        with below_autograd():
+        with below_autograd(), torch.no_grad():
             grad_ys, grad_weights = torch.ops.bnas_fast.mix_sparse_backward(
                 grad_out, ys, indices, weights, weights_requires_grad
             )
+        grad_ys, grad_weights = _no_second_derivative(ctx, grad_out, grad_ys, grad_weights)
         return (grad_weights if weights_requires_grad else None, None, *grad_ys, *([None] * k))
 
 
