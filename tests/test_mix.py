@@ -1502,3 +1502,19 @@ def test_mix_relu_keeps_a_nan_sum():
     expected = reference.mix([y], w, relu=True)
     assert torch.equal(out.isnan(), expected.isnan()) and int(out.isnan().sum()) == 2
     torch.testing.assert_close(out.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("bad", ["nan", "int"])
+def test_mixed_op_refuses_bad_weights_before_any_candidate_runs(sparse, bad):
+    """A refused call must leave the candidates' BatchNorm statistics as they were (a review of
+    2026-12-02: the weights were checked by mix after the candidates had run), and name MixedOp."""
+    op = MixedOp([nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)), nn.Identity()], sparse=sparse).train()
+    before = copy.deepcopy(op.state_dict())
+    weights = torch.ones(4, 2) if bad == "nan" else torch.ones(4, 2, dtype=torch.long)
+    if bad == "nan":
+        weights[1, 0] = float("nan")
+    with pytest.raises((ValueError, TypeError), match=r"MixedOp: weights (contains a non-finite value|must be a floating-point)"):
+        op(torch.randn(4, 2, 3, 3), weights)
+    for name, value in op.state_dict().items():
+        assert torch.equal(value, before[name]), name
