@@ -114,8 +114,10 @@ def _bn_gradients(ctx, grad_y):
 def _bn_finish(ctx, grad_y, gradients):
     """The backward formula's outputs from the kernel's (grad_x, grad_weight, grad_bias). The
     backward op has no derivative of its own: differentiating these gradients again raises."""
-    x, _, weight, _, _ = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = refuse_second_derivative("arch_batch_norm", tuple(gradients), (grad_y, x, weight))
+    if torch.is_grad_enabled():  # create_graph=True (an ordinary backward pass skips the saved tensors' unpacking)
+        x, _, weight, _, _ = ctx.saved_tensors
+        gradients = refuse_second_derivative("arch_batch_norm", tuple(gradients), (grad_y, x, weight))
+    grad_x, grad_weight, grad_bias = gradients
     return (
         grad_x if ctx.needs_input_grad[0] else None,
         None,
@@ -147,8 +149,10 @@ def _affine_gradients(ctx, grad_y):
 
 def _affine_finish(ctx, grad_y, gradients):
     """As :func:`_bn_finish`, for channel_affine."""
-    x, scale = ctx.saved_tensors
-    grad_x, grad_scale, grad_shift = refuse_second_derivative("channel_affine", tuple(gradients), (grad_y, x, scale))
+    if torch.is_grad_enabled():  # create_graph=True
+        x, scale = ctx.saved_tensors
+        gradients = refuse_second_derivative("channel_affine", tuple(gradients), (grad_y, x, scale))
+    grad_x, grad_scale, grad_shift = gradients
     return (
         grad_x if ctx.needs_input_grad[0] else None,
         grad_scale if ctx.needs_input_grad[1] else None,

@@ -108,6 +108,8 @@ def _mix_backward_formula(ctx, grad_out):
 def _no_second_derivative(ctx, grad_out, grad_ys, grad_weights):
     """The gradients, made to raise if differentiated again (refuse_second_derivative): the
     backward ops have no derivative of their own."""
+    if not torch.is_grad_enabled():  # an ordinary backward pass: skip the saved tensors' unpacking
+        return grad_ys, grad_weights
     *grad_ys, grad_weights = refuse_second_derivative("mix", (*grad_ys, grad_weights), (grad_out, *ctx.saved_tensors))
     return list(grad_ys), grad_weights
 
