@@ -390,3 +390,46 @@ def test_cli_option_errors_are_one_line_usage_errors(capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_refused_arch_moves_no_statistics_and_bad_arch_names_the_argument():
+    """arch was checked inside the first stage, after the stem's BatchNorm had run (a review of
+    2026-12-02): a refused call moved its running statistics. It is checked first now, and a
+    bool, a wrong length or dtype name the argument."""
+    net = NSANet(1, 3, width=4, num_stages=2, num_nodes=3, num_archs=5, variant="nsa_i").train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 1, 8, 8)
+    for arch, error, pattern in [
+        (torch.tensor([0, 1, 2, 9]), IndexError, r"NSANet: arch holds 9, out of range for S = 5"),
+        (torch.tensor([0, 1, 2]), ValueError, r"NSANet: arch must be an int64 tensor \[B\] with B = 4"),
+        (torch.tensor([0, 1, 2, 3], dtype=torch.int32), ValueError, r"NSANet: arch must be an int64 tensor"),
+        (True, TypeError, r"NSANet: arch must be an int or an int64 tensor \[B\], got bool"),
+    ]:
+        with pytest.raises(error, match=pattern):
+            net(x, arch)
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_stage_adjacency_must_be_upper_triangular_zeros_and_ones():
+    good = sample_architectures(3, 3)
+    for bad in (good * 0.5, good + torch.eye(4)):
+        with pytest.raises(ValueError, match=r"NSAStage: adjacency must hold 0 and 1 only, above the diagonal"):
+            NSAStage(4, bad, conditional=False)
+
+
+def test_recalibration_covers_the_plain_twins_stage_norms():
+    """NSANet(fused=False)'s stage norms are not nn.BatchNorm modules: recalibrate_batch_norm
+    skipped them (a review of 2026-12-02), and the plain twin then differed from the fused model
+    after the same calibration. Now both give the same statistics and outputs."""
+    torch.manual_seed(0)
+    fused = NSANet(1, 4, width=4, num_stages=2, num_nodes=3, num_archs=5, variant="nsa_i").double()
+    plain = NSANet(1, 4, width=4, num_stages=2, num_nodes=3, num_archs=5, variant="nsa_i", fused=False).double()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    for net in (fused, plain):
+        net.train()(x * 3 + 1, torch.arange(8) % 5)  # running statistics away from the calibration's
+        bnas_fast.nn.recalibrate_batch_norm(net, [(x[:4], 2), (x[4:], 2)])
+    for name, value in fused.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[name], value, rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(plain.eval()(x, 2), fused.eval()(x, 2), rtol=1e-10, atol=1e-12)

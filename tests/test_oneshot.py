@@ -411,3 +411,31 @@ def test_quick_does_not_override_explicit_strata():
     assert (explicit.strata, explicit.per_stratum) == (5, 3)
     full = oneshot.OneShotConfig().resolved()
     assert (full.strata, full.per_stratum) == (4, 3)
+
+
+@pytest.mark.parametrize("data, error, pattern", [
+    ({"blocks": [{"inputs": 0, "ops": ["sep3"]}]}, TypeError, r"blocks\[0\].inputs must be a list, got int"),
+    ({"blocks": [{"inputs": [0], "ops": "sep3"}]}, TypeError, r"blocks\[0\].ops must be a list, got str"),
+    ({"blocks": [{"input": [0], "ops": ["sep3"]}]}, ValueError, r"blocks\[0\] has unknown keys \['input'\]"),
+    ({"blocks": {"inputs": [0], "ops": ["sep3"]}}, TypeError, r"blocks must be a list, got dict"),
+    ({"blocks": None}, TypeError, r"blocks must be a list, got NoneType"),
+    ({"blocks": [{"inputs": [0], "ops": ["sep3"]}], "operations": "sep3"}, TypeError, r"operations must be a list, got str"),
+    ({"blocks": [{"inputs": [0], "ops": ["sep3"]}], "block": []}, ValueError, r"unknown keys \['block'\]"),
+])
+def test_malformed_architecture_dicts_name_the_field(data, error, pattern):
+    """A review of 2026-12-02 found strings read character by character, None failing inside
+    tuple(), and misspelt keys ignored."""
+    with pytest.raises(error, match=pattern):
+        Architecture.from_dict(data)
+
+
+def test_architecture_input_indices_of_any_integral_type():
+    import numpy as np
+
+    arch = Architecture.from_dict({"blocks": [{"inputs": [np.int64(1)], "ops": ["sep3"]}]})
+    assert arch.blocks[0].inputs == (1,) and type(arch.blocks[0].inputs[0]) is int
+
+
+def test_one_shot_net_checks_the_ghost_batch_size_with_plain_batch_norm():
+    with pytest.raises(ValueError, match=r"OneShotNet: ghost_batch_size must be a positive int, got 0"):
+        OneShotNet(1, 3, channels=4, num_blocks=1, ghost_batch_size=0, norm="batch")

@@ -279,7 +279,9 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Union[Tensor, Seq
     """
     layers = [
         m for m in model.modules()
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, _ArchBatchNorm)) and m.track_running_stats
+        if (isinstance(m, (nn.modules.batchnorm._BatchNorm, _ArchBatchNorm))
+            or getattr(type(m), "recalibrated_like_batch_norm", False))  # e.g. NSANet(fused=False)'s stage norms
+        and m.track_running_stats
     ]
     if not layers:
         raise ValueError("recalibrate_batch_norm: the model has no batch norm layer with running statistics")

@@ -20,13 +20,14 @@ followed by a gathered affine): the baseline of the training-step benchmark and 
 
 from __future__ import annotations
 
-from typing import List, Union
+from typing import Optional, List, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnas_fast
+from bnas_fast import _checks
 from bnas_fast.nn.arch_batch_norm import ArchBatchNorm2d, _affine_in_dtype_of
 
 __all__ = ["sample_architectures", "NSAStage", "NSANet", "VARIANTS"]
@@ -58,7 +59,12 @@ class _PlainArchBN(nn.Module):
     ArchBatchNorm2d with shared running statistics (same state_dict names and shapes). With a single
     affine map it is plain F.batch_norm with its fused affine, as a user would write NSA-i."""
 
-    def __init__(self, channels: int, num_archs: int, momentum: float = 0.1, eps: float = 1e-5):
+    #: recalibrate_batch_norm resets and recomputes its running statistics, as nn.BatchNorm2d's
+    #: (it keeps them as nn.BatchNorm2d does: track_running_stats, reset_running_stats, momentum None).
+    recalibrated_like_batch_norm = True
+    track_running_stats = True
+
+    def __init__(self, channels: int, num_archs: int, momentum: Optional[float] = 0.1, eps: float = 1e-5):
         super().__init__()
         self.momentum, self.eps = momentum, eps
         self.weight = nn.Parameter(torch.ones(num_archs, channels))
@@ -67,12 +73,21 @@ class _PlainArchBN(nn.Module):
         self.register_buffer("running_var", torch.ones(channels))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
     def forward(self, x: Tensor, arch: Tensor) -> Tensor:
+        momentum = self.momentum
         if self.training:
             self.num_batches_tracked.add_(1)
+            if momentum is None:  # a cumulative average, as nn.BatchNorm2d (recalibrate_batch_norm sets it)
+                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = 0.0 if momentum is None else momentum
         if self.weight.shape[0] == 1:  # one affine map (NSA, NSA-i): nn.BatchNorm2d's own fused affine
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight[0], self.bias[0], self.training, self.momentum, self.eps)
-        y = F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training, self.momentum, self.eps)
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight[0], self.bias[0], self.training, momentum, self.eps)
+        y = F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training, momentum, self.eps)
         return y * self.weight[arch][:, :, None, None] + self.bias[arch][:, :, None, None]
 
 
@@ -132,6 +147,9 @@ class NSAStage(nn.Module):
         super().__init__()
         if adjacency.dim() != 3 or adjacency.shape[1] != adjacency.shape[2] or adjacency.shape[1] < 2:
             raise ValueError(f"NSAStage: adjacency must be [S, N+1, N+1] with N >= 1, got {tuple(adjacency.shape)}")
+        if not bool(((adjacency == 0) | (adjacency == 1)).all()) or bool(adjacency.tril().any()):
+            raise ValueError("NSAStage: adjacency must hold 0 and 1 only, above the diagonal (edge i -> j for i < j, "
+                             "as sample_architectures makes them)")
         if not fused and running_stats != "shared":
             raise ValueError("NSAStage: the plain-PyTorch twin (fused=False) supports running_stats='shared' only")
         if momentum_per not in ("batch", "update"):
@@ -246,10 +264,18 @@ class NSANet(nn.Module):
     def forward(self, x: Tensor, arch: Union[Tensor, int]) -> Tensor:
         """x [B, in_channels, H, W]; arch [B] int64 in [0, S) (one per example) or an int (the whole
         batch). Returns logits [B, num_classes]."""
+        if isinstance(arch, bool) or not isinstance(arch, (int, Tensor)):
+            raise TypeError(f"NSANet: arch must be an int or an int64 tensor [B], got {type(arch).__name__}")
         if isinstance(arch, int):
             if not 0 <= arch < self.num_archs:
                 raise IndexError(f"NSANet: arch = {arch} is out of range for S = {self.num_archs}")
             arch = torch.full((x.shape[0],), arch, dtype=torch.long, device=x.device)
+        elif not torch.compiler.is_compiling():
+            # before the stem runs: a refused call must not have moved its BatchNorm's statistics
+            if arch.dtype != torch.long or arch.dim() != 1 or arch.shape[0] != x.shape[0]:
+                raise ValueError(f"NSANet: arch must be an int64 tensor [B] with B = {x.shape[0]} (x's batch), got "
+                                 f"{arch.dtype} {tuple(arch.shape)}")
+            _checks.check_index_range("arch", arch, self.num_archs, "NSANet", "S")
         h = self.stem(x)
         for k, stage in enumerate(self.stages):
             h = stage(h, arch)

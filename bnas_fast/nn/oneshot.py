@@ -39,6 +39,7 @@ model trained from scratch uses ordinary ``nn.BatchNorm2d`` (``norm="batch"``).
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -69,6 +70,14 @@ OPERATIONS: Tuple[str, ...] = ("identity", "sep3", "sep5", "sep7", "conv1x7_7x1"
 # ----------------------------------------------------------------------------------------------
 
 
+def _sequence(value: Any, what: str) -> Sequence[Any]:
+    """``value`` if it is a list or tuple; a clear error naming ``what`` otherwise (a string would be
+    read character by character, a number or None would fail inside tuple())."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"Architecture: {what} must be a list, got {type(value).__name__} {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ChoiceBlock:
     """Which inputs (0, 1: the two previous cells; 2 + j: block j) and operations one block uses."""
@@ -90,21 +99,28 @@ class Architecture:
     operations: Tuple[str, ...] = OPERATIONS
 
     def __post_init__(self) -> None:
-        ops_menu = tuple(self.operations)
+        ops_menu = tuple(_sequence(self.operations, "operations"))
         if not ops_menu or len(set(ops_menu)) != len(ops_menu):
             raise ValueError(f"Architecture: operations must be a non-empty menu without repeats, got {ops_menu!r}")
         unknown = [o for o in ops_menu if o not in _OP_BUILDERS]
         if unknown:
             raise ValueError(f"Architecture: unknown operation(s) {unknown} in operations; known: {list(_OP_BUILDERS)}")
         blocks = []
-        if not self.blocks:
+        if not _sequence(self.blocks, "blocks"):
             raise ValueError("Architecture: blocks must hold at least one choice block")
         for i, block in enumerate(self.blocks):
             if isinstance(block, dict):
-                block = ChoiceBlock(tuple(block.get("inputs", ())), tuple(block.get("ops", ())))
+                unknown_keys = sorted(set(block) - {"inputs", "ops"})
+                if unknown_keys:
+                    raise ValueError(f"Architecture: blocks[{i}] has unknown keys {unknown_keys}; a block is "
+                                     "{'inputs': [...], 'ops': [...]}")
+                block = ChoiceBlock(block.get("inputs", ()), block.get("ops", ()))
             if not isinstance(block, ChoiceBlock):
                 raise TypeError(f"Architecture: blocks[{i}] must be a ChoiceBlock or a dict, got {type(block).__name__}")
-            inputs, ops = tuple(block.inputs), tuple(block.ops)
+            inputs = tuple(_sequence(block.inputs, f"blocks[{i}].inputs"))
+            ops = tuple(_sequence(block.ops, f"blocks[{i}].ops"))
+            # integers of any integral type (a JSON reader may give numpy's)
+            inputs = tuple(int(k) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else k for k in inputs)
             if not inputs:
                 raise ValueError(f"Architecture: blocks[{i}].inputs is empty; a block needs at least one input")
             if not ops:
@@ -180,7 +196,10 @@ class Architecture:
     def from_dict(cls, data: Dict[str, Any]) -> "Architecture":
         if not isinstance(data, dict) or "blocks" not in data:
             raise ValueError("Architecture.from_dict: expected a dict with a 'blocks' list")
-        return cls(tuple(data["blocks"]), tuple(data.get("operations", OPERATIONS)))
+        unknown_keys = sorted(set(data) - {"blocks", "operations"})
+        if unknown_keys:
+            raise ValueError(f"Architecture.from_dict: unknown keys {unknown_keys}; expected 'blocks' and 'operations'")
+        return cls(tuple(_sequence(data["blocks"], "blocks")), tuple(_sequence(data.get("operations", OPERATIONS), "operations")))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -439,7 +458,7 @@ class OneShotNet(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("channels", channels),
                             ("num_blocks", num_blocks), ("cells_per_stage", cells_per_stage), ("num_stages", num_stages),
-                            ("stem_stride", stem_stride)):
+                            ("stem_stride", stem_stride), ("ghost_batch_size", ghost_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"OneShotNet: {name} must be a positive int, got {value!r}")
         if norm not in ("ghost", "batch"):
