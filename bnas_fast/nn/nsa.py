@@ -20,7 +20,7 @@ followed by a gathered affine): the baseline of the training-step benchmark and 
 
 from __future__ import annotations
 
-from typing import Optional, List, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
